@@ -1,0 +1,35 @@
+"""Transports for the tensor-parallel all-reduce and the fused AllReduce + residual-add + RMSNorm.
+
+Every transport has the same contract (`nccl.py`, `p2p.py`, `cpu.py`; `multimem.py` is compiled but
+refuses to run on the lab machines):
+
+    comm.staging(num_tokens) -> [num_tokens, hidden] array
+        Where a row-parallel GEMM writes its partial output. For P2P this is the registered (IPC)
+        buffer itself, so the GEMM output needs no extra copy.
+
+    comm.all_reduce(start, end, stream)
+        staging[start:end] <- sum over TP ranks of staging[start:end], on every rank.
+
+    comm.ar_add_norm(start, end, residual, weight, eps, out, stream, sharded)
+        For the token rows [start, end):
+            h = sum over ranks of staging[rows] + residual[rows]
+            residual[rows] <- h            (sharded=True: only the rows this rank owns, see owned_rows)
+            out[rows] <- RMSNorm(h) * weight   (every row, on every rank)
+        sharded=False is the baseline order (AllReduce, then add + norm on every token);
+        sharded=True is TokenWeave's order (ReduceScatter, add + norm on 1/TP of the tokens,
+        AllGather). With sharded=True the residual rows a rank does not own are stale; that is fine
+        because the same row ranges are used for every call of one forward pass.
+
+`owned_rows` is the single definition of which rows a rank owns; kernels and CPU code follow it.
+"""
+from __future__ import annotations
+
+
+def owned_rows(start: int, end: int, rank: int, tp: int) -> tuple[int, int]:
+    """Rows of [start, end) that TP rank `rank` reduces, adds and normalizes in the sharded order:
+    contiguous blocks of ceil(n / tp) rows; the last ranks may own fewer (or none when n < tp)."""
+    n = end - start
+    chunk = -(-n // tp)
+    lo = min(end, start + rank * chunk)
+    hi = min(end, lo + chunk)
+    return lo, hi

@@ -1,0 +1,89 @@
+"""The one results writer: JSON lines, one row per measurement, with the run's metadata in every row.
+
+Rows carry every parameter as a column and units in names (`_us`, `_ms`, `_gbps`, `_tflops`).
+Only world rank 0 writes. Figures and notebooks read these files and nothing else.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+from . import dist
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "results"
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def gpu_info() -> dict:
+    try:
+        import cupy as cp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"]
+        return {"gpu": name.decode() if isinstance(name, bytes) else str(name),
+                "sm_count": int(props["multiProcessorCount"]),
+                "gpu_mem_gib": round(props["totalGlobalMem"] / 2**30, 1)}
+    except Exception:
+        return {"gpu": "none", "sm_count": 0}
+
+
+def metadata(world=None, **extra) -> dict:
+    """What a number depends on: hardware, versions, commit, world shape, plus `extra`."""
+    meta = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "commit": git_commit(), **dist.versions()}
+    if world is None or world.is_gpu:
+        meta.update(gpu_info())
+    else:
+        meta.update({"gpu": "none (CPU fallback: timings not meaningful)", "sm_count": 0})
+    if world is not None:
+        meta.update({"device": world.device, "world_size": world.size, "tp": world.tp_size,
+                     "dp": world.dp_size})
+    meta.update(extra)
+    return meta
+
+
+def default_path(experiment: str, tag: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return RESULTS_DIR / f"{experiment}-{tag}-{stamp}.jsonl"
+
+
+class Writer:
+    """Append rows to a JSON-lines file (rank 0 only); each row = metadata + the row's fields."""
+
+    def __init__(self, path, meta: dict, rank: int = 0):
+        self.path = Path(path)
+        self.meta = meta
+        self.rank = rank
+        if rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({**self.meta, **row}, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    try:
+        return x.item()
+    except AttributeError:
+        return str(x)
+
+
+def read(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
