@@ -43,7 +43,7 @@ def summarize(times_ms: np.ndarray, comm=None) -> dict:
     stats = np.array([np.median(times_ms), np.min(times_ms), np.max(times_ms)], dtype=np.float64)
     if comm is not None and comm.Get_size() > 1:
         from mpi4py import MPI
-        stats = comm.allreduce(stats, op=MPI.MAX)
+        comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.MAX)
     return {"median_ms": float(stats[0]), "min_ms": float(stats[1]), "max_ms": float(stats[2])}
 
 

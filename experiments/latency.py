@@ -1,0 +1,201 @@
+"""The main job: end-to-end latency of a TP transformer forward pass, strategy by strategy.
+
+    mpirun -n 2 python -m experiments.latency                      # llama3-70b, 4 layers, TP=2
+    mpiexec -n 2 python -m experiments.latency --device cpu --check # no GPU: tiny model on NumPy + MPI
+
+For every token count and strategy it builds the batch (prefill sequences of --seq-len tokens), runs
+the forward once, optionally checks it against the float64 reference (tw/reference.py), then times
+--iters forward passes (CUDA events, median and min/max, slowest rank), replaying one CUDA graph per
+token count and strategy when --graph is on. Rows go to a JSON-lines file with the run's metadata.
+
+Columns: median_ms (one forward pass of --layers layers), speedup_vs_nccl (nccl median / this median),
+rel_err (||out - ref|| / ||ref||, with --check), correct (rel_err <= the dtype's tolerance).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from tw import batch as batching
+from tw import bench, config, dist, reference, results, schedules
+from tw.model import Model
+
+CPU_MODELS = ("tiny", "tiny-qwen", "small")
+BANNER = ("=" * 78 + "\n  NO GPU: running the CPU fallback (NumPy + MPI, float32, model {model}).\n"
+          "  This checks correctness only; the timings below mean nothing for GPUs.\n" + "=" * 78)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="mpirun -n <TP> python -m experiments.latency",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help=f"model preset: {sorted(config.PRESETS)} (default: llama3-70b on GPU, tiny on CPU)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default: all ranks of the node)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="batch sizes in tokens to sweep (default: 1024 4096 16384 on GPU, 64 200 on CPU)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers to run (default: 4 on GPU, the preset's count on CPU)")
+    p.add_argument("--strategies", nargs="+", default=["nccl", "nocomm", "fused"],
+                   help=f"strategies to compare, from {schedules.STRATEGIES}; nccl is the baseline")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="auto: GPU if one is usable, else the CPU fallback")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence in a batch")
+    p.add_argument("--prefix", type=int, default=0, help="tokens of each sequence already in the KV cache")
+    p.add_argument("--iters", type=int, default=20, help="timed forward passes per point")
+    p.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay a CUDA graph of the whole forward (GPU only; --no-graph launches eagerly)")
+    p.add_argument("--check", action="store_true",
+                   help="compare every strategy's output with the float64 reference (nocomm is skipped)")
+    p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p",
+                   help="what the fused strategy communicates with (nccl = reduce-scatter + norm + all-gather)")
+    p.add_argument("--ctas", type=int, default=None, help="CTAs for the fused P2P kernel (default: its own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and token ids")
+    p.add_argument("--out", default=None, help="result file (JSON lines; default experiments/results/latency-...)")
+    return p.parse_args(argv)
+
+
+def resolve(args, world):
+    """Fill device-dependent defaults; switch to the CPU model with a banner when there is no GPU."""
+    if world.is_gpu:
+        args.model = args.model or "llama3-70b"
+        args.tokens = args.tokens or [1024, 4096, 16384]
+        args.layers = args.layers or 4
+    else:
+        if args.model not in (None, *CPU_MODELS):
+            if args.device == "cpu":
+                raise SystemExit(f"--model {args.model} is too large for the CPU path; use one of {CPU_MODELS}")
+            world.print0(f"(no GPU: --model {args.model} replaced by tiny)")
+            args.model = None
+        args.model = args.model or "tiny"
+        args.tokens = args.tokens or [64, 200]
+        args.graph = False
+        world.print0(BANNER.format(model=args.model))
+    bad = [t for t in args.tokens if t < world.tp_size]
+    if bad:
+        raise SystemExit(f"--tokens {bad}: every batch needs at least as many tokens as TP ranks ({world.tp_size})")
+    unknown = [s for s in args.strategies if s not in schedules.STRATEGIES]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; choose from {schedules.STRATEGIES}")
+    if args.seq_len < 1 or args.prefix < 0 or args.iters < 1 or args.warmup < 0:
+        raise SystemExit("--seq-len and --iters must be >= 1, --prefix and --warmup >= 0")
+    return config.get(args.model, args.layers)
+
+
+def gemm_tflops(model, part, stream, iters):
+    """TFLOP/s of layer 0's four GEMMs alone for this batch (GPU)."""
+    from tw import ops
+    w, ws, r = model.layers[0], model.ws, part.rows
+    n = part.num_tokens
+    s = model.shard
+    y = ws.x[r].copy()
+
+    def gemms():
+        ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
+        ops.linear(ws.attn[r], w.wo, y, stream)
+        ops.linear(ws.x[r], w.wgate_up, ws.gate_up[r], stream)
+        ops.linear(ws.act[r], w.wdown, y, stream)
+
+    flops = 2 * n * model.cfg.hidden * (s.qkv_dim + s.q_dim + 2 * s.ffn + s.ffn)
+    t = bench.summarize(bench.time_gpu(gemms, iters, 3, stream), model.world.comm)
+    return flops / (t["median_ms"] * 1e-3) / 1e12, t["median_ms"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = dist.init(args.tp, args.device)
+    cfg = resolve(args, world)
+    stream = None
+    if world.is_gpu:
+        import cupy as cp
+        stream = cp.cuda.Stream(non_blocking=True)
+    max_tokens = max(args.tokens)
+    capacity = max(batching.prefill(t, args.seq_len, args.prefix).kv_capacity for t in args.tokens)
+    world.print0(f"building {cfg.name}: {cfg.num_layers} layers, TP={world.tp_size}, DP={world.dp_size}, "
+                 f"up to {max_tokens} tokens, device={world.device}")
+    model = Model(cfg, world, max_tokens, capacity, seed=args.seed)
+    strategies = [schedules.make(s, model, world, args.transport, args.ctas) for s in args.strategies]
+    tag = f"{cfg.name}-tp{world.tp_size}-{results.gpu_info()['gpu'].replace(' ', '_') if world.is_gpu else 'cpu'}"
+    writer = results.Writer(args.out or results.default_path("latency", tag),
+                            results.metadata(world, model=cfg.name, layers=cfg.num_layers, dtype=str(model.dtype),
+                                             seq_len=args.seq_len, prefix=args.prefix, graph=args.graph,
+                                             transport=args.transport, iters=args.iters, warmup=args.warmup),
+                            world.rank)
+    rows, step, total = [], 0, len(args.tokens) * len(strategies)
+    for tokens in args.tokens:
+        batch = batching.prefill(tokens, args.seq_len, args.prefix)
+        ids = batching.token_ids(tokens, cfg.vocab, args.seed)
+        ref = None
+        if args.check:
+            xp = model.xp
+            ref = reference.forward(cfg, batch, ids, args.seed, xp, model.dtype)
+        gemm = None
+        for strat in strategies:
+            step += 1
+            plan = strat.prepare(batch, ids)
+
+            def forward(strat=strat, plan=plan):
+                return strat.forward(plan, stream)
+
+            out = forward()
+            run = bench.Graph(forward, stream) if args.graph and world.is_gpu else forward
+            if world.is_gpu:
+                run()
+                stream.synchronize()
+            row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs)}
+            if ref is not None and strat.name != "nocomm":
+                err = reference.rel_err(out, ref)
+                err = {k: world.comm.allreduce(v, op=max_op()) for k, v in err.items()}
+                row.update(err, correct=bool(err["rel_err"] <= reference.tolerance(model.dtype)))
+            if world.is_gpu:
+                times = bench.time_gpu(run, args.iters, args.warmup, stream)
+                if gemm is None:
+                    gemm = gemm_tflops(model, plan.parts[0], stream, args.iters)
+                row.update(gemm_tflops=gemm[0], gemm_layer_ms=gemm[1])
+            else:
+                times = bench.time_cpu(run, min(args.iters, 3), min(args.warmup, 1))
+            row.update(bench.summarize(times, world.comm))
+            row["per_layer_ms"] = row["median_ms"] / cfg.num_layers
+            rows.append(row)
+            world.print0(f"[{step}/{total}] tokens={tokens:>6} {strat.name:<12} {row['median_ms']:9.3f} ms"
+                         + (f"  rel_err={row['rel_err']:.2e} {'ok' if row['correct'] else 'FAIL'}"
+                            if "rel_err" in row else ""))
+    base = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nccl"}
+    for r in rows:
+        r["speedup_vs_nccl"] = base[r["tokens"]] / r["median_ms"] if r["tokens"] in base else None
+        writer.write(r)
+    print_table(world, rows, cfg, args)
+    world.print0(f"wrote {writer.path}")
+    failed = [r for r in rows if r.get("correct") is False]
+    if failed:
+        world.print0(f"CHECK FAILED for {[(r['tokens'], r['strategy']) for r in failed]}")
+        return 1
+    return 0
+
+
+def max_op():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def print_table(world, rows, cfg, args):
+    world.print0(f"\n{cfg.name}, {cfg.num_layers} layers, TP={world.tp_size}, {world.device}"
+                 f"{', CUDA graphs' if args.graph else ''}; median of {args.iters if world.is_gpu else min(args.iters, 3)}, slowest rank")
+    head = f"{'tokens':>7} {'strategy':<12} {'ms':>9} {'vs nccl':>8} {'rel_err':>9} {'check':>6}"
+    if world.is_gpu:
+        head += f" {'GEMM TFLOP/s':>13}"
+    world.print0(head)
+    for r in rows:
+        sp = f"{r['speedup_vs_nccl']:.3f}x" if r.get("speedup_vs_nccl") else "-"
+        err = f"{r['rel_err']:.2e}" if "rel_err" in r else "-"
+        ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
+        line = f"{r['tokens']:>7} {r['strategy']:<12} {r['median_ms']:>9.3f} {sp:>8} {err:>9} {ok:>6}"
+        if world.is_gpu:
+            line += f" {r['gemm_tflops']:>13.0f}"
+        world.print0(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

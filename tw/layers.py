@@ -1,0 +1,74 @@
+"""The two blocks of a decoder layer, up to the row-parallel GEMM whose output needs an all-reduce.
+
+Column-parallel GEMMs (QKV, gate_up) need no communication; the row-parallel ones (o_proj, down) write
+partial sums straight into the transport's staging buffer `y`, and the schedule (tw/schedules.py) then
+calls the fused all-reduce + residual add + RMSNorm on it. That is where nano-vllm's
+RowParallelLinear would all-reduce; here it is fused with the next norm, so it lives in the schedule.
+
+Both blocks work on the token rows [part.offset, part.offset + part.num_tokens) of the workspace, so
+TokenWeave's halves A and B use disjoint rows of the same buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ops
+from .attention import attention_cuda, attention_numpy
+
+
+@dataclass
+class LayerWeights:
+    input_norm: object   # [H]
+    post_norm: object    # [H]
+    wqkv: object         # [qkv_dim, H]       column-parallel
+    bqkv: object         # [qkv_dim] or None
+    wo: object           # [H, q_dim]         row-parallel
+    wgate_up: object     # [2 F/tp, H]        column-parallel
+    wdown: object        # [H, F/tp]          row-parallel
+    k_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
+    v_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
+
+
+@dataclass
+class Part:
+    """A (sub)batch's tokens as the kernels need them (arrays on the model's device)."""
+    offset: int          # first row in the workspace
+    num_tokens: int
+    ids: object          # [T] int32
+    pos: object          # [T] int32
+    slot: object         # [T] int32
+    cu_seqlens: object   # host [S + 1] int32 (CPU attention)
+    kv_start: object     # host [S] int32
+    prefix: object       # host [S] int32
+    attn_meta: object    # GPU attention metadata, or None on CPU
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, self.offset + self.num_tokens)
+
+
+def attention_block(model, w: LayerWeights, x, part: Part, y, stream=None):
+    """x [n, H] (normed input) -> y [n, H] partial o_proj output of this rank's heads."""
+    s, n = model.shard, part.num_tokens
+    qkv = model.ws.qkv[part.rows]                                   # [n, qkv_dim]
+    ops.linear(x, w.wqkv, qkv, stream)
+    ops.rope_store_kv(qkv, w.bqkv, part.pos, part.slot, model.inv_freq, w.k_cache, w.v_cache,
+                      s.num_heads, s.num_kv_heads, stream)
+    q = qkv[:, :s.q_dim].reshape(n, s.num_heads, model.cfg.head_dim)  # strided view into qkv
+    attn = model.ws.attn[part.rows]                                 # [n, q_dim]
+    out = attn.reshape(n, s.num_heads, model.cfg.head_dim)
+    if ops.is_cpu(x):
+        attention_numpy(q, w.k_cache, w.v_cache, part.cu_seqlens, part.kv_start, part.prefix, model.scale,
+                        out=out)
+    else:
+        attention_cuda(q, w.k_cache, w.v_cache, part.attn_meta, out, model.scale, stream)
+    ops.linear(attn, w.wo, y, stream)
+
+
+def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):
+    """x [n, H] (normed input) -> y [n, H] partial down_proj output of this rank's FFN slice."""
+    gate_up = model.ws.gate_up[part.rows]                           # [n, 2 F/tp]
+    act = model.ws.act[part.rows]                                   # [n, F/tp]
+    ops.linear(x, w.wgate_up, gate_up, stream)
+    ops.silu_mul(gate_up, act, stream)
+    ops.linear(act, w.wdown, y, stream)

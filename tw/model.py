@@ -1,0 +1,108 @@
+"""One TP rank's share of a decoder-only transformer: weights, KV caches, and activation workspace.
+
+Everything is allocated here, once, for up to `max_tokens` tokens and `kv_capacity` cache slots, so a
+forward pass allocates nothing (a requirement for CUDA-graph capture and for honest timing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops, weights
+from .batch import Batch, token_ids
+from .config import ModelConfig, ShardConfig
+from .layers import LayerWeights, Part
+
+
+@dataclass
+class Workspace:
+    x: object        # [max_tokens, H]       normed input of the current block
+    residual: object  # [max_tokens, H]      the residual stream
+    qkv: object      # [max_tokens, qkv_dim]
+    attn: object     # [max_tokens, q_dim]
+    gate_up: object  # [max_tokens, 2 F/tp]
+    act: object      # [max_tokens, F/tp]
+
+
+class Model:
+    def __init__(self, cfg: ModelConfig, world, max_tokens: int, kv_capacity: int | None = None,
+                 seed: int = 0):
+        self.cfg, self.world, self.seed = cfg, world, seed
+        self.shard = ShardConfig(cfg, world.tp_size, world.tp_rank)
+        if max_tokens < world.tp_size:
+            raise ValueError(f"{max_tokens} tokens cannot be shared by {world.tp_size} TP ranks: "
+                             f"use at least {world.tp_size} tokens")
+        self.max_tokens = max_tokens
+        self.kv_capacity = kv_capacity or max_tokens
+        if world.is_gpu:
+            import cupy as xp
+            self.dtype = ops.BF16
+        else:
+            xp = np
+            self.dtype = np.dtype(np.float32)
+        self.xp = xp
+        s, hd, dt = self.shard, cfg.head_dim, self.dtype
+        self.scale = float(hd) ** -0.5
+        self.inv_freq = xp.asarray(cfg.inv_freq().astype(np.float32))          # [hd/2]
+        self.embedding = weights.embedding(cfg, seed, xp).astype(dt)            # [vocab, H], replicated
+        self.final_norm = weights.final_norm(cfg, seed, xp).astype(dt)          # [H]
+        self.layers = []
+        for layer in range(cfg.num_layers):
+            w = weights.shard_layer(weights.full_layer(cfg, layer, seed, xp), s)
+            self.layers.append(LayerWeights(
+                input_norm=w["input_norm"].astype(dt), post_norm=w["post_norm"].astype(dt),
+                wqkv=w["wqkv"].astype(dt), bqkv=w["bqkv"].astype(dt) if "bqkv" in w else None,
+                wo=w["wo"].astype(dt), wgate_up=w["wgate_up"].astype(dt), wdown=w["wdown"].astype(dt),
+                k_cache=xp.zeros((self.kv_capacity, s.num_kv_heads, hd), dt),
+                v_cache=xp.zeros((self.kv_capacity, s.num_kv_heads, hd), dt)))
+            del w
+        t = max_tokens
+        self.ws = Workspace(x=xp.zeros((t, cfg.hidden), dt), residual=xp.zeros((t, cfg.hidden), dt),
+                            qkv=xp.zeros((t, s.qkv_dim), dt), attn=xp.zeros((t, s.q_dim), dt),
+                            gate_up=xp.zeros((t, 2 * s.ffn), dt), act=xp.zeros((t, s.ffn), dt))
+
+    def norm_weight_after(self, layer: int):
+        """The norm applied to the MLP output of `layer`: the next layer's input norm, or the final norm."""
+        return self.layers[layer + 1].input_norm if layer + 1 < len(self.layers) else self.final_norm
+
+    def load_prefix(self, batch: Batch) -> None:
+        """Fill the cache slots of every sequence's prefix with the seeded prefix K/V (see weights.py)."""
+        if not batch.prefix.any():
+            return
+        if batch.kv_capacity > self.kv_capacity:
+            raise ValueError(f"batch needs {batch.kv_capacity} KV slots, the model has {self.kv_capacity}")
+        for layer, w in enumerate(self.layers):
+            k, v = weights.prefix_kv(self.cfg, layer, self.kv_capacity, self.seed, self.xp)
+            k, v = weights.shard_kv(k, self.shard), weights.shard_kv(v, self.shard)
+            for s in batch.seqs:
+                rows = slice(s.kv_start, s.kv_start + s.prefix)
+                w.k_cache[rows] = k[rows].astype(self.dtype)
+                w.v_cache[rows] = v[rows].astype(self.dtype)
+
+    def part(self, batch: Batch, ids: np.ndarray | None = None) -> Part:
+        """Move a (sub)batch's token metadata to the device. ids: the full batch's token ids."""
+        if batch.num_tokens + batch.offset > self.max_tokens:
+            raise ValueError(f"batch of {batch.num_tokens} tokens (offset {batch.offset}) exceeds the model's "
+                             f"max_tokens={self.max_tokens}")
+        if batch.kv_capacity > self.kv_capacity:
+            raise ValueError(f"batch needs {batch.kv_capacity} KV slots, the model has {self.kv_capacity}")
+        if ids is None:
+            ids = token_ids(batch.offset + batch.num_tokens, self.cfg.vocab, self.seed)
+        ids = np.asarray(ids[batch.offset:batch.offset + batch.num_tokens], dtype=np.int32)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab}), got [{ids.min()}, {ids.max()}]")
+        xp = self.xp
+        meta = None
+        if self.world.is_gpu:
+            from .attention import attention_meta
+            meta = attention_meta(batch.cu_seqlens, batch.kv_start, batch.prefix)
+        return Part(offset=batch.offset, num_tokens=batch.num_tokens, ids=xp.asarray(ids),
+                    pos=xp.asarray(batch.pos), slot=xp.asarray(batch.slot), cu_seqlens=batch.cu_seqlens,
+                    kv_start=batch.kv_start, prefix=batch.prefix, attn_meta=meta)
+
+    def embed(self, part: Part, stream=None):
+        """residual[rows] = embedding[ids]; x[rows] = RMSNorm(residual) * layer 0's input norm."""
+        r = part.rows
+        ops.embedding(part.ids, self.embedding, self.ws.residual[r], stream)
+        ops.add_rmsnorm(None, self.ws.residual[r], self.layers[0].input_norm, self.cfg.eps, self.ws.x[r], stream)

@@ -1,0 +1,120 @@
+"""Single-process float64 reference of the whole model, written in plain array code (NumPy or CuPy).
+
+It regenerates the full, unsharded weights from the same seed as tw/model.py, rounds them to the
+model's storage dtype (so both compute with the same numbers), and does every operation in float64:
+no sharding, no fusion, no communication. Obviously correct by construction; slow.
+
+Tolerances (relative Frobenius norm ||out - ref|| / ||ref|| of the final hidden states):
+- float32 (CPU model): every op rounds to float32 (unit roundoff 6e-8); a few layers of tiny models
+  accumulate ~1e-6, so 1e-5 leaves a 10x margin and still catches any wrong index or missing term,
+  which give errors of order 1.
+- bfloat16 (GPU model): every stored activation is rounded to bf16 (unit roundoff 2^-8 = 3.9e-3,
+  RMS relative error of a rounded value ~1.1e-3); a layer stores about 8 of them in series (qkv, rope,
+  attention, o_proj, residual, norm, gate_up, act, down), so after a few layers the output carries
+  ~1e-2 (errors add up in quadrature and RMSNorm keeps re-scaling). 3e-2 is ~2x that estimate for up to
+  8 layers; a real bug (a dropped rank's partial sum, a wrong head, a stale row) gives errors > 0.3.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import weights
+from .batch import Batch
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
+
+
+def tolerance(dtype) -> float:
+    return TOLERANCE[np.dtype(dtype).name]
+
+
+def rel_err(out, ref) -> dict:
+    """||out - ref|| / ||ref|| and the max / mean absolute error, as floats (inputs NumPy or CuPy)."""
+    xp = _xp(ref)
+    o, r = out.astype(xp.float64), ref.astype(xp.float64)
+    d = o - r
+    if not bool(xp.isfinite(o).all()):
+        return {"rel_err": float("inf"), "max_abs_err": float("inf"), "mean_abs_err": float("inf")}
+    return {"rel_err": float(xp.linalg.norm(d) / xp.linalg.norm(r)), "max_abs_err": float(abs(d).max()),
+            "mean_abs_err": float(abs(d).mean())}
+
+
+def _rmsnorm(h, w, eps):
+    return h / _xp(h).sqrt((h * h).mean(axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x, pos, inv_freq):
+    """x [T, heads, d] float64, rotate-half layout."""
+    xp = _xp(x)
+    half = x.shape[-1] // 2
+    angle = pos[:, None].astype(xp.float64) * inv_freq[None, :]
+    cos, sin = xp.cos(angle)[:, None, :], xp.sin(angle)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q, k_cache, v_cache, batch: Batch, scale: float):
+    """Causal attention over each sequence's cache region. q [T, H, d]; caches [slots, Hkv, d]."""
+    xp = _xp(q)
+    num_heads, num_kv = q.shape[1], k_cache.shape[1]
+    group = num_heads // num_kv
+    out = xp.zeros_like(q)
+    for s, seq in enumerate(batch.seqs):
+        lo, hi = int(batch.cu_seqlens[s]), int(batch.cu_seqlens[s + 1])
+        n_kv = seq.prefix + seq.new
+        k = xp.repeat(k_cache[seq.kv_start:seq.kv_start + n_kv], group, axis=1)   # [n_kv, H, d]
+        v = xp.repeat(v_cache[seq.kv_start:seq.kv_start + n_kv], group, axis=1)
+        scores = xp.einsum("qhd,khd->hqk", q[lo:hi], k) * scale                     # [H, new, n_kv]
+        qpos = seq.prefix + xp.arange(seq.new)
+        scores = xp.where(xp.arange(n_kv)[None, None, :] <= qpos[None, :, None], scores, -xp.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = xp.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[lo:hi] = xp.einsum("hqk,khd->qhd", p, v)
+    return out
+
+
+def forward(cfg, batch: Batch, ids, seed: int, xp, dtype):
+    """Final normed hidden states [T, H] in float64 for token ids `ids` (host int array)."""
+    f64 = xp.float64
+
+    def stored(a):  # the value the model holds in `dtype`
+        return a.astype(dtype).astype(f64)
+
+    hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    inv_freq = xp.asarray(cfg.inv_freq())
+    pos = xp.asarray(batch.pos)
+    slot = xp.asarray(batch.slot)
+    h = stored(weights.embedding(cfg, seed, xp))[xp.asarray(ids)]                   # [T, H]
+    capacity = batch.kv_capacity
+    x = None
+    for layer in range(cfg.num_layers):
+        w = weights.full_layer(cfg, layer, seed, xp)
+        if x is None:
+            x = _rmsnorm(h, stored(w["input_norm"]), cfg.eps)
+        k_cache, v_cache = (stored(t) for t in weights.prefix_kv(cfg, layer, capacity, seed, xp))
+        qkv = x @ stored(w["wqkv"]).T
+        if "bqkv" in w:
+            qkv = qkv + stored(w["bqkv"])
+        qkv = qkv.reshape(len(pos), nh + 2 * nkv, hd)
+        q = _rope(qkv[:, :nh], pos, inv_freq)
+        k_cache[slot] = _rope(qkv[:, nh:nh + nkv], pos, inv_freq)
+        v_cache[slot] = qkv[:, nh + nkv:]
+        attn = attention(q, k_cache, v_cache, batch, hd ** -0.5).reshape(len(pos), nh * hd)
+        h = h + attn @ stored(w["wo"]).T
+        x = _rmsnorm(h, stored(w["post_norm"]), cfg.eps)
+        gate_up = x @ stored(w["wgate_up"]).T
+        g, u = gate_up[:, :cfg.ffn], gate_up[:, cfg.ffn:]
+        h = h + (g / (1 + xp.exp(-g)) * u) @ stored(w["wdown"]).T
+        nxt = (weights.input_norm(cfg, layer + 1, seed, xp) if layer + 1 < cfg.num_layers
+               else weights.final_norm(cfg, seed, xp))
+        x = _rmsnorm(h, stored(nxt), cfg.eps)
+        del w
+    return x
+
+
+def _xp(a):
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
