@@ -24,7 +24,10 @@ class LaunchError(RuntimeError):
 
 def _abort_on_uncaught(exc_type, exc, tb):
     rank = MPI.COMM_WORLD.Get_rank()
-    msg = "".join(traceback.format_exception(exc_type, exc, tb))
+    if issubclass(exc_type, LaunchError):  # the user's mistake, not ours: the message is enough
+        msg = f"error: {exc}"
+    else:
+        msg = "".join(traceback.format_exception(exc_type, exc, tb))
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in msg.rstrip().splitlines()))
     sys.stderr.flush()
     if MPI.COMM_WORLD.Get_size() > 1:
@@ -113,9 +116,8 @@ def init(tp: int | None = None, device: str = "auto") -> World:
     local_rank, local_size = local_comm.Get_rank(), local_comm.Get_size()
     tp = local_size if tp is None else tp
     if tp > local_size:
-        launcher = "mpirun -n" if local_size == 1 else f"more ranks per node than {local_size}: mpirun -n"
-        raise LaunchError(f"--tp {tp} needs {tp} MPI ranks on one node, but this node has {local_size}; "
-                          f"launch with {launcher} {tp} python -m ...")
+        raise LaunchError(f"--tp {tp} needs {tp} MPI ranks on one node, but this node has {local_size}: "
+                          f"launch with mpirun -n {tp} python -m ... (one rank per GPU)")
 
     ngpu = gpu_count() if device != "cpu" else 0
     if device == "gpu" and ngpu == 0:

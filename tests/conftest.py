@@ -1,0 +1,45 @@
+"""Shared test helpers: launching MPI jobs and skipping GPU tests on machines without one."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mpiexec() -> str | None:
+    """The MPI launcher: $TW_MPIEXEC, else mpiexec / mpirun on the PATH."""
+    return os.environ.get("TW_MPIEXEC") or shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+def run_mpi(n: int, args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python <args>` on n MPI ranks from the repo root; returns the finished process."""
+    launcher = mpiexec()
+    if launcher is None:
+        pytest.skip("no mpiexec/mpirun (pip install mpich)")
+    full_env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    extra = ["--oversubscribe"] if _is_openmpi(launcher) else []
+    cmd = [launcher, *extra, "-n", str(n), sys.executable, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _is_openmpi(launcher: str) -> bool:
+    try:
+        return "Open MPI" in subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+
+
+def gpus() -> int:
+    from tw.dist import gpu_count
+    return gpu_count()
+
+
+requires_gpu = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
+requires_2gpu = pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs")

@@ -1,0 +1,47 @@
+"""Multi-rank CPU runs of the model, the strategies and the main job (NumPy + MPI, float32)."""
+import sys
+
+import pytest
+
+from conftest import ROOT, run_mpi
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("ranks,model", [(2, "tiny"), (2, "tiny-qwen"), (4, "tiny")])
+def test_strategies_match_reference_and_tp1(ranks, model):
+    out = _ok(run_mpi(ranks, ["-m", "tests.mpi_model", "--device", "cpu", "--model", model]))
+    assert "ALL PASS" in out and f"TP={ranks} equals TP=1" in out
+
+
+def test_main_job_cpu_check():
+    out = _ok(run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--model", "tiny", "--check",
+                          "--out", "/tmp/tw-test-latency.jsonl"]))
+    assert "NO GPU" in out and "FAIL" not in out and out.count(" ok") >= 4
+
+
+def test_one_failing_rank_aborts_the_job():
+    proc = run_mpi(2, ["-m", "tests.mpi_fail"], timeout=60)
+    assert proc.returncode != 0
+    assert "[rank 1]" in proc.stderr and "deliberate failure on rank 1" in proc.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--tokens", "1"], "at least as many tokens as TP ranks"),
+    (["--tp", "3"], "--tp 3 needs 3 MPI ranks on one node"),
+    (["--strategies", "magic"], "unknown strategies"),
+    (["--model", "llama3-70b"], "too large for the CPU path"),
+])
+def test_bad_input_is_a_clear_error(args, msg):
+    proc = run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", *args], timeout=60)
+    assert proc.returncode != 0 and msg in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_tp_larger_than_world_without_mpirun():
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "experiments.latency", "--device", "cpu", "--tp", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "launch with mpirun -n 2" in proc.stderr, proc.stderr
