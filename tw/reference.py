@@ -85,7 +85,7 @@ def forward(cfg, batch: Batch, ids, seed: int, xp, dtype):
     inv_freq = xp.asarray(cfg.inv_freq())
     pos = xp.asarray(batch.pos)
     slot = xp.asarray(batch.slot)
-    h = stored(weights.embedding(cfg, seed, xp))[xp.asarray(ids)]                   # [T, H]
+    h = stored(weights.embedding(cfg, seed, xp)[xp.asarray(ids)])                   # [T, H]
     capacity = batch.kv_capacity
     x = None
     for layer in range(cfg.num_layers):
