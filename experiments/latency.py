@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 
@@ -115,7 +116,9 @@ def main(argv=None):
     capacity = max(batching.prefill(t, args.seq_len, args.prefix).kv_capacity for t in args.tokens)
     world.print0(f"building {cfg.name}: {cfg.num_layers} layers, TP={world.tp_size}, DP={world.dp_size}, "
                  f"up to {max_tokens} tokens, device={world.device}")
+    t0 = time.perf_counter()
     model = Model(cfg, world, max_tokens, capacity, seed=args.seed)
+    world.print0(f"built in {time.perf_counter() - t0:.1f} s")
     strategies = [schedules.make(s, model, world, args.transport, args.ctas) for s in args.strategies]
     tag = f"{cfg.name}-tp{world.tp_size}-{results.gpu_info()['gpu'].replace(' ', '_') if world.is_gpu else 'cpu'}"
     writer = results.Writer(args.out or results.default_path("latency", tag),
@@ -130,7 +133,9 @@ def main(argv=None):
         ref = None
         if args.check:
             xp = model.xp
+            t0 = time.perf_counter()
             ref = reference.forward(cfg, batch, ids, args.seed, xp, model.dtype)
+            world.print0(f"float64 reference for {tokens} tokens in {time.perf_counter() - t0:.1f} s")
         gemm = None
         for strat in strategies:
             step += 1

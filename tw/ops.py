@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
 
 import ml_dtypes
 import numpy as np
@@ -43,22 +42,46 @@ _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # host scalars, a
 _WORKSPACE_BYTES = 64 << 20
 
 
-@functools.lru_cache(maxsize=None)
-def _cublas_handle(device_id: int):
-    """cuBLAS handle of the device, with a fixed workspace so graph capture never allocates."""
-    import cupy as cp
-    handle = cp.cuda.device.get_cublas_handle()
-    workspace = cp.empty(_WORKSPACE_BYTES, dtype=cp.uint8)
-    try:
+class _Cublas:
+    """cuBLAS called through ctypes, with our own handle per device.
+
+    Not through cupy_backends' wrapper: it refuses every cuBLAS call while a stream is being captured,
+    and we capture whole forward passes. The handle gets a fixed workspace, so capture never allocates.
+    """
+
+    def __init__(self):
+        import cupy as cp
         from cuda.pathfinder import load_nvidia_dynamic_lib
-        lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublas").abs_path)
-        status = lib.cublasSetWorkspace_v2(ctypes.c_void_p(handle), ctypes.c_void_p(workspace.data.ptr),
-                                           ctypes.c_size_t(_WORKSPACE_BYTES))
+        self.lib = ctypes.CDLL(load_nvidia_dynamic_lib("cublas").abs_path)
+        self.handle = ctypes.c_void_p()
+        self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self.workspace = cp.empty(_WORKSPACE_BYTES, dtype=cp.uint8)
+        self._check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                   ctypes.c_size_t(_WORKSPACE_BYTES)), "cublasSetWorkspace")
+        g = self.lib.cublasGemmEx
+        g.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int]
+        self.lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+
+    @staticmethod
+    def _check(status, what):
         if status != 0:
-            raise RuntimeError(f"cublasSetWorkspace_v2 returned {status}")
-    except Exception as e:  # the library default still works outside graph capture
-        warnings.warn(f"could not set a cuBLAS workspace ({e}); CUDA-graph capture may fail")
-    return handle, workspace
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def gemm_tn(self, stream_ptr, n, m, k, w_ptr, x_ptr, out_ptr):
+        """Column-major out^T[N, M] = op_T(w[K, N]) @ x[K, M], bf16 in/out, fp32 accumulation."""
+        self._check(self.lib.cublasSetStream_v2(self.handle, stream_ptr), "cublasSetStream")
+        self._check(self.lib.cublasGemmEx(self.handle, _OP_T, _OP_N, n, m, k, _ONE.ctypes.data, w_ptr,
+                                          _CUDA_R_16BF, k, x_ptr, _CUDA_R_16BF, k, _ZERO.ctypes.data, out_ptr,
+                                          _CUDA_R_16BF, n, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT),
+                    f"cublasGemmEx(m={m}, n={n}, k={k})")
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas(device_id: int) -> _Cublas:
+    return _Cublas()
 
 
 def linear(x, w, out, stream=None):
@@ -75,18 +98,13 @@ def linear(x, w, out, stream=None):
         np.matmul(x, w.T, out=out)
         return out
     import cupy as cp
-    from cupy_backends.cuda.libs import cublas
     for name, a in (("x", x), ("w", w), ("out", out)):
         check_bf16(f"linear {name}", a)
     if m == 0:
         return out
-    handle, _ = _cublas_handle(cp.cuda.Device().id)
     stream = stream or cp.cuda.get_current_stream()
-    cublas.setStream(handle, stream.ptr)
     # Row-major out[M,N] = x w^T is column-major out^T[N,M] = op_T(w_cm[K,N]) @ x_cm[K,M].
-    cublas.gemmEx(handle, _OP_T, _OP_N, n, m, k, _ONE.ctypes.data, w.data.ptr, _CUDA_R_16BF, k,
-                  x.data.ptr, _CUDA_R_16BF, k, _ZERO.ctypes.data, out.data.ptr, _CUDA_R_16BF, n,
-                  _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+    _cublas(cp.cuda.Device().id).gemm_tn(stream.ptr, n, m, k, w.data.ptr, x.data.ptr, out.data.ptr)
     return out
 
 
