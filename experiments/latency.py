@@ -203,4 +203,4 @@ def print_table(world, rows, cfg, args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.shutdown(main())

@@ -95,7 +95,18 @@ def rel_err_report(got, want):
     return rel, f"rel norm err {rel:.3e}, max abs err {err.max():.3e}, mean abs err {err.mean():.3e}"
 
 
-def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, strided_q=True, seed=0):
+def error_pattern(got, want):
+    """Where the error is: per 8-dim chunk of head_dim, and per token row modulo 128 (tile layout bugs)."""
+    err = np.abs(got - want)
+    by_chunk = err.reshape(err.shape[0], err.shape[1], -1, 8).max(axis=(0, 1, 3))
+    by_row = np.array([err[r::128].max() if len(err[r::128]) else 0 for r in range(min(128, len(err)))])
+    bad_rows = np.nonzero(by_row > 0.05)[0]
+    return (f"\n  max err per 8-dim chunk: {np.array2string(by_chunk, precision=2)}"
+            f"\n  rows (mod 128) with err > 0.05: {bad_rows.tolist()[:64]}")
+
+
+def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, strided_q=True, seed=0,
+                 kernel="auto"):
     import cupy as cp
     from tw.attention import attention_cuda, attention_meta
     rng = np.random.default_rng(seed)
@@ -107,7 +118,7 @@ def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, st
         qkv_d, qkv64 = to_device_bf16(qkv)
         q_d = qkv_d[:, :num_heads * head_dim].reshape(num_tokens, num_heads, head_dim)
         q64 = qkv64[:, :num_heads * head_dim].reshape(num_tokens, num_heads, head_dim)
-        assert not q_d.flags.c_contiguous
+        assert num_tokens == 1 or not q_d.flags.c_contiguous
     else:
         q_d, q64 = to_device_bf16(q)
     k_d, k64 = to_device_bf16(k)
@@ -118,7 +129,7 @@ def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, st
 
     out = cp.empty((num_tokens, num_heads, head_dim), dtype=BF16)
     out.view(cp.uint16).fill(0x7FC0)  # NaN: any element the kernel fails to write shows up
-    meta = attention_meta(cu, start, pre, block_m=block_m)
+    meta = attention_meta(cu, start, pre, block_m=block_m, kernel=kernel)
     stream = cp.cuda.Stream(non_blocking=True)
     attention_cuda(q_d, k_d, v_d, meta, out, scale, stream=stream)
     stream.synchronize()
@@ -128,28 +139,55 @@ def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, st
     # before the PV mma and the output to bf16, each a relative error of ~2^-8 = 4e-3; fp32 accumulation
     # adds nothing visible. 1e-2 in relative norm leaves room for that and catches any wrong key/row.
     rel, report = rel_err_report(got, want)
-    assert rel <= 1e-2, report
+    assert rel <= 1e-2, report + error_pattern(got, want)
     return rel
 
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs cupy and a CUDA GPU")
 
 
+def kernels_here():
+    """(kernel, block_m) variants this GPU runs: the mma.sync ones everywhere, wgmma on sm_90a."""
+    from tw.kernels import device_arch
+    variants = [("mma", 128), ("mma", 64)]
+    return variants + [("wgmma", 128)] if device_arch() == "sm_90a" else variants
+
+
+VARIANTS = [("mma", 128), ("mma", 64), ("wgmma", 128)]
+
+
+def skip_unless_here(kernel, block_m):
+    if (kernel, block_m) not in kernels_here():
+        pytest.skip(f"{kernel} kernel not available on this GPU")
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("block_m", [128, 64])
-def test_cuda_mixed_batch(block_m):
+@pytest.mark.parametrize("kernel,block_m", VARIANTS)
+def test_cuda_mixed_batch(kernel, block_m):
     # Long prefill (not a multiple of 64 or 128), short prefill, decode tokens with long prefixes,
     # chunked-prefill continuation (prefix + several new tokens), a single-token sequence.
+    skip_unless_here(kernel, block_m)
     new = [777, 1, 130, 1, 64, 5, 1]
     prefix = [0, 1000, 200, 0, 64, 3001, 77]
-    run_gpu_case(new, prefix, num_heads=8, num_kv_heads=2, head_dim=128, block_m=block_m)
+    run_gpu_case(new, prefix, num_heads=8, num_kv_heads=2, head_dim=128, block_m=block_m, kernel=kernel)
 
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_gqa_64_8():
-    run_gpu_case([300, 1, 129], [0, 513, 40], num_heads=64, num_kv_heads=8, head_dim=128, seed=1)
+@pytest.mark.parametrize("kernel,block_m", VARIANTS)
+def test_cuda_gqa_64_8(kernel, block_m):
+    skip_unless_here(kernel, block_m)
+    run_gpu_case([300, 1, 129], [0, 513, 40], num_heads=64, num_kv_heads=8, head_dim=128, seed=1,
+                 block_m=block_m, kernel=kernel)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel,block_m", VARIANTS)
+def test_cuda_one_long_prefill(kernel, block_m):
+    skip_unless_here(kernel, block_m)
+    run_gpu_case([2000], [0], num_heads=4, num_kv_heads=1, head_dim=128, seed=6, block_m=block_m, kernel=kernel)
 
 
 @pytest.mark.gpu
@@ -162,10 +200,12 @@ def test_cuda_head_dim_64(block_m):
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_decode_only_and_single_token():
+@pytest.mark.parametrize("kernel,block_m", VARIANTS)
+def test_cuda_decode_only_and_single_token(kernel, block_m):
+    skip_unless_here(kernel, block_m)
     run_gpu_case([1] * 9, [0, 1, 63, 64, 65, 127, 128, 1999, 4096], num_heads=32, num_kv_heads=4,
-                 head_dim=128, seed=3)
-    run_gpu_case([1], [0], num_heads=2, num_kv_heads=1, head_dim=128, seed=4)
+                 head_dim=128, seed=3, block_m=block_m, kernel=kernel)
+    run_gpu_case([1], [0], num_heads=2, num_kv_heads=1, head_dim=128, seed=4, block_m=block_m, kernel=kernel)
 
 
 @pytest.mark.gpu
@@ -214,3 +254,7 @@ def test_cuda_rejects_bad_input():
         attention_cuda(q, kv[:3], kv[:3], meta, out, 0.1)
     with pytest.raises(ValueError, match="meta describes"):
         attention_cuda(q[:3], kv, kv, meta, out[:3], 0.1)
+    with pytest.raises(ValueError, match="wgmma kernel needs head_dim 128"):
+        attention_cuda(cp.zeros((4, 4, 64), BF16), cp.zeros((8, 2, 64), BF16), cp.zeros((8, 2, 64), BF16),
+                       attention_meta(np.array([0, 4]), np.array([0]), np.array([0]), kernel="wgmma"),
+                       cp.zeros((4, 4, 64), BF16), 0.1)

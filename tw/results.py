@@ -17,6 +17,10 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "results"
 
 
 def git_commit() -> str:
+    """HEAD's short hash (+ "-dirty"), or $TW_COMMIT where the tree was copied without .git."""
+    import os
+    if os.environ.get("TW_COMMIT"):
+        return os.environ["TW_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
