@@ -61,6 +61,15 @@ class Model:
         self.ws = Workspace(x=xp.zeros((t, cfg.hidden), dt), residual=xp.zeros((t, cfg.hidden), dt),
                             qkv=xp.zeros((t, s.qkv_dim), dt), attn=xp.zeros((t, s.q_dim), dt),
                             gate_up=xp.zeros((t, 2 * s.ffn), dt), act=xp.zeros((t, s.ffn), dt))
+        self.sync()
+
+    def sync(self) -> None:
+        """Wait for all setup work on the device. Setup runs on CuPy's default stream and forward passes
+        on the caller's non-blocking stream, which does not wait for the default one: without this, a
+        forward pass could read metadata whose upload is still queued behind other work (seen on the
+        lab machine as an illegal address in the attention kernel after the float64 reference ran)."""
+        if self.world.is_gpu:
+            self.xp.cuda.Device().synchronize()
 
     def norm_weight_after(self, layer: int):
         """The norm applied to the MLP output of `layer`: the next layer's input norm, or the final norm."""
@@ -79,6 +88,7 @@ class Model:
                 rows = slice(s.kv_start, s.kv_start + s.prefix)
                 w.k_cache[rows] = k[rows].astype(self.dtype)
                 w.v_cache[rows] = v[rows].astype(self.dtype)
+        self.sync()
 
     def part(self, batch: Batch, ids: np.ndarray | None = None) -> Part:
         """Move a (sub)batch's token metadata to the device. ids: the full batch's token ids."""
@@ -97,9 +107,11 @@ class Model:
         if self.world.is_gpu:
             from .attention import attention_meta
             meta = attention_meta(batch.cu_seqlens, batch.kv_start, batch.prefix)
-        return Part(offset=batch.offset, num_tokens=batch.num_tokens, ids=xp.asarray(ids),
+        part = Part(offset=batch.offset, num_tokens=batch.num_tokens, ids=xp.asarray(ids),
                     pos=xp.asarray(batch.pos), slot=xp.asarray(batch.slot), cu_seqlens=batch.cu_seqlens,
                     kv_start=batch.kv_start, prefix=batch.prefix, attn_meta=meta)
+        self.sync()
+        return part
 
     def embed(self, part: Part, stream=None):
         """residual[rows] = embedding[ids]; x[rows] = RMSNorm(residual) * layer 0's input norm."""
