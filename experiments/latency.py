@@ -38,8 +38,9 @@ def parse_args(argv=None):
                    help="batch sizes in tokens to sweep (default: 1024 4096 16384 on GPU, 64 200 on CPU)")
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers to run (default: 4 on GPU, the preset's count on CPU)")
-    p.add_argument("--strategies", nargs="+", default=["nccl", "nocomm", "fused"],
-                   help=f"strategies to compare, from {schedules.STRATEGIES}; nccl is the baseline")
+    p.add_argument("--strategies", nargs="+", default=["nccl", "nocomm", "fused", "tokenweave"],
+                   help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained2/4/8: k chunks); "
+                        "nccl is the baseline")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="auto: GPU if one is usable, else the CPU fallback")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence in a batch")
@@ -52,7 +53,15 @@ def parse_args(argv=None):
                    help="compare every strategy's output with the float64 reference (nocomm is skipped)")
     p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p",
                    help="what the fused strategy communicates with (nccl = reduce-scatter + norm + all-gather)")
-    p.add_argument("--ctas", type=int, default=None, help="CTAs for the fused P2P kernel (default: its own)")
+    p.add_argument("--ctas", type=int, default=None,
+                   help="CTAs of the fused P2P kernel (tokenweave: for the comm that overlaps attention; "
+                        "default: the tuned value, else the kernel's default)")
+    p.add_argument("--ctas-mlp", type=int, default=None,
+                   help="tokenweave: CTAs for the comm that overlaps the MLP (default: --ctas)")
+    p.add_argument("--split", choices=("wave", "naive"), default="wave",
+                   help="tokenweave split point: wave-aware (from a measured GEMM profile) or half the tokens")
+    p.add_argument("--min-split-tokens", type=int, default=1024,
+                   help="tokenweave does not split smaller batches (runs fused alone)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and token ids")
     p.add_argument("--out", default=None, help="result file (JSON lines; default experiments/results/latency-...)")
     return p.parse_args(argv)
@@ -77,7 +86,8 @@ def resolve(args, world):
     bad = [t for t in args.tokens if t < world.tp_size]
     if bad:
         raise SystemExit(f"--tokens {bad}: every batch needs at least as many tokens as TP ranks ({world.tp_size})")
-    unknown = [s for s in args.strategies if s not in schedules.STRATEGIES]
+    unknown = [s for s in args.strategies if s not in schedules.STRATEGIES
+               and not (s.startswith("finegrained") and s[len("finegrained"):].isdigit())]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {schedules.STRATEGIES}")
     if args.seq_len < 1 or args.prefix < 0 or args.iters < 1 or args.warmup < 0:
@@ -119,7 +129,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = Model(cfg, world, max_tokens, capacity, seed=args.seed)
     world.print0(f"built in {time.perf_counter() - t0:.1f} s")
-    strategies = [schedules.make(s, model, world, args.transport, args.ctas) for s in args.strategies]
+    strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=args.split,
+                                 ctas_mlp=args.ctas_mlp, min_split_tokens=args.min_split_tokens)
+                  for s in args.strategies]
     tag = f"{cfg.name}-tp{world.tp_size}-{results.gpu_info()['gpu'].replace(' ', '_') if world.is_gpu else 'cpu'}"
     writer = results.Writer(args.out or results.default_path("latency", tag),
                             results.metadata(world, model=cfg.name, layers=cfg.num_layers, dtype=str(model.dtype),
@@ -149,7 +161,8 @@ def main(argv=None):
             if world.is_gpu:
                 run()
                 stream.synchronize()
-            row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs)}
+            row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs),
+                   "split_at": plan.parts[1].offset if len(plan.parts) == 2 else None}
             if ref is not None and strat.name != "nocomm":
                 err = reference.rel_err(out, ref)
                 err = {k: world.comm.allreduce(v, op=max_op()) for k, v in err.items()}

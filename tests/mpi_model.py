@@ -27,7 +27,8 @@ def check_strategies(world, cfg, strategies, batches, seed=1):
     max_tokens = max(b.num_tokens for b in batches)
     model = Model(cfg, world, max_tokens, max(b.kv_capacity for b in batches), seed=seed)
     tol = reference.tolerance(model.dtype)
-    built = [schedules.make(s, model, world) for s in strategies]
+    # min_split_tokens=16: small test batches are split too, cutting a request across the halves.
+    built = [schedules.make(s, model, world, min_split_tokens=16) for s in strategies]
     outputs = {}
     for b in batches:
         ids = batching.token_ids(b.num_tokens, cfg.vocab, seed)
@@ -110,7 +111,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--strategies", nargs="+", default=["nccl", "fused"])
+    p.add_argument("--strategies", nargs="+", default=["nccl", "fused", "finegrained2", "tokenweave"])
     p.add_argument("--quick", action="store_true", help="one batch only")
     args = p.parse_args()
     world = dist.init(None, args.device)

@@ -158,7 +158,7 @@ def versions() -> dict:
     import numpy as np
     import mpi4py
     v = {"python": sys.version.split()[0], "numpy": np.__version__, "mpi4py": mpi4py.__version__,
-         "mpi": MPI.Get_library_version().splitlines()[0].strip()}
+         "mpi": MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip()}
     try:
         import cupy as cp
         v["cupy"] = cp.__version__

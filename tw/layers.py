@@ -48,7 +48,8 @@ class Part:
 
 
 def attention_block(model, w: LayerWeights, x, part: Part, y, stream=None):
-    """x [n, H] (normed input) -> y [n, H] partial o_proj output of this rank's heads."""
+    """x [n, H] (normed input) -> y [n, H] partial o_proj output of this rank's heads.
+    y=None stops before o_proj (the attention output stays in model.ws.attn[part.rows])."""
     s, n = model.shard, part.num_tokens
     qkv = model.ws.qkv[part.rows]                                   # [n, qkv_dim]
     ops.linear(x, w.wqkv, qkv, stream)
@@ -62,7 +63,8 @@ def attention_block(model, w: LayerWeights, x, part: Part, y, stream=None):
                         out=out)
     else:
         attention_cuda(q, w.k_cache, w.v_cache, part.attn_meta, out, model.scale, stream)
-    ops.linear(attn, w.wo, y, stream)
+    if y is not None:
+        ops.linear(attn, w.wo, y, stream)
 
 
 def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):

@@ -11,8 +11,11 @@ A strategy is built once per model (`make`), then for each batch:
 | nocomm      | the same with the all-reduce removed (upper bound; output not the model's) |
 | fused       | GEMM into the registered buffer -> fused AR + add + RMSNorm (1/TP of rows) |
 
-`finegrained` and `tokenweave` (split batches, two streams) slot in as further classes with the same
-two methods.
+| finegrained | GEMM in k token chunks; chunk i's NCCL all-reduce (comm stream) overlaps chunk i+1's GEMM, then add + RMSNorm |
+| tokenweave  | batch split in halves A/B; the fused AR + norm of one half (high-priority comm stream, few CTAs) overlaps the other half's compute |
+
+On the CPU every schedule runs its steps in the same order on one "stream", so CPU tests check the
+data flow (which rows, which halves, which norm weight) of exactly the code the GPU runs.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from .comm.nocomm import NoComm
 from .layers import attention_block, mlp_block
 from .model import Model
 
-STRATEGIES = ("nccl", "nocomm", "fused")
+STRATEGIES = ("nccl", "nocomm", "fused", "finegrained", "tokenweave")
 
 
 def make_comm(kind: str, model: Model, world):
@@ -74,12 +77,184 @@ class Sequential:
         return x[r]
 
 
-def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | None = None):
-    """Build strategy `name` for `model`. transport: what `fused` uses (p2p, or nccl = RS + norm + AG)."""
+class _Streams:
+    """The compute stream (the caller's) and a high-priority comm stream, with events between them.
+
+    Event objects are reused: a wait binds to the event's latest record at the time it is issued, and
+    every record/wait below is issued in program order, so reuse is safe (also under graph capture)."""
+
+    def __init__(self, world):
+        self.gpu = world.is_gpu
+        if self.gpu:
+            import cupy as cp
+            _, greatest = cp.cuda.runtime.deviceGetStreamPriorityRange()
+            self.comm = cp.cuda.Stream(non_blocking=True, priority=greatest)
+            self._events = {}
+        else:
+            self.comm = None
+
+    def signal(self, name: str, stream):
+        """Record event `name` on `stream`."""
+        if self.gpu:
+            import cupy as cp
+            ev = self._events.setdefault(name, cp.cuda.Event(disable_timing=True))
+            ev.record(stream)
+
+    def wait(self, stream, name: str):
+        """Make `stream` wait for the latest record of event `name`."""
+        if self.gpu:
+            stream.wait_event(self._events[name])
+
+
+class FineGrained:
+    """Row-parallel GEMMs in k token chunks: chunk i's NCCL all-reduce (comm stream) overlaps chunk i+1's
+    GEMM (compute stream); the fused add + RMSNorm runs on all tokens once every chunk is reduced."""
+
+    def __init__(self, model: Model, comm, k: int, world):
+        if k < 1:
+            raise ValueError(f"finegrained needs k >= 1 chunks, got {k}")
+        self.name, self.model, self.comm, self.k = f"finegrained{k}", model, comm, k
+        self.streams = _Streams(world)
+
+    prepare = Sequential.prepare
+
+    def _chunks(self, part):
+        n, k = part.num_tokens, min(self.k, part.num_tokens)
+        bounds = [part.offset + (n * i) // k for i in range(k + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _row_parallel(self, inp, w, y_full, chunks, stream, tag):
+        from . import ops
+        comm_stream = self.streams.comm or stream
+        for c, (lo, hi) in enumerate(chunks):
+            ops.linear(inp[lo:hi], w, y_full[lo:hi], stream)
+            self.streams.signal(f"{tag}{c}", stream)
+            self.streams.wait(comm_stream, f"{tag}{c}")
+            self.comm.all_reduce(lo, hi, comm_stream)
+        self.streams.signal(f"{tag}done", comm_stream)
+        self.streams.wait(stream, f"{tag}done")
+
+    def forward(self, plan: Plan, stream=None):
+        from . import ops
+        m, (part,) = self.model, plan.parts
+        r, eps, ws = part.rows, m.cfg.eps, m.ws
+        y = self.comm.staging(part.offset + part.num_tokens)
+        chunks = self._chunks(part)
+        m.embed(part, stream)
+        for i, w in enumerate(m.layers):
+            attention_block(m, w, ws.x[r], part, None, stream)   # stops before o_proj
+            self._row_parallel(ws.attn, w.wo, y, chunks, stream, "o")
+            ops.add_rmsnorm(y[r], ws.residual[r], w.post_norm, eps, ws.x[r], stream)
+            gate_up, act = ws.gate_up[r], ws.act[r]
+            ops.linear(ws.x[r], w.wgate_up, gate_up, stream)
+            ops.silu_mul(gate_up, act, stream)
+            self._row_parallel(ws.act, w.wdown, y, chunks, stream, "d")
+            ops.add_rmsnorm(y[r], ws.residual[r], m.norm_weight_after(i), eps, ws.x[r], stream)
+        return ws.x[r]
+
+
+class TokenWeave:
+    """The 8-step overlap schedule of DESIGN.md 2(c) over halves A = [0, s) and B = [s, T).
+
+    Compute stream: attn(A), attn(B), mlp(A), mlp(B) per layer. Comm stream (high priority): the fused
+    AR + add + RMSNorm of the half that just finished, while the other half computes. Each step waits
+    only for the step whose output it consumes:
+        attn(A)_L  <- norm(A, MLP)_{L-1}      norm(A, attn)_L <- attn(A)_L
+        attn(B)_L  <- norm(B, MLP)_{L-1}      norm(B, attn)_L <- attn(B)_L
+        mlp(A)_L   <- norm(A, attn)_L         norm(A, MLP)_L  <- mlp(A)_L
+        mlp(B)_L   <- norm(B, attn)_L         norm(B, MLP)_L  <- mlp(B)_L
+    The staging rows of a half are rewritten only after the comm step that read them has finished
+    (the compute step that rewrites them waits for it), and halves use disjoint workspace rows.
+    ctas_attn: CTAs for the comm steps that overlap attention (norm(B, MLP), norm(A, attn));
+    ctas_mlp: for those that overlap the MLP (norm(B, attn), norm(A, MLP)).
+    Batches with fewer than `min_tokens` tokens are not split (the fused strategy alone).
+    """
+
+    def __init__(self, model: Model, comm, world, split_fn, ctas_attn=None, ctas_mlp=None,
+                 min_tokens: int = 1024):
+        self.name, self.model, self.comm = "tokenweave", model, comm
+        self.split_fn, self.ctas_attn, self.ctas_mlp, self.min_tokens = split_fn, ctas_attn, ctas_mlp, min_tokens
+        self.streams = _Streams(world)
+        self.unsplit = Sequential("fused", model, comm, sharded=True, ctas=ctas_mlp)
+
+    def split_point(self, num_tokens: int) -> int | None:
+        if num_tokens < self.min_tokens:
+            return None
+        s = int(self.split_fn(num_tokens))
+        if not 0 < s < num_tokens:
+            raise ValueError(f"split point {s} for {num_tokens} tokens must lie strictly inside the batch")
+        return s
+
+    def prepare(self, batch: Batch, ids=None) -> Plan:
+        self.model.load_prefix(batch)
+        s = self.split_point(batch.num_tokens)
+        if s is None:
+            return Plan(batch, [self.model.part(batch, ids)])
+        a, b = batch.split(s)
+        return Plan(batch, [self.model.part(a, ids), self.model.part(b, ids)])
+
+    def forward(self, plan: Plan, stream=None):
+        if len(plan.parts) == 1:
+            return self.unsplit.forward(plan, stream)
+        m, comm, st = self.model, self.comm, self.streams
+        a, b = plan.parts
+        eps, x, res = m.cfg.eps, m.ws.x, m.ws.residual
+        cs = st.comm or stream                      # comm stream (the same stream on CPU)
+        y = comm.staging(b.offset + b.num_tokens)
+        m.embed(a, stream)
+        m.embed(b, stream)
+        st.signal("normB_mlp", stream)              # B's layer-0 input is ready (no comm needed)
+        st.signal("normA_mlp", stream)
+
+        def norm(part, weight, ctas, after, done):
+            st.wait(cs, after)
+            comm.ar_add_norm(part.rows.start, part.rows.stop, res, weight, eps, x, cs, True, ctas)
+            st.signal(done, cs)
+
+        for i, w in enumerate(m.layers):
+            st.wait(stream, "normA_mlp")
+            attention_block(m, w, x[a.rows], a, y[a.rows], stream)
+            st.signal("attnA", stream)
+            norm(a, w.post_norm, self.ctas_attn, "attnA", "normA_attn")
+            st.wait(stream, "normB_mlp")
+            attention_block(m, w, x[b.rows], b, y[b.rows], stream)
+            st.signal("attnB", stream)
+            norm(b, w.post_norm, self.ctas_mlp, "attnB", "normB_attn")
+            st.wait(stream, "normA_attn")
+            mlp_block(m, w, x[a.rows], a, y[a.rows], stream)
+            st.signal("mlpA", stream)
+            norm(a, m.norm_weight_after(i), self.ctas_mlp, "mlpA", "normA_mlp")
+            st.wait(stream, "normB_attn")
+            mlp_block(m, w, x[b.rows], b, y[b.rows], stream)
+            st.signal("mlpB", stream)
+            norm(b, m.norm_weight_after(i), self.ctas_attn, "mlpB", "normB_mlp")
+        st.wait(stream, "normA_mlp")                # join: the caller's stream sees both halves done
+        st.wait(stream, "normB_mlp")
+        return x[a.offset:b.offset + b.num_tokens]
+
+
+def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | None = None,
+         split: str = "wave", k: int = 4, ctas_mlp: int | None = None, profile=None,
+         min_split_tokens: int = 1024):
+    """Build strategy `name` for `model`.
+
+    transport: what fused/tokenweave communicate with (p2p, or nccl = reduce-scatter + norm + all-gather).
+    ctas / ctas_mlp: CTA budgets of the fused kernel (tokenweave: comm overlapping attention / MLP).
+    split: tokenweave's split point, "naive" (half, rounded to 64) or "wave" (from the GEMM profile).
+    k: chunks of finegrained. min_split_tokens: smaller batches run tokenweave unsplit (fused alone).
+    """
     if name == "nccl":
         return Sequential(name, model, make_comm("nccl", model, world), sharded=False)
     if name == "nocomm":
         return Sequential(name, model, make_comm("none", model, world), sharded=False)
     if name == "fused":
         return Sequential(name, model, make_comm(transport, model, world), sharded=True, ctas=ctas)
-    raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES}")
+    if name.startswith("finegrained"):
+        k = int(name[len("finegrained"):] or k)
+        return FineGrained(model, make_comm("nccl", model, world), k, world)
+    if name == "tokenweave":
+        from . import split as splitting
+        split_fn = splitting.split_function(split, model, world, profile)
+        return TokenWeave(model, make_comm(transport, model, world), world, split_fn, ctas, ctas_mlp or ctas,
+                          min_split_tokens)
+    raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES} (finegrained2/4/8 for k chunks)")
