@@ -21,6 +21,7 @@ import numpy as np
 
 from tw import batch as batching
 from tw import bench, config, dist, reference, results, schedules
+from tw import split as splitting
 from tw.model import Model
 
 CPU_MODELS = ("tiny", "tiny-qwen", "small")
@@ -138,6 +139,9 @@ def main(argv=None):
                                              seq_len=args.seq_len, prefix=args.prefix, graph=args.graph,
                                              transport=args.transport, iters=args.iters, warmup=args.warmup),
                             world.rank)
+    tuned = splitting.load_tuned(cfg.name, world.tp_size, results.gpu_info()["gpu"]) if world.is_gpu else {}
+    if tuned:
+        world.print0(f"tokenweave CTA budgets from experiments/tuned/ for tokens {sorted(tuned)}")
     rows, step, total = [], 0, len(args.tokens) * len(strategies)
     for tokens in args.tokens:
         batch = batching.prefill(tokens, args.seq_len, args.prefix)
@@ -151,6 +155,8 @@ def main(argv=None):
         gemm = None
         for strat in strategies:
             step += 1
+            if strat.name == "tokenweave" and args.ctas is None and tokens in tuned:
+                strat.ctas_attn, strat.ctas_mlp = tuned[tokens]["ctas_attn"], tuned[tokens]["ctas_mlp"]
             plan = strat.prepare(batch, ids)
 
             def forward(strat=strat, plan=plan):

@@ -92,3 +92,11 @@ def split_function(kind: str, model, world, profile: GemmProfile | None = None):
 
     wave.profile = profile
     return wave
+
+
+def load_tuned(model_name: str, tp: int, gpu: str) -> dict:
+    """experiments/tune.py's choices {tokens: {split_at, ctas_attn, ctas_mlp, ...}} for this setting, or {}."""
+    path = TUNED_DIR / f"tokenweave-{model_name}-tp{tp}-{gpu.replace(' ', '_')}.json"
+    if not path.exists():
+        return {}
+    return {int(t): v for t, v in json.loads(path.read_text()).get("tokens", {}).items()}

@@ -1,0 +1,114 @@
+"""Tune TokenWeave per token count: CTA budgets of the fused kernel, and the split point, checked
+against an exhaustive end-to-end search.
+
+    mpirun -n 2 python -m experiments.tune --model llama3-70b --layers 4 --tokens 4096 8192
+
+For each token count T:
+1. the wave-aware split s_wave from the GEMM profile (tw/split.py; the profile JSON is written to
+   experiments/tuned/ and reused);
+2. CTA budgets (comm overlapping attention, comm overlapping MLP) from --ctas-grid, timed end to end
+   at s_wave; the fastest pair wins;
+3. the exhaustive search: tokenweave timed at every split point on a --step grid within --window of T/2,
+   with the winning CTAs; reports best_split, its time, and wave_vs_best = t(s_wave) / t(best).
+Rank 0's timings decide (the timings are already the slowest rank's); the choice is broadcast through
+the timing itself, which `tw.bench.summarize` makes identical on every rank. Writes result rows and
+experiments/tuned/tokenweave-<model>-tp<tp>-<gpu>.json, which experiments/latency.py reads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from tw import batch as batching
+from tw import bench, config, dist, results, schedules
+from tw import split as splitting
+from tw.model import Model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="mpirun -n <TP> python -m experiments.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3-70b", help=f"model preset, from {sorted(config.PRESETS)}")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers per forward pass")
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192], help="token counts to tune")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence")
+    p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p", help="fused-kernel transport")
+    p.add_argument("--ctas-grid", type=int, nargs="+", default=[2, 4, 8, 16],
+                   help="CTA counts tried for each of the two budgets (all pairs)")
+    p.add_argument("--step", type=int, default=64, help="grid of the exhaustive split search (tokens)")
+    p.add_argument("--window", type=float, default=0.10, help="exhaustive search spans T/2 +- window*T")
+    p.add_argument("--iters", type=int, default=10, help="timed forward passes per point")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forward passes per point")
+    p.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive split search")
+    p.add_argument("--out", default=None, help="result rows (JSON lines)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = dist.init(None, "gpu")
+    import cupy as cp
+    cfg = config.get(args.model, args.layers)
+    stream = cp.cuda.Stream(non_blocking=True)
+    model = Model(cfg, world, max(args.tokens), seed=0)
+    tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)
+    profile = tw.split_fn.profile
+    gpu = results.gpu_info()["gpu"].replace(" ", "_")
+    tag = f"{cfg.name}-tp{world.tp_size}-{gpu}"
+    writer = results.Writer(args.out or results.default_path("tune", tag),
+                            results.metadata(world, model=cfg.name, layers=cfg.num_layers, transport=args.transport,
+                                             iters=args.iters, warmup=args.warmup), world.rank)
+
+    def timed(batch, ids, split_at, ctas_attn, ctas_mlp):
+        tw.split_fn = lambda t: split_at
+        tw.ctas_attn, tw.ctas_mlp = ctas_attn, ctas_mlp
+        plan = tw.prepare(batch, ids)
+        graph = bench.Graph(lambda: tw.forward(plan, stream), stream)
+        return bench.summarize(bench.time_gpu(graph, args.iters, args.warmup, stream), world.comm)["median_ms"]
+
+    tuned = {}
+    for tokens in args.tokens:
+        t0 = time.perf_counter()
+        batch = batching.prefill(tokens, args.seq_len)
+        ids = batching.token_ids(tokens, cfg.vocab, 0)
+        wave = splitting.choose(tokens, profile) if world.tp_rank == 0 else None
+        wave = world.tp_comm.bcast(wave, root=0)
+        best = None
+        for ca in args.ctas_grid:
+            for cm in args.ctas_grid:
+                ms = timed(batch, ids, wave, ca, cm)
+                writer.write({"tokens": tokens, "kind": "ctas", "split_at": wave, "ctas_attn": ca, "ctas_mlp": cm,
+                              "median_ms": ms})
+                if best is None or ms < best[0]:
+                    best = (ms, ca, cm)
+        wave_ms, ca, cm = best
+        entry = {"split_at": wave, "ctas_attn": ca, "ctas_mlp": cm, "median_ms": wave_ms,
+                 "naive_split_ms": timed(batch, ids, splitting.naive(tokens), ca, cm)}
+        if not args.no_exhaustive:
+            points = splitting.candidates(tokens, args.step, args.window)
+            times = {s: timed(batch, ids, s, ca, cm) for s in points}
+            for s, ms in times.items():
+                writer.write({"tokens": tokens, "kind": "split", "split_at": s, "ctas_attn": ca, "ctas_mlp": cm,
+                              "median_ms": ms, "wave_split": s == wave})
+            best_s = min(times, key=times.get)
+            entry.update(best_split=best_s, best_split_ms=times[best_s], wave_vs_best=wave_ms / times[best_s])
+        tuned[str(tokens)] = entry
+        writer.write({"tokens": tokens, "kind": "choice", **entry})
+        world.print0(f"tokens={tokens}: split {wave} (wave) ctas {ca}/{cm}: {wave_ms:.3f} ms; naive split "
+                     f"{entry['naive_split_ms']:.3f} ms" + (f"; exhaustive best {entry['best_split']} "
+                     f"{entry['best_split_ms']:.3f} ms, wave/best {entry['wave_vs_best']:.4f}"
+                     if "best_split" in entry else "") + f"  ({time.perf_counter() - t0:.0f} s)")
+    if world.rank == 0:
+        profile.save()
+        path = splitting.TUNED_DIR / f"tokenweave-{tag}.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update({"gpu": gpu, "model": cfg.name, "tp": world.tp_size, "layers": cfg.num_layers})
+        old.setdefault("tokens", {}).update(tuned)
+        path.write_text(json.dumps(old, indent=1))
+        world.print0(f"wrote {path} and {writer.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    dist.shutdown(main())

@@ -1,0 +1,27 @@
+"""Wave-aware split choice on synthetic GEMM-time staircases (no GPU needed)."""
+import math
+
+from tw import split
+
+
+def staircase(wave_rows: int, per_wave_ms: float = 1.0):
+    """A GEMM whose time is set by full waves: ceil(M / wave_rows) waves of equal cost."""
+    return lambda m: math.ceil(m / wave_rows) * per_wave_ms
+
+
+def test_candidates_are_on_the_grid_within_the_window():
+    c = split.candidates(4096)
+    assert all(s % 64 == 0 for s in c) and min(c) >= 0.4 * 4096 and max(c) <= 0.6 * 4096
+    assert split.candidates(100) == [50]  # no grid point in the window: fall back to half
+
+
+def test_wave_split_avoids_a_partial_wave():
+    # T = 4352 = 17 waves of 256 rows; halves of 2176 cost 9 + 9 = 18 waves, 2048 + 2304 cost 8 + 9 = 17.
+    g = staircase(256)
+    s = split.choose(4352, g)
+    assert g(s) + g(4352 - s) == 17
+    assert g(split.naive(4352)) + g(4352 - split.naive(4352)) == 18
+
+
+def test_smooth_cost_gives_the_middle():
+    assert split.choose(4096, lambda m: 0.01 * m) == 2048
