@@ -24,7 +24,7 @@ from tw import bench, config, dist, reference, results, schedules
 from tw import split as splitting
 from tw.model import Model
 
-CPU_MODELS = ("tiny", "tiny-qwen", "small")
+CPU_MODELS = ("tiny", "tiny-qwen", "tiny-tp8", "small")
 BANNER = ("=" * 78 + "\n  NO GPU: running the CPU fallback (NumPy + MPI, float32, model {model}).\n"
           "  This checks correctness only; the timings below mean nothing for GPUs.\n" + "=" * 78)
 

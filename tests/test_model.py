@@ -11,7 +11,7 @@ def _ok(proc):
     return proc.stdout
 
 
-@pytest.mark.parametrize("ranks,model", [(2, "tiny"), (2, "tiny-qwen"), (4, "tiny")])
+@pytest.mark.parametrize("ranks,model", [(2, "tiny"), (2, "tiny-qwen"), (4, "tiny"), (8, "tiny-tp8")])
 def test_strategies_match_reference_and_tp1(ranks, model):
     out = _ok(run_mpi(ranks, ["-m", "tests.mpi_model", "--device", "cpu", "--model", model]))
     assert "ALL PASS" in out and f"TP={ranks} equals TP=1" in out
