@@ -107,7 +107,7 @@ PRESETS = {
     "tiny": ModelConfig("tiny", hidden=256, num_heads=8, num_kv_heads=4, head_dim=32, ffn=512,
                         num_layers=2, vocab=1000, rope_theta=10000.0, eps=1e-5),
     # GPU-test-sized with the real head_dim (the attention kernel needs head_dim 128).
-    "small": ModelConfig("small", hidden=2048, num_heads=16, num_kv_heads=4, head_dim=128, ffn=5632,
+    "small": ModelConfig("small", hidden=2048, num_heads=16, num_kv_heads=8, head_dim=128, ffn=5632,
                          num_layers=2, vocab=4096, rope_theta=500000.0, eps=1e-5,
                          rope_scaling=_LLAMA3_SCALING),
     # CPU-sized with 8 KV heads, for TP=8 code paths on a laptop.

@@ -27,9 +27,16 @@ class Workspace:
 
 class Model:
     def __init__(self, cfg: ModelConfig, world, max_tokens: int, kv_capacity: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, shard_as_tp: int | None = None):
+        """shard_as_tp: hold weight shards sized as at this TP degree (a multiple of the real one) while
+        communicating over the real TP group: recreates a larger TP's compute/communication ratio on
+        fewer GPUs. The output is then not the model's (only tp/shard_as_tp of it is computed)."""
         self.cfg, self.world, self.seed = cfg, world, seed
-        self.shard = ShardConfig(cfg, world.tp_size, world.tp_rank)
+        shard_tp = shard_as_tp or world.tp_size
+        if shard_tp % world.tp_size:
+            raise ValueError(f"--shard-as-tp {shard_tp} must be a multiple of the TP degree {world.tp_size}")
+        self.shard = ShardConfig(cfg, shard_tp, world.tp_rank)
+        self.emulated = shard_tp != world.tp_size
         if max_tokens < world.tp_size:
             raise ValueError(f"{max_tokens} tokens cannot be shared by {world.tp_size} TP ranks: "
                              f"use at least {world.tp_size} tokens")
