@@ -1,0 +1,464 @@
+// Fused AllReduce + residual-add + RMSNorm over CUDA-IPC peer pointers (push-based), and the plain
+// all-reduce / reduce-scatter / all-gather over the same transport.
+//
+// WHAT IT COMPUTES (rows [start, end) of the staging buffer S_r of every TP rank r, hidden H, bf16):
+//   p2p_ar_norm        two-shot, sharded (TokenWeave's order). Rank r owns rows owned_rows(start,end,r)
+//                      (tw/comm/__init__.py; contiguous blocks of ceil(n/tp) rows). For its rows:
+//                        h = (S_0 + S_1 + ... + S_{tp-1})[row] + residual[row]   (fp32, fixed rank order)
+//                        residual[row] = bf16(h);  y = bf16(h * rsqrt(mean(h^2) + eps) * weight)
+//                      and y lands in out[row] on EVERY rank. Each row is computed once, by its owner,
+//                      so every rank holds bit-identical results.
+//   p2p_ar_norm_replicated  two-shot, baseline order (sharded=False): the owner pushes s = bf16(sum) to
+//                      every rank's staging, then every rank does h = s + residual, residual = h,
+//                      out = RMSNorm(h)*w on all rows (the residual stream is replicated).
+//   p2p_all_reduce     two-shot: S_r[rows] = bf16(sum over ranks) on every rank.
+//   p2p_reduce_scatter S_r[owned rows of r] = bf16(sum); other rows untouched.
+//   p2p_all_gather     S_r[owned rows of q] = S_q[owned rows of q] for every q.
+//   p2p_oneshot_*      latency path for small n (<= oneshot_max rows): every rank pushes ALL its rows
+//                      (and the residual rows it owns) to every peer in one phase, then every rank
+//                      reduces every row itself in the same fixed rank order (bit-identical results).
+//
+// WHY TWO PATHS. Two-shot moves n rows per direction (n/2 partials + n/2 results for tp=2) and needs
+// two flag round trips; one-shot moves n*(tp-1) partial rows + the owned residual rows but needs one
+// round trip and no second pass. At ~1 MiB (64 tokens x 8192) the round trip (~2 us) dominates, so
+// one-shot wins there; at large n the extra bytes dominate and two-shot wins. We chose flags rather
+// than a Lamport sentinel protocol: sentinels save the flag store but need the receive buffers reset
+// to the sentinel after every use (triple buffering) and a float value reserved as "empty"; flags
+// keep the receive path a plain load and cost one 4-byte release store per (CTA, peer).
+//
+// LAUNCH SHAPE. grid = ctas (1..SM count; the CTA budget), the SAME on every rank; block =
+// ceil(H/8/VPT) rounded up to 32 threads (<= 512), VPT = 16-byte vectors per thread per row (1, 2, 4).
+// CTA c of every rank handles slice c of every owner's chunk (rows split evenly over the CTAs), so CTA c
+// only ever talks to CTA c of the other ranks ("CTA pairs"); nothing waits on a grid-wide barrier
+// (sync_all=1 turns the waits into "every CTA of every peer": the simple three-phase fusion).
+//
+// BUFFERS (per rank, one cudaMalloc shared by CUDA IPC; table[r*8 + k] = rank r's pointer k):
+//   k=0 staging [max_tokens, H]              row-parallel GEMMs write their partial output here
+//   k=1 recv    [tp][chunk_max, H]           recv[src][row - chunk_lo]: src's partial of my rows
+//   k=2 out     [max_tokens, H]              registered output (out_kind 2 pushes results here)
+//   k=3 osum    [2][tp][oneshot_max, H]      one-shot partials, double-buffered by epoch parity
+//   k=4 ores    [2][oneshot_max, H]          one-shot residual rows, sent by their owner
+//   k=5 flags   [2 phases][kMaxCtas][kMaxTp] uint32 arrival epochs, written by peers
+//   state (local device memory, not shared): [0] epoch [1] CTAs done [2] error [3] peer [4] cta [5] phase
+//
+// MEMORY ORDERING. A "signal" is: every thread's data stores (weak st.global, to a peer over NVLink),
+// then __syncthreads(), then thread j stores the call's epoch to peer j's flag with st.release.sys.
+// The barrier orders the block's stores before thread j's release, and release is cumulative, so a
+// reader that observes the flag with ld.acquire.sys (then __syncthreads() for the rest of its block)
+// observes the data. The epoch is a per-rank device counter bumped once per call by the last CTA to
+// finish (all CTAs read it before any bumps it), so it is identical on every rank as long as every
+// rank makes the same sequence of calls, and no host state changes per call (CUDA graphs replay).
+// Reuse safety, without a barrier at the end of two-shot calls:
+//  - recv: peer q writes my recv in call k+1 only after finishing call k, i.e. after receiving the
+//    phase-2 signal of every one of my CTAs for call k, each sent after that CTA's last recv read.
+//  - staging (phase-2 pushes of results): q pushes into my staging rows of q's chunk only after my
+//    phase-1 signal of the same call, i.e. after my CTA pushed (read) those rows; my GEMM for the next
+//    call starts only after my kernel has received every incoming row.
+//  - one-shot areas: parity double-buffered. q writes parity(k+2) only after finishing k+1, which
+//    needed my phase-1 signal of k+1, which my kernel k+1 sent after my whole kernel k had finished.
+//  - flags: a peer is at most one call ahead, so a wait passes on (flag - epoch) >= 0 (wrap-safe).
+// The reduce-scatter alone ends with an empty phase-2 signal (a barrier) so recv is free afterwards;
+// the all-gather alone starts with an empty phase-1 signal so it never writes into a peer's staging
+// rows before that peer has reached the call.
+//
+// FAILURE. Each wait spins at most timeout_ns (globaltimer); on timeout it records (peer, cta, phase)
+// in state[2..5] and the kernel returns; other CTAs see state[2] != 0 and return too. The Python side
+// (P2PComm.check) raises "rank R did not arrive within N s". After that the object is unusable.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kMaxTp = 8;
+constexpr int kMaxCtas = 256;
+constexpr int kSlots = 8;
+constexpr int kRows = 2;  // rows per iteration of the row loop (more 16-byte loads in flight)
+
+enum Mode {
+  kAllReduce = 0,
+  kReduceScatter = 1,
+  kAllGather = 2,
+  kArNorm = 3,
+  kArNormReplicated = 4,
+  kOneshotAllReduce = 5,
+  kOneshotArNorm = 6,
+};
+
+struct Args {
+  const unsigned long long* table;
+  int rank, tp, hidden, start, end, chunk_max, oneshot_max;
+  __nv_bfloat16* residual;
+  const __nv_bfloat16* weight;
+  float eps;
+  __nv_bfloat16* out;
+  int out_kind;  // 0: out is private memory, 1: out is the staging buffer itself, 2: registered out
+  int sync_all;
+  unsigned long long timeout_ns;
+  unsigned int* state;
+};
+
+TW_DEVICE unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+TW_DEVICE void st_release_sys(unsigned int* p, unsigned int v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+TW_DEVICE unsigned int ld_acquire_sys(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+template <typename T>
+TW_DEVICE T* ptr(const Args& a, int rank, int slot) {
+  return reinterpret_cast<T*>(a.table[rank * kSlots + slot]);
+}
+
+TW_DEVICE unsigned int* flag(unsigned int* flags, int phase, int cta, int src) {
+  return flags + (phase * kMaxCtas + cta) * kMaxTp + src;
+}
+
+// Rows of [lo, hi) that slice `i` of `parts` covers (even split, the first n % parts get one more).
+TW_DEVICE void split(int lo, int hi, int parts, int i, int& a, int& b) {
+  const int n = hi - lo, base = n / parts, rem = n % parts;
+  a = lo + i * base + min(i, rem);
+  b = a + base + (i < rem ? 1 : 0);
+}
+
+// Same definition as tw.comm.owned_rows.
+TW_DEVICE void owned(int start, int end, int r, int tp, int& lo, int& hi) {
+  const int chunk = (end - start + tp - 1) / tp;
+  lo = min(end, start + r * chunk);
+  hi = min(end, lo + chunk);
+}
+
+// dst[0:n) = src[0:n) in 16-byte vectors, 8 loads in flight per thread before the stores.
+TW_DEVICE void copy_vec(uint4* dst, const uint4* src, long long n) {
+  constexpr int U = 8;
+  const long long stride = blockDim.x;
+  long long i = threadIdx.x;
+  for (; i + (U - 1) * stride < n; i += U * stride) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = src[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < U; ++u) dst[i + u * stride] = v[u];
+  }
+  for (; i < n; i += stride) dst[i] = src[i];
+}
+
+// Signal the peers' CTA `cta` that this CTA's data for `phase` is in their memory.
+TW_DEVICE void signal(const Args& a, int phase, unsigned int epoch) {
+  __syncthreads();
+  const int j = threadIdx.x;
+  if (j < a.tp && j != a.rank) st_release_sys(flag(ptr<unsigned int>(a, j, 5), phase, blockIdx.x, a.rank), epoch);
+}
+
+// Wait until the peers' CTA `cta` (or all their CTAs with sync_all) signalled `phase` of this call.
+// Returns false on timeout or when another CTA already failed (the caller must return).
+TW_DEVICE bool wait(const Args& a, int phase, unsigned int epoch) {
+  __shared__ int s_fail;
+  if (threadIdx.x == 0) s_fail = 0;
+  __syncthreads();
+  unsigned int* flags = ptr<unsigned int>(a, a.rank, 5);
+  const int num_ctas = a.sync_all ? gridDim.x : 1;
+  for (int t = threadIdx.x; t < num_ctas * a.tp; t += blockDim.x) {
+    const int src = t % a.tp, cta = a.sync_all ? t / a.tp : blockIdx.x;
+    if (src == a.rank) continue;
+    const unsigned int* f = flag(flags, phase, cta, src);
+    const unsigned long long t0 = globaltimer();
+    int spins = 0;
+    while (static_cast<int>(ld_acquire_sys(f) - epoch) < 0) {
+      if ((++spins & 1023) == 0) {
+        if (*reinterpret_cast<volatile unsigned int*>(a.state + 2) != 0) {
+          s_fail = 1;
+          break;
+        }
+        if (globaltimer() - t0 > a.timeout_ns) {
+          if (atomicCAS(a.state + 2, 0u, 1u) == 0u) {
+            a.state[3] = src;
+            a.state[4] = blockIdx.x;
+            a.state[5] = phase;
+            __threadfence_system();
+          }
+          s_fail = 1;
+          break;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  return s_fail == 0;
+}
+
+TW_DEVICE void block_sum_rows(float (&x)[kRows], float* scratch /* [32][kRows] */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) x[r] = tw::warp_sum(x[r]);
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) scratch[warp * kRows + r] = x[r];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) x[r] = tw::warp_sum(lane < num_warps ? scratch[lane * kRows + r] : 0.f);
+}
+
+// Phase-2 row work for rows [a, b) that this rank owns (two-shot), or all rows (one-shot).
+// MODE picks what is read, what is computed and where results go.
+template <int MODE, int VPT>
+TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsigned int parity) {
+  __shared__ float scratch[32 * kRows];
+  const int H = a.hidden, H8 = H / 8, me = a.rank;
+  const bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm;
+  const bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
+  __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, 0);
+  int own_lo, own_hi;
+  owned(a.start, a.end, me, a.tp, own_lo, own_hi);
+
+  for (int row0 = a_row; row0 < b_row; row0 += kRows) {
+    float acc[kRows][VPT][8];
+    float ss[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      ss[r] = 0.f;
+      const int row = row0 + r;
+      const bool valid = row < b_row;
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        const int col = (threadIdx.x + v * blockDim.x);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r][v][e] = 0.f;
+        if (!valid || col >= H8) continue;
+        // Sum in rank order 0..tp-1 (the same order on every rank and in every path). In the
+        // replicated order the staging row already holds the bf16 sum s (pushed by its owner).
+        const int num_src = MODE == kArNormReplicated ? 1 : a.tp;
+        for (int k = 0; k < num_src; ++k) {
+          const int src = MODE == kArNormReplicated ? me : k;
+          const __nv_bfloat16* p;
+          if (src == me) {
+            p = stage_me + (long long)row * H;
+          } else if (oneshot) {
+            p = ptr<__nv_bfloat16>(a, me, 3) +
+                (((long long)parity * a.tp + src) * a.oneshot_max + (row - a.start)) * H;
+          } else {
+            p = ptr<__nv_bfloat16>(a, me, 1) + ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
+          }
+          float f[8];
+          tw::load8(p + col * 8, f);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[r][v][e] += f[e];
+        }
+        if (norm) {
+          const __nv_bfloat16* res = a.residual + (long long)row * H;
+          if (MODE == kOneshotArNorm && (row < own_lo || row >= own_hi))
+            res = ptr<__nv_bfloat16>(a, me, 4) + ((long long)parity * a.oneshot_max + (row - a.start)) * H;
+          float f[8];
+          tw::load8(res + col * 8, f);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            acc[r][v][e] += f[e];
+            ss[r] += acc[r][v][e] * acc[r][v][e];
+          }
+        }
+      }
+    }
+    if (norm) block_sum_rows(ss, scratch);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = row0 + r;
+      if (row >= b_row) continue;
+      const float rinv = norm ? rsqrtf(ss[r] / H + a.eps) : 0.f;
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        const int col = threadIdx.x + v * blockDim.x;
+        if (col >= H8) continue;
+        const long long off = (long long)row * H + col * 8;
+        if (!norm) {
+          const uint4 s = tw::pack8(acc[r][v]);
+          *reinterpret_cast<uint4*>(stage_me + off) = s;
+          if (MODE == kAllReduce) {
+            for (int j = 0; j < a.tp; ++j)
+              if (j != me) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + off) = s;
+          }
+          continue;
+        }
+        tw::store8(a.residual + off, acc[r][v]);
+        float w[8], y[8];
+        tw::load8(a.weight + col * 8, w);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) y[e] = acc[r][v][e] * rinv * w[e];
+        const uint4 yv = tw::pack8(y);
+        *reinterpret_cast<uint4*>(a.out + off) = yv;
+        if (MODE == kArNorm) {
+          const int slot = a.out_kind == 2 ? 2 : 0;
+          for (int j = 0; j < a.tp; ++j)
+            if (j != me) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, slot) + off) = yv;
+        }
+      }
+    }
+  }
+}
+
+// Replicated order, phase 2 push: the owner sends s = bf16(sum) of its rows to every rank's staging
+// (and keeps it in its own staging), before doing its own add + norm.
+template <int VPT>
+TW_DEVICE void push_sums(const Args& a, int a_row, int b_row, int chunk_lo) {
+  const int H = a.hidden, H8 = H / 8, me = a.rank;
+  __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, 0);
+  for (int row = a_row; row < b_row; ++row) {
+#pragma unroll
+    for (int v = 0; v < VPT; ++v) {
+      const int col = threadIdx.x + v * blockDim.x;
+      if (col >= H8) continue;
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int src = 0; src < a.tp; ++src) {
+        const __nv_bfloat16* p = src == me ? stage_me + (long long)row * H
+                                           : ptr<__nv_bfloat16>(a, me, 1) +
+                                                 ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
+        float f[8];
+        tw::load8(p + col * 8, f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += f[e];
+      }
+      const uint4 s = tw::pack8(acc);
+      const long long off = (long long)row * H + col * 8;
+      for (int j = 0; j < a.tp; ++j) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + off) = s;
+    }
+  }
+}
+
+template <int MODE, int VPT>
+__device__ void run(const Args& a) {
+  __shared__ unsigned int s_epoch;
+  const int me = a.rank, c = blockIdx.x, ctas = gridDim.x, H = a.hidden;
+  if (threadIdx.x == 0) s_epoch = *reinterpret_cast<volatile unsigned int*>(a.state) + 1u;
+  __syncthreads();
+  const unsigned int epoch = s_epoch, parity = epoch & 1u;
+  const bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
+  __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, 0);
+
+  // ---- Phase 1: push partials to their reducer(s), then signal. ----
+  if (oneshot) {
+    int ra, rb;
+    split(a.start, a.end, ctas, c, ra, rb);
+    int own_lo, own_hi;
+    owned(a.start, a.end, me, a.tp, own_lo, own_hi);
+    const int oa = max(ra, own_lo), ob = min(rb, own_hi);
+    for (int k = 1; k < a.tp; ++k) {
+      const int j = (me + k) % a.tp;
+      __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, 3) +
+                           (((long long)parity * a.tp + me) * a.oneshot_max + (ra - a.start)) * H;
+      copy_vec(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(stage_me + (long long)ra * H),
+               (long long)(rb - ra) * H / 8);
+      if (MODE == kOneshotArNorm && oa < ob) {
+        __nv_bfloat16* rdst = ptr<__nv_bfloat16>(a, j, 4) +
+                              ((long long)parity * a.oneshot_max + (oa - a.start)) * H;
+        copy_vec(reinterpret_cast<uint4*>(rdst), reinterpret_cast<const uint4*>(a.residual + (long long)oa * H),
+                 (long long)(ob - oa) * H / 8);
+      }
+    }
+  } else if (MODE != kAllGather) {
+    for (int k = 1; k < a.tp; ++k) {
+      const int j = (me + k) % a.tp;
+      int lo, hi, ra, rb;
+      owned(a.start, a.end, j, a.tp, lo, hi);
+      split(lo, hi, ctas, c, ra, rb);
+      __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, 1) + ((long long)me * a.chunk_max + (ra - lo)) * H;
+      copy_vec(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(stage_me + (long long)ra * H),
+               (long long)(rb - ra) * H / 8);
+    }
+  }
+  signal(a, 0, epoch);
+  if (!wait(a, 0, epoch)) return;
+
+  // ---- Phase 2: reduce (+ add + norm) the rows this CTA is responsible for, push results. ----
+  int lo, hi, ra, rb;
+  if (oneshot) {
+    lo = a.start;
+    hi = a.end;
+  } else {
+    owned(a.start, a.end, me, a.tp, lo, hi);
+  }
+  split(lo, hi, ctas, c, ra, rb);
+  if (MODE == kAllGather) {
+    for (int k = 1; k < a.tp; ++k) {
+      const int j = (me + k) % a.tp;
+      copy_vec(reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + (long long)ra * H),
+               reinterpret_cast<const uint4*>(stage_me + (long long)ra * H), (long long)(rb - ra) * H / 8);
+    }
+  } else if (MODE == kArNormReplicated) {
+    push_sums<VPT>(a, ra, rb, lo);
+    __syncthreads();  // own staging rows now hold s = bf16(sum); the add + norm below reads them
+    rows_pass<kArNormReplicated, VPT>(a, ra, rb, lo, parity);
+  } else {
+    rows_pass<MODE, VPT>(a, ra, rb, lo, parity);
+  }
+
+  if (!oneshot) {
+    signal(a, 1, epoch);
+    if (!wait(a, 1, epoch)) return;
+    // ---- After the gather: finish the rows other ranks produced. ----
+    if (MODE == kArNorm && a.out_kind == 0) {
+      for (int k = 1; k < a.tp; ++k) {
+        const int j = (me + k) % a.tp;
+        int jl, jh, ja, jb;
+        owned(a.start, a.end, j, a.tp, jl, jh);
+        split(jl, jh, ctas, c, ja, jb);
+        copy_vec(reinterpret_cast<uint4*>(a.out + (long long)ja * H),
+                 reinterpret_cast<const uint4*>(stage_me + (long long)ja * H), (long long)(jb - ja) * H / 8);
+      }
+    } else if (MODE == kArNormReplicated) {
+      for (int k = 1; k < a.tp; ++k) {
+        const int j = (me + k) % a.tp;
+        int jl, jh, ja, jb;
+        owned(a.start, a.end, j, a.tp, jl, jh);
+        split(jl, jh, ctas, c, ja, jb);
+        rows_pass<kArNormReplicated, VPT>(a, ja, jb, jl, parity);
+      }
+    }
+  }
+
+  // ---- Epoch bump: the last CTA to get here advances the per-rank call counter. ----
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(a.state + 1, 1u) == gridDim.x - 1) {
+      a.state[1] = 0;
+      __threadfence();
+      atomicExch(a.state, epoch);
+    }
+  }
+}
+
+}  // namespace
+
+#define TW_P2P_PARAMS                                                                                  \
+  const unsigned long long *table, int rank, int tp, int hidden, int start, int end, int chunk_max,    \
+      int oneshot_max, __nv_bfloat16 *residual, const __nv_bfloat16 *weight, float eps,                \
+      __nv_bfloat16 *out, int out_kind, int sync_all, unsigned long long timeout_ns, unsigned int *state
+#define TW_P2P_ARGS                                                                                     \
+  Args{table, rank,     tp,  hidden,   start,    end,        chunk_max, oneshot_max,                    \
+       residual, weight, eps, out, out_kind, sync_all, timeout_ns, state}
+
+#define TW_P2P_KERNEL(NAME, MODE, VPT) \
+  extern "C" __global__ void __launch_bounds__(512) NAME##_v##VPT(TW_P2P_PARAMS) { run<MODE, VPT>(TW_P2P_ARGS); }
+#define TW_P2P_KERNELS(NAME, MODE) \
+  TW_P2P_KERNEL(NAME, MODE, 1) TW_P2P_KERNEL(NAME, MODE, 2) TW_P2P_KERNEL(NAME, MODE, 4)
+
+TW_P2P_KERNELS(p2p_all_reduce, kAllReduce)
+TW_P2P_KERNELS(p2p_reduce_scatter, kReduceScatter)
+TW_P2P_KERNELS(p2p_all_gather, kAllGather)
+TW_P2P_KERNELS(p2p_ar_norm, kArNorm)
+TW_P2P_KERNELS(p2p_ar_norm_replicated, kArNormReplicated)
+TW_P2P_KERNELS(p2p_oneshot_all_reduce, kOneshotAllReduce)
+TW_P2P_KERNELS(p2p_oneshot_ar_norm, kOneshotArNorm)
+
+// The start-up probe: one thread stores `value` into a peer's memory with a system-scope release.
+extern "C" __global__ void p2p_probe(unsigned int* remote, unsigned int value) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) st_release_sys(remote, value);
+}

@@ -1,0 +1,266 @@
+"""Kernel benchmarks: the fused AllReduce + residual-add + RMSNorm against NCCL (the paper's Table 1 and
+Figures 4-7, 10 on our hardware).
+
+    mpirun -n 2 python -m experiments.kernels [--quick] [--out FILE]
+
+For every hidden size and token count (powers of 2) it measures, in one run:
+    nccl_ar          NCCL all-reduce alone (the reference the targets are stated against)
+    nccl_ar_norm     NCCL all-reduce, then the fused add + RMSNorm kernel on all rows (vLLM's order)
+    nccl_rs_norm_ag  NCCL reduce-scatter -> add + RMSNorm on 1/TP of the rows -> NCCL all-gather
+    p2p_ar           P2P all-reduce (one kernel; one-shot at <= oneshot_max_tokens rows, else two-shot)
+    p2p_fused        P2P fused AR + add + RMSNorm, sharded, result pushed into the registered output
+    p2p_fused_copy   the same with a private `out` (results land in staging, then a local copy)
+    p2p_fused_simple the "simple fusion": RS, norm, AG as three phases with a wait for EVERY peer CTA
+                     between phases (sync_all), instead of the CTA-pair pipelining of p2p_fused
+    p2p_fused_2shot  two-shot forced at small sizes (to place the one-shot threshold)
+and a CTA sweep (1..132) of p2p_fused and p2p_ar at a few sizes.
+
+Timing: each op is captured N times back-to-back in one CUDA graph (so host launch overhead is not
+timed), the graph is replayed --iters times after warm-up with CUDA events; time_us = the median
+replay / N, the slowest rank (tw.bench.summarize over the TP group).
+Bandwidth (nccl-tests' definitions): bytes = tokens * hidden * 2 (the bf16 tensor being reduced);
+algbw_gbps = bytes / time; busbw_gbps = algbw * 2 (n - 1) / n for all-reduce-shaped ops (n = TP).
+For TP = 2 and the two-shot P2P kernels, each GPU sends bytes / 2 of partials and bytes / 2 of
+results, so algbw is exactly the NVLink throughput per direction.
+Correctness: every measured variant runs once on fresh random data (every rank regenerates all ranks'
+inputs from shared seeds). All-reduces: vs the fp32 sum on the GPU; fused ops: vs a float64 NumPy
+reference on 256 sampled rows. Relative norm error <= 1e-2 (bf16 output rounding is ~1e-3). Column
+`correct`, with the error in `rel_err`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from tw import bench, dist, results
+
+TOL = 1e-2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="mpirun -n 2 python -m experiments.kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, nargs="+", default=[8192, 6144], help="row widths (bf16 elements)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[2 ** k for k in range(6, 16)],
+                   help="token counts (default 64 .. 32768)")
+    p.add_argument("--ctas", type=int, default=8, help="CTA budget of the P2P kernels in the main table")
+    p.add_argument("--sweep-ctas", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 132],
+                   help="CTA counts of the sweep")
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[64, 1024, 8192, 32768],
+                   help="token counts of the CTA sweep (hidden = the first --hidden)")
+    p.add_argument("--oneshot-max-tokens", type=int, default=256, help="P2P one-shot threshold (rows)")
+    p.add_argument("--iters", type=int, default=20, help="timed graph replays")
+    p.add_argument("--warmup", type=int, default=3, help="untimed graph replays")
+    p.add_argument("--reps", type=int, default=10, help="ops captured back-to-back per graph")
+    p.add_argument("--quick", action="store_true", help="a short run: fewer sizes, CTA counts, iterations")
+    p.add_argument("--out", default=None, help="JSON-lines result file (default experiments/results/kernels-<gpu>-<time>.jsonl)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.hidden, a.tokens = a.hidden[:1], [64, 1024, 8192]
+        a.sweep_ctas, a.sweep_tokens, a.iters = [2, 8, 32], [1024], 10
+    return a
+
+
+# bf16 <-> fp32 with integer ops only (round to nearest even; inputs here are finite).
+def f32_from_bf16(x):
+    import cupy as cp
+    return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
+
+
+def bf16_from_f32(x):
+    import cupy as cp
+    bits = x.view(cp.uint32)
+    bits = bits + (0x7FFF + ((bits >> 16) & 1))
+    return (bits >> 16).astype(cp.uint16).view(cp.dtype("bfloat16"))
+
+
+def randn_bf16(seed, shape):
+    import cupy as cp
+    return bf16_from_f32(cp.random.RandomState(seed).standard_normal(shape, dtype=cp.float32))
+
+
+def rel_err(got_bf16, ref_f32) -> float:
+    import cupy as cp
+    g = f32_from_bf16(cp.ascontiguousarray(got_bf16))
+    return float(cp.linalg.norm(g - ref_f32) / cp.linalg.norm(ref_f32))
+
+
+def rel_err_rows(got_bf16, case) -> float:
+    """Fused output vs the float64 reference on the case's sampled rows."""
+    import cupy as cp
+    g = f32_from_bf16(cp.ascontiguousarray(got_bf16[cp.asarray(case.rows)])).get().astype(np.float64)
+    return float(np.linalg.norm(g - case.ref_y) / np.linalg.norm(case.ref_y))
+
+
+class Case:
+    """Inputs of one (tokens, hidden) size and its fp32 reference, shared by all variants."""
+
+    def __init__(self, world, n, hidden, eps=1e-5):
+        import cupy as cp
+        tp, me = world.tp_size, world.tp_rank
+        seed = n * 7 + hidden
+        parts = [randn_bf16(seed + r, (n, hidden)) for r in range(tp)]
+        self.part = parts[me]
+        self.sum = sum(f32_from_bf16(p) for p in parts)                      # [n, hidden] fp32
+        del parts
+        self.res0 = randn_bf16(seed + 100, (n, hidden))
+        self.weight = bf16_from_f32(1 + 0.1 * cp.random.RandomState(seed + 200).standard_normal(hidden, dtype=cp.float32))
+        # float64 reference of the fused op on up to 256 sampled rows (first, last, evenly spaced).
+        self.rows = np.unique(np.linspace(0, n - 1, min(n, 256)).astype(np.int64))
+        idx = cp.asarray(self.rows)
+        host = lambda x: f32_from_bf16(cp.ascontiguousarray(x[idx])).get().astype(np.float64)  # noqa: E731
+        h = sum(host(randn_bf16(seed + r, (n, hidden))) for r in range(tp)) + host(self.res0)
+        w = f32_from_bf16(self.weight).get().astype(np.float64)
+        self.ref_y = h / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + eps) * w
+        cp.cuda.Device().synchronize()
+        self.residual = self.res0.copy()
+        self.out = cp.empty_like(self.res0)
+        self.n, self.hidden, self.eps = n, hidden, eps
+
+
+def variants(world, nc, pc, case, ctas, which):
+    """(kernel, transport, ctas, fn(stream), check()) for the requested variant names."""
+    n, c = case.n, case
+    out_reg = pc.output(n) if pc is not None else None
+    all_v = {
+        "nccl_ar": ("nccl", None, lambda s: nc.all_reduce(0, n, stream=s), lambda: rel_err(nc.staging(n), c.sum)),
+        "nccl_ar_norm": ("nccl", None, lambda s: nc.ar_add_norm(0, n, c.residual, c.weight, c.eps, c.out, stream=s, sharded=False),
+                         lambda: rel_err_rows(c.out, c)),
+        "nccl_rs_norm_ag": ("nccl", None, lambda s: nc.ar_add_norm(0, n, c.residual, c.weight, c.eps, c.out, stream=s, sharded=True),
+                            lambda: rel_err_rows(c.out, c)),
+        "p2p_ar": ("p2p", ctas, lambda s: pc.all_reduce(0, n, stream=s, ctas=ctas), lambda: rel_err(pc.staging(n), c.sum)),
+        "p2p_fused": ("p2p", ctas, lambda s: pc.ar_add_norm(0, n, c.residual, c.weight, c.eps, out_reg, stream=s, ctas=ctas),
+                      lambda: rel_err_rows(out_reg, c)),
+        "p2p_fused_copy": ("p2p", ctas, lambda s: pc.ar_add_norm(0, n, c.residual, c.weight, c.eps, c.out, stream=s, ctas=ctas),
+                           lambda: rel_err_rows(c.out, c)),
+        "p2p_fused_simple": ("p2p", ctas, lambda s: pc.ar_add_norm(0, n, c.residual, c.weight, c.eps, out_reg, stream=s, ctas=ctas,
+                                                                  oneshot=False, sync_all=True),
+                             lambda: rel_err_rows(out_reg, c)),
+        "p2p_fused_2shot": ("p2p", ctas, lambda s: pc.ar_add_norm(0, n, c.residual, c.weight, c.eps, out_reg, stream=s, ctas=ctas,
+                                                                 oneshot=False),
+                            lambda: rel_err_rows(out_reg, c)),
+    }
+    return [(k, *all_v[k]) for k in which]
+
+
+def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
+    import cupy as cp
+    stream = cp.cuda.Stream(non_blocking=True)
+    n = case.n
+    # Correctness: fresh inputs, one call, compare.
+    with stream:
+        (nc if transport == "nccl" else pc).staging(n)[...] = case.part
+        case.residual[...] = case.res0
+        fn(stream)
+    stream.synchronize()
+    if pc is not None:
+        pc.check()
+    err = check()
+    errs = world.tp_comm.allgather(err)
+    worst = max(errs)
+    correct = bool(worst <= TOL)
+    # Timing: reps calls per graph; fall back to eager launches if capture fails.
+    reps = a.reps
+    try:
+        g = bench.Graph(lambda: [fn(stream) for _ in range(reps)], stream)
+        run, graph = g, True
+    except Exception as e:  # noqa: BLE001 - record and go on eagerly
+        world.print0(f"    graph capture failed for {kernel} ({type(e).__name__}: {e}); timing eager launches")
+        run, graph = (lambda: [fn(stream) for _ in range(reps)]), False
+    world.tp_comm.Barrier()
+    times = bench.time_gpu(run, iters=a.iters, warmup=a.warmup, stream=stream)
+    if pc is not None:
+        pc.check()
+    st = bench.summarize(times / reps, world.tp_comm)
+    t_us = st["median_ms"] * 1e3
+    nbytes = n * case.hidden * 2
+    algbw = nbytes / (t_us * 1e-6) / 1e9
+    tp = world.tp_size
+    return {"kernel": kernel, "transport": transport, "tokens": n, "hidden": case.hidden, "bytes": nbytes,
+            "ctas": ctas if ctas is not None else 0, "time_us": round(t_us, 2), "min_us": round(st["min_ms"] * 1e3, 2),
+            "max_us": round(st["max_ms"] * 1e3, 2), "algbw_gbps": round(algbw, 1),
+            "busbw_gbps": round(algbw * 2 * (tp - 1) / tp, 1), "rel_err": worst, "correct": correct,
+            "graph": graph, "oneshot": bool(transport == "p2p" and n <= pc.oneshot_max_tokens and "2shot" not in kernel
+                                            and "simple" not in kernel)}
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    world = dist.init(device="gpu")
+    import cupy as cp
+    from tw.comm.nccl import NcclComm
+    from tw.comm.p2p import P2PComm
+    say = world.print0
+    gpu = results.gpu_info()["gpu"]
+    tag = f"{gpu.replace('NVIDIA ', '').replace(' ', '')}x{world.tp_size}"
+    path = a.out or results.default_path("kernels", tag)
+    writer = results.Writer(path, results.metadata(world, experiment="kernels", oneshot_max_tokens=a.oneshot_max_tokens,
+                                                   reps_per_graph=a.reps, iters=a.iters), rank=world.rank)
+    say(f"kernels: TP={world.tp_size} on {gpu}; hidden {a.hidden}; tokens {a.tokens}; P2P ctas {a.ctas}; -> {path}")
+    rows = []
+    main_v = ["nccl_ar", "nccl_ar_norm", "nccl_rs_norm_ag", "p2p_ar", "p2p_fused", "p2p_fused_copy", "p2p_fused_simple"]
+    for hidden in a.hidden:
+        max_tokens = max(a.tokens + (a.sweep_tokens if hidden == a.hidden[0] else []))
+        nc = NcclComm(world, hidden, max_tokens)
+        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=a.oneshot_max_tokens)
+        sizes = sorted(set(a.tokens) | (set(a.sweep_tokens) if hidden == a.hidden[0] else set()))
+        for n in sizes:
+            case = Case(world, n, hidden)
+            todo = []
+            if n in a.tokens:
+                which = main_v + (["p2p_fused_2shot"] if n <= 4 * a.oneshot_max_tokens else [])
+                todo += variants(world, nc, pc, case, a.ctas, which)
+            if hidden == a.hidden[0] and n in a.sweep_tokens:
+                for c in a.sweep_ctas:
+                    if c == a.ctas and n in a.tokens:
+                        continue
+                    extra = ["p2p_fused_2shot"] if n <= a.oneshot_max_tokens else []
+                    todo += variants(world, nc, pc, case, c, ["p2p_fused", "p2p_ar"] + extra)
+            for kernel, transport, ctas, fn, check in todo:
+                row = measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc)
+                row["sweep"] = not (n in a.tokens and (ctas is None or ctas == a.ctas))
+                rows.append(row)
+                writer.write(row)
+                say(f"  H={hidden:5d} n={n:6d} {kernel:17s} ctas={row['ctas']:3d} {row['time_us']:9.1f} us "
+                    f"{row['algbw_gbps']:6.1f} GB/s  err={row['rel_err']:.1e} {'ok' if row['correct'] else 'WRONG'}")
+            del case
+            cp.get_default_memory_pool().free_all_blocks()
+        pc.close()
+    if world.rank == 0:
+        print_tables(rows, a)
+        print(f"wrote {len(rows)} rows to {path}")
+    return 0
+
+
+def print_tables(rows, a):
+    print("\n== main table: time_us (algbw GB/s); p2p ctas =", a.ctas)
+    names = ["nccl_ar", "nccl_ar_norm", "nccl_rs_norm_ag", "p2p_ar", "p2p_fused", "p2p_fused_copy", "p2p_fused_simple",
+             "p2p_fused_2shot"]
+    print(f"{'H':>5} {'tokens':>6} " + " ".join(f"{k:>20}" for k in names) + f" {'fused/nccl_ar':>13}")
+    key = {(r["hidden"], r["tokens"], r["kernel"]): r for r in rows if not r["sweep"]}
+    for h in a.hidden:
+        for n in a.tokens:
+            cells = []
+            for k in names:
+                r = key.get((h, n, k))
+                cells.append(f"{r['time_us']:9.1f} ({r['algbw_gbps']:5.0f}){'' if r['correct'] else '!'}" if r else " " * 20)
+            f, b = key.get((h, n, "p2p_fused")), key.get((h, n, "nccl_ar"))
+            ratio = f"{f['time_us'] / b['time_us']:13.2f}" if f and b else ""
+            print(f"{h:5d} {n:6d} " + " ".join(f"{c:>20}" for c in cells) + " " + ratio)
+    print("\n== CTA sweep (hidden %d): time_us (algbw GB/s)" % a.hidden[0])
+    sweep = [r for r in rows if r["hidden"] == a.hidden[0] and r["tokens"] in a.sweep_tokens and r["transport"] == "p2p"]
+    for k in ("p2p_fused", "p2p_ar", "p2p_fused_2shot"):
+        for n in a.sweep_tokens:
+            rs = sorted((r for r in sweep if r["kernel"] == k and r["tokens"] == n), key=lambda r: r["ctas"])
+            if not rs:
+                continue
+            best = max(r["algbw_gbps"] for r in rs)
+            knee = next((r["ctas"] for r in rs if r["algbw_gbps"] >= 0.9 * best), None)
+            print(f"{k:16s} n={n:6d} " + " ".join(f"{r['ctas']}:{r['time_us']:.1f}({r['algbw_gbps']:.0f})" for r in rs)
+                  + f"  90%-of-best at ctas={knee}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""P2P transport: CUDA-IPC peer pointers and push-based kernels (cuda/ar_norm_p2p.cu).
+
+Each TP rank allocates ONE device buffer at start and shares it with its peers by CUDA IPC; inside it:
+
+    staging  # [max_tokens, hidden] bf16: row-parallel GEMMs write their partial output here
+    recv     # [tp, ceil(max_tokens / tp), hidden]: peers push their partials of my rows here
+    out      # [max_tokens, hidden]: registered output; passing `comm.output(n)` as `out` lets the
+             #   owners push normalized rows straight into it (no local copy at the end)
+    oneshot  # [2, tp, oneshot_max_tokens, hidden] + [2, oneshot_max_tokens, hidden]: latency path
+    flags    # [2 phases, 256 CTAs, 8 ranks] uint32 arrival epochs, written by the peers
+
+The call counter (epoch) lives on the device, so calls have no host-side state and CUDA-graph replay
+works. All calls of one P2PComm must run in the same order, with the same ranges and CTA counts, on
+every rank, and be stream-ordered on each rank (one stream, or events between streams): the kernels'
+buffer-reuse argument depends on it (see the header of cuda/ar_norm_p2p.cu). A rank that does not
+arrive makes the others' kernels time out (`timeout_s`) and return; `check()` then raises.
+
+    comm = P2PComm(world, hidden=8192, max_tokens=16384)
+    x = comm.staging(n)                        # GEMM output goes here
+    comm.ar_add_norm(0, n, residual, weight, 1e-6, out=comm.output(n), stream=s)
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from . import owned_rows
+from .. import kernels
+
+MAX_TP = 8
+MAX_CTAS = 256        # must match kMaxCtas in cuda/ar_norm_p2p.cu
+NUM_SLOTS = 8         # pointer-table entries per rank (kSlots)
+MAX_HIDDEN = 8 * 512 * 4  # 512 threads x 4 vectors of 8 bf16 per row
+DEFAULT_CTAS = 8      # the CTA budget when none is given (LAB.md: 8 CTAs push ~338 GB/s)
+DEFAULT_ONESHOT_MAX_TOKENS = 256
+_ALIGN = 256
+
+OUT_PRIVATE, OUT_STAGING, OUT_REGISTERED = 0, 1, 2
+
+
+class P2PUnavailable(RuntimeError):
+    """Peer-to-peer access between the TP ranks' GPUs does not work (decided by all ranks together)."""
+
+
+class P2PTimeout(RuntimeError):
+    """A peer did not arrive at a P2P kernel in time; the P2PComm is unusable afterwards."""
+
+
+def _vpt_threads(hidden: int) -> tuple[int, int]:
+    """(16-byte vectors per thread per row, threads per block) for a row of `hidden` bf16 values."""
+    h8 = hidden // 8
+    for vpt in (1, 2, 4):
+        per_thread = -(-h8 // vpt)  # threads needed
+        if per_thread <= 512:
+            return vpt, -(-per_thread // 32) * 32
+    raise ValueError(f"hidden={hidden} is larger than the P2P kernels support ({MAX_HIDDEN})")
+
+
+def _align(x: int) -> int:
+    return -(-x // _ALIGN) * _ALIGN
+
+
+class P2PComm:
+    """Fused AllReduce + residual-add + RMSNorm and plain collectives over CUDA-IPC peer pointers.
+
+    world: tw.dist.World on GPUs; hidden: row width (multiple of 8, <= 16384); max_tokens: rows of the
+    staging buffer. ctas: default CTA budget per call (1..SM count, the same on every rank).
+    oneshot_max_tokens: calls with at most this many rows take the one-shot latency path.
+    timeout_s: how long a kernel waits for a peer before it gives up and flags an error.
+    """
+
+    def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *,
+                 ctas: int | None = None, oneshot_max_tokens: int = DEFAULT_ONESHOT_MAX_TOKENS,
+                 timeout_s: float = 10.0):
+        import cupy as cp
+        if not world.is_gpu:
+            raise P2PUnavailable("P2PComm needs GPUs; this world runs on the CPU")
+        if str(dtype) != "bfloat16":
+            raise ValueError(f"P2PComm supports dtype='bfloat16' only, got {dtype!r}")
+        if hidden % 8 != 0 or hidden <= 0:
+            raise ValueError(f"hidden={hidden} must be a positive multiple of 8 (rows move as 16-byte vectors)")
+        if hidden > MAX_HIDDEN:
+            raise ValueError(f"hidden={hidden} > {MAX_HIDDEN}, the largest row the P2P kernels hold in registers")
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens={max_tokens} must be positive")
+        if world.tp_size > MAX_TP:
+            raise ValueError(f"P2PComm supports TP <= {MAX_TP}, got {world.tp_size}")
+        self.world, self.hidden, self.max_tokens = world, hidden, max_tokens
+        self.dtype = cp.dtype("bfloat16")
+        self.rank, self.tp = world.tp_rank, world.tp_size
+        self.num_sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+        self.ctas = self._check_ctas(ctas or min(DEFAULT_CTAS, self.num_sms))
+        self.oneshot_max_tokens = max(0, min(int(oneshot_max_tokens), max_tokens))
+        self.timeout_s = float(timeout_s)
+        self.vpt, self.threads = _vpt_threads(hidden)
+        self.chunk_max = -(-max_tokens // self.tp)
+        self._fns = {}
+
+        # ---- one allocation, laid out as in the module docstring ----
+        row = hidden * 2
+        osm = max(1, self.oneshot_max_tokens)
+        sizes = {"staging": max_tokens * row, "recv": self.tp * self.chunk_max * row,
+                 "out": max_tokens * row, "osum": 2 * self.tp * osm * row, "ores": 2 * osm * row,
+                 "flags": 2 * MAX_CTAS * MAX_TP * 4, "probe": MAX_TP * 4}
+        self._off, total = {}, 0
+        for name, size in sizes.items():
+            self._off[name] = total
+            total += _align(size)
+        self._mem = cp.cuda.Memory(total)  # a plain cudaMalloc: IPC handles need the allocation base
+        self.base = self._mem.ptr
+        cp.cuda.runtime.memset(self.base, 0, total)
+        self._state = cp.zeros(8, dtype=cp.uint32)  # [epoch, ctas done, error, peer, cta, phase]
+        cp.cuda.Device().synchronize()
+
+        # ---- exchange IPC handles; every rank must agree that P2P works, or all fall back ----
+        self._opened = []
+        ptrs, err = [0] * self.tp, None
+        try:
+            peer_devices = world.tp_comm.allgather(cp.cuda.Device().id)
+            for r in range(self.tp):
+                if r != self.rank and not cp.cuda.runtime.deviceCanAccessPeer(cp.cuda.Device().id, peer_devices[r]):
+                    raise P2PUnavailable(f"GPU {cp.cuda.Device().id} cannot access GPU {peer_devices[r]} "
+                                         "(cudaDeviceCanAccessPeer = 0)")
+            handle = cp.cuda.runtime.ipcGetMemHandle(self.base)
+        except Exception as e:  # noqa: BLE001 - reported collectively below
+            err, handle = e, None
+        handles = world.tp_comm.allgather(handle)
+        if err is None and all(h is not None for h in handles):
+            try:
+                for r, h in enumerate(handles):
+                    if r == self.rank:
+                        ptrs[r] = self.base
+                    else:
+                        ptrs[r] = cp.cuda.runtime.ipcOpenMemHandle(h)
+                        self._opened.append(ptrs[r])
+            except Exception as e:  # noqa: BLE001
+                err = e
+        self._raise_if_any(err, "opening the peers' CUDA IPC handles")
+        self.peer_bases = ptrs
+        slots = ("staging", "recv", "out", "osum", "ores", "flags")
+        table = np.zeros(self.tp * NUM_SLOTS, dtype=np.uint64)
+        for r in range(self.tp):
+            for k, name in enumerate(slots):
+                table[r * NUM_SLOTS + k] = ptrs[r] + self._off[name]
+        self._table = cp.asarray(table)
+        self._probe()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _raise_if_any(self, err, what: str) -> None:
+        from mpi4py import MPI
+        failed = self.world.tp_comm.allreduce(err is not None, op=MPI.LOR)
+        if failed:
+            self.close()
+            detail = f"{type(err).__name__}: {err}" if err is not None else "failed on another rank"
+            raise P2PUnavailable(f"P2P between the TP ranks does not work ({what}): {detail}")
+
+    def _probe(self) -> None:
+        """Every rank stores a value into every peer's probe word with a real kernel store over the
+        peer pointer, then reads back its own words and the peers' copies of its value."""
+        import cupy as cp
+        err = None
+        try:
+            fn = self._fn("p2p_probe")
+            for r in range(self.tp):
+                if r != self.rank:
+                    remote = self.peer_bases[r] + self._off["probe"] + 4 * self.rank
+                    kernels.launch(fn, 1, 32, (np.uint64(remote), np.uint32(self._probe_value(self.rank, r))))
+            cp.cuda.Device().synchronize()
+        except Exception as e:  # noqa: BLE001
+            err = e
+        self.world.tp_comm.Barrier()
+        if err is None:
+            try:
+                got = np.zeros(MAX_TP, dtype=np.uint32)
+                cp.cuda.runtime.memcpy(got.ctypes.data, self.base + self._off["probe"], got.nbytes,
+                                       cp.cuda.runtime.memcpyDeviceToHost)
+                back = np.zeros(1, dtype=np.uint32)
+                for r in range(self.tp):
+                    if r == self.rank:
+                        continue
+                    if got[r] != self._probe_value(r, self.rank):
+                        raise P2PUnavailable(f"probe word from rank {r} reads {got[r]:#x}, "
+                                             f"expected {self._probe_value(r, self.rank):#x}")
+                    cp.cuda.runtime.memcpy(back.ctypes.data, self.peer_bases[r] + self._off["probe"] + 4 * self.rank,
+                                           4, cp.cuda.runtime.memcpyDeviceToHost)
+                    if back[0] != self._probe_value(self.rank, r):
+                        raise P2PUnavailable(f"reading back my probe word on rank {r} gave {back[0]:#x}")
+            except Exception as e:  # noqa: BLE001
+                err = e
+        self._raise_if_any(err, "the start-up probe (remote store + read back)")
+
+    @staticmethod
+    def _probe_value(src: int, dst: int) -> int:
+        return 0x7E000000 | (src << 8) | dst
+
+    def _fn(self, name: str):
+        if name not in self._fns:
+            self._fns[name] = kernels.function("ar_norm_p2p", name)
+        return self._fns[name]
+
+    def _check_ctas(self, ctas) -> int:
+        ctas = int(ctas)
+        limit = min(self.num_sms, MAX_CTAS)
+        if not 1 <= ctas <= limit:
+            raise ValueError(f"ctas={ctas} must be in 1..{limit} (the SM count): every CTA must be "
+                             "resident at once, because CTAs wait for their partners on the peers")
+        return ctas
+
+    def close(self) -> None:
+        import cupy as cp
+        for p in getattr(self, "_opened", []):
+            try:
+                cp.cuda.runtime.ipcCloseMemHandle(p)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        self._opened = []
+
+    # ------------------------------------------------------------------ buffers
+    def _view(self, name: str, num_tokens: int):
+        import cupy as cp
+        if not 0 <= num_tokens <= self.max_tokens:
+            raise ValueError(f"num_tokens={num_tokens} must be in 0..max_tokens={self.max_tokens}")
+        mp = cp.cuda.MemoryPointer(self._mem, self._off[name])
+        return cp.ndarray((num_tokens, self.hidden), dtype=self.dtype, memptr=mp)
+
+    def staging(self, num_tokens: int):
+        """[num_tokens, hidden] bf16 view of this rank's registered staging buffer (GEMM output)."""
+        return self._view("staging", num_tokens)
+
+    def output(self, num_tokens: int):
+        """[num_tokens, hidden] bf16 view of the registered output buffer; as `out` of ar_add_norm
+        the owners push results straight into it (fastest). Its rows are rewritten by every call."""
+        return self._view("out", num_tokens)
+
+    # ------------------------------------------------------------------ checks
+    def _check_range(self, start: int, end: int) -> None:
+        if not (isinstance(start, (int, np.integer)) and isinstance(end, (int, np.integer))):
+            raise TypeError(f"start and end must be ints, got {type(start).__name__}, {type(end).__name__}")
+        if not 0 <= start <= end:
+            raise ValueError(f"bad row range [{start}, {end}): need 0 <= start <= end")
+        if end > self.max_tokens:
+            raise ValueError(f"row range [{start}, {end}) ends past the staging buffer "
+                             f"(max_tokens={self.max_tokens}); make the P2PComm with a larger max_tokens")
+
+    def _check_rows_array(self, name: str, x, end: int) -> None:
+        import cupy as cp
+        if not isinstance(x, cp.ndarray):
+            raise TypeError(f"{name} must be a cupy array, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{name} must be bfloat16, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.hidden or x.shape[0] < end:
+            raise ValueError(f"{name} must be [>= {end}, {self.hidden}] (rows are indexed absolutely), "
+                             f"got {tuple(x.shape)}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (the kernel reads rows at a fixed stride)")
+        if x.data.ptr % 16:
+            raise ValueError(f"{name} must be 16-byte aligned (pointer {x.data.ptr:#x}); the kernel moves "
+                             "16-byte vectors")
+
+    def _out_kind(self, out) -> int:
+        ptr, nbytes = out.data.ptr, out.nbytes
+        for name, kind in (("staging", OUT_STAGING), ("out", OUT_REGISTERED)):
+            lo = self.base + self._off[name]
+            if ptr == lo:
+                return kind
+            if ptr < lo + self.max_tokens * self.hidden * 2 and lo < ptr + nbytes:
+                raise ValueError(f"out overlaps the registered {name} buffer but does not start at its row 0; "
+                                 f"pass comm.{'staging' if name == 'staging' else 'output'}(n) itself")
+        lo, hi = self.base, self.base + self._mem.size
+        if ptr < hi and lo < ptr + nbytes:
+            raise ValueError("out overlaps P2PComm's internal buffers")
+        return OUT_PRIVATE
+
+    # ------------------------------------------------------------------ launches
+    def _launch(self, op: str, start: int, end: int, stream, ctas, residual=None, weight=None, eps=0.0,
+                out=None, out_kind=OUT_STAGING, sync_all=False) -> None:
+        ctas = self.ctas if ctas is None else self._check_ctas(ctas)
+        fn = self._fn(f"p2p_{op}_v{self.vpt}")
+        null = np.uint64(0)
+        args = (self._table, np.int32(self.rank), np.int32(self.tp), np.int32(self.hidden),
+                np.int32(start), np.int32(end), np.int32(self.chunk_max),
+                np.int32(max(1, self.oneshot_max_tokens)),
+                residual if residual is not None else null, weight if weight is not None else null,
+                np.float32(eps), out if out is not None else null, np.int32(out_kind), np.int32(bool(sync_all)),
+                np.uint64(int(self.timeout_s * 1e9)), self._state)
+        kernels.launch(fn, ctas, self.threads, args, stream=stream)
+
+    def _oneshot(self, start: int, end: int, oneshot) -> bool:
+        if oneshot is None:
+            return end - start <= self.oneshot_max_tokens
+        if oneshot and end - start > self.oneshot_max_tokens:
+            raise ValueError(f"oneshot=True needs end - start <= oneshot_max_tokens={self.oneshot_max_tokens}, "
+                             f"got {end - start} rows")
+        return bool(oneshot)
+
+    def all_reduce(self, start: int, end: int, stream=None, ctas=None, *, oneshot=None) -> None:
+        """staging[start:end] <- sum over TP ranks, on every rank (bf16 result, fp32 sums)."""
+        self._check_range(start, end)
+        if end > start:
+            op = "oneshot_all_reduce" if self._oneshot(start, end, oneshot) else "all_reduce"
+            self._launch(op, start, end, stream, ctas)
+
+    def reduce_scatter(self, start: int, end: int, stream=None, ctas=None) -> None:
+        """staging[owned rows] <- sum over TP ranks; other rows untouched (owned_rows defines them)."""
+        self._check_range(start, end)
+        if end > start:
+            self._launch("reduce_scatter", start, end, stream, ctas)
+
+    def all_gather(self, start: int, end: int, stream=None, ctas=None) -> None:
+        """staging[owned rows of q] on every rank <- staging[owned rows of q] on rank q, for every q."""
+        self._check_range(start, end)
+        if end > start:
+            self._launch("all_gather", start, end, stream, ctas)
+
+    def ar_add_norm(self, start: int, end: int, residual, weight, eps: float, out, stream=None,
+                    sharded: bool = True, ctas=None, *, oneshot=None, sync_all: bool = False) -> None:
+        """For rows [start, end): h = sum over ranks of staging + residual; residual <- h (sharded:
+        the rows this rank owns; the one-shot path and sharded=False: every row); out <- RMSNorm(h) *
+        weight on every rank. residual, out: bf16 [>= end, hidden] C-contiguous, indexed by absolute
+        row; weight: bf16 [hidden]. `out` may be comm.output(n) (zero-copy) or comm.staging(n)
+        (in place). oneshot: None = by size; sync_all: wait for all peer CTAs between phases (the
+        simple three-phase fusion, for comparison)."""
+        import cupy as cp
+        self._check_range(start, end)
+        self._check_rows_array("residual", residual, end)
+        self._check_rows_array("out", out, end)
+        if not isinstance(weight, cp.ndarray) or weight.dtype != self.dtype or weight.shape != (self.hidden,):
+            raise ValueError(f"weight must be a bf16 cupy array of shape ({self.hidden},), got "
+                             f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
+        if not weight.flags.c_contiguous or weight.data.ptr % 16:
+            raise ValueError("weight must be C-contiguous and 16-byte aligned")
+        if not float(eps) > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        out_kind = self._out_kind(out)
+        if self._out_kind(residual) != OUT_PRIVATE:
+            raise ValueError("residual must not live in the P2PComm's registered buffers")
+        if end == start:
+            return
+        if self._oneshot(start, end, oneshot):
+            op = "oneshot_ar_norm"
+        elif sharded:
+            op = "ar_norm"
+        else:
+            op = "ar_norm_replicated"
+            if out_kind == OUT_STAGING:
+                raise ValueError("sharded=False keeps the all-reduced sums in staging; pass another out")
+        self._launch(op, start, end, stream, ctas, residual, weight, eps, out, out_kind, sync_all)
+
+    # ------------------------------------------------------------------ errors
+    def error(self) -> dict | None:
+        """The device error record after synchronizing the device, or None."""
+        import cupy as cp
+        cp.cuda.Device().synchronize()
+        st = self._state.get()
+        if st[2] == 0:
+            return None
+        return {"peer": int(st[3]), "cta": int(st[4]), "phase": int(st[5])}
+
+    def check(self) -> None:
+        """Raise P2PTimeout if a kernel gave up waiting for a peer (synchronizes the device)."""
+        e = self.error()
+        if e is not None:
+            raise P2PTimeout(
+                f"rank {e['peer']} did not arrive within {self.timeout_s:g} s (TP rank {self.rank}, CTA {e['cta']}, "
+                f"phase {e['phase'] + 1} of a P2P kernel): the ranks' call sequences differ (a skipped call, "
+                "another CTA count or row range) or that rank died. This P2PComm is unusable now; make a new one.")
+
+
+def make_p2p_or_nccl(world, hidden: int, max_tokens: int, **kwargs):
+    """A P2PComm, or, when P2P between the TP ranks does not work, an NcclComm with one warning."""
+    try:
+        return P2PComm(world, hidden, max_tokens, **kwargs)
+    except P2PUnavailable as e:
+        if world.rank == 0:
+            warnings.warn(f"P2P transport unavailable, falling back to NCCL: {e}", RuntimeWarning, stacklevel=2)
+        from .nccl import NcclComm
+        return NcclComm(world, hidden, max_tokens)
