@@ -71,7 +71,8 @@ namespace {
 constexpr int kMaxTp = 8;
 constexpr int kMaxCtas = 256;
 constexpr int kSlots = 8;
-constexpr int kRows = 2;  // rows per iteration of the row loop (more 16-byte loads in flight)
+constexpr int kRows = 2;      // rows per iteration of the row loop (more 16-byte loads in flight)
+constexpr int kSrcBatch = 2;  // sources whose loads are issued together (tp=2: all of them)
 
 enum Mode {
   kAllReduce = 0,
@@ -220,52 +221,99 @@ TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsi
   int own_lo, own_hi;
   owned(a.start, a.end, me, a.tp, own_lo, own_hi);
 
+  // Weights once per CTA, not once per row.
+  float wt[VPT][8];
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int col = threadIdx.x + v * blockDim.x;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) wt[v][e] = 0.f;
+    if (norm && col < H8) tw::load8(a.weight + col * 8, wt[v]);
+  }
+  const int num_src = MODE == kArNormReplicated ? 1 : a.tp;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
   for (int row0 = a_row; row0 < b_row; row0 += kRows) {
     float acc[kRows][VPT][8];
     float ss[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       ss[r] = 0.f;
-      const int row = row0 + r;
-      const bool valid = row < b_row;
 #pragma unroll
-      for (int v = 0; v < VPT; ++v) {
-        const int col = (threadIdx.x + v * blockDim.x);
+      for (int v = 0; v < VPT; ++v)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[r][v][e] = 0.f;
-        if (!valid || col >= H8) continue;
-        // Sum in rank order 0..tp-1 (the same order on every rank and in every path). In the
-        // replicated order the staging row already holds the bf16 sum s (pushed by its owner).
-        const int num_src = MODE == kArNormReplicated ? 1 : a.tp;
-        for (int k = 0; k < num_src; ++k) {
-          const int src = MODE == kArNormReplicated ? me : k;
-          const __nv_bfloat16* p;
-          if (src == me) {
-            p = stage_me + (long long)row * H;
-          } else if (oneshot) {
-            p = ptr<__nv_bfloat16>(a, me, 3) +
-                (((long long)parity * a.tp + src) * a.oneshot_max + (row - a.start)) * H;
-          } else {
-            p = ptr<__nv_bfloat16>(a, me, 1) + ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
-          }
-          float f[8];
-          tw::load8(p + col * 8, f);
+    }
+    // Memory-level parallelism: all loads of a batch of kSrcBatch sources (and the residual, with the
+    // first batch) are issued before any is used, so a thread has up to kRows * VPT * (kSrcBatch + 1)
+    // 16-byte loads in flight instead of one at a time. Sums stay in rank order 0..tp-1, then + the
+    // residual: the same order on every rank and in every path.
+    uint4 res_raw[kRows][VPT];
+    for (int k0 = 0; k0 < num_src; k0 += kSrcBatch) {
+      uint4 raw[kRows][VPT][kSrcBatch];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[r][v][e] += f[e];
+      for (int r = 0; r < kRows; ++r) {
+        const int row = row0 + r;
+        const bool valid = row < b_row;
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          const int col = threadIdx.x + v * blockDim.x;
+          const bool live = valid && col < H8;
+#pragma unroll
+          for (int kk = 0; kk < kSrcBatch; ++kk) {
+            const int k = k0 + kk;
+            raw[r][v][kk] = zero;
+            if (!live || k >= num_src) continue;
+            // In the replicated order the staging row already holds the bf16 sum s (pushed by its owner).
+            const int src = MODE == kArNormReplicated ? me : k;
+            const __nv_bfloat16* p;
+            if (src == me) {
+              p = stage_me + (long long)row * H;
+            } else if (oneshot) {
+              p = ptr<__nv_bfloat16>(a, me, 3) +
+                  (((long long)parity * a.tp + src) * a.oneshot_max + (row - a.start)) * H;
+            } else {
+              p = ptr<__nv_bfloat16>(a, me, 1) + ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
+            }
+            raw[r][v][kk] = *reinterpret_cast<const uint4*>(p + col * 8);
+          }
+          if (k0 == 0) {
+            res_raw[r][v] = zero;
+            if (norm && live) {
+              const __nv_bfloat16* res = a.residual + (long long)row * H;
+              if (MODE == kOneshotArNorm && (row < own_lo || row >= own_hi))
+                res = ptr<__nv_bfloat16>(a, me, 4) + ((long long)parity * a.oneshot_max + (row - a.start)) * H;
+              res_raw[r][v] = *reinterpret_cast<const uint4*>(res + col * 8);
+            }
+          }
         }
-        if (norm) {
-          const __nv_bfloat16* res = a.residual + (long long)row * H;
-          if (MODE == kOneshotArNorm && (row < own_lo || row >= own_hi))
-            res = ptr<__nv_bfloat16>(a, me, 4) + ((long long)parity * a.oneshot_max + (row - a.start)) * H;
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int v = 0; v < VPT; ++v)
+#pragma unroll
+          for (int kk = 0; kk < kSrcBatch; ++kk) {
+            if (k0 + kk >= num_src) continue;
+            float f[8];
+            tw::unpack8(raw[r][v][kk], f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r][v][e] += f[e];
+          }
+    }
+    if (norm) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
           float f[8];
-          tw::load8(res + col * 8, f);
+          tw::unpack8(res_raw[r][v], f);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             acc[r][v][e] += f[e];
             ss[r] += acc[r][v][e] * acc[r][v][e];
           }
         }
-      }
     }
     if (norm) block_sum_rows(ss, scratch);
 #pragma unroll
@@ -288,10 +336,9 @@ TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsi
           continue;
         }
         tw::store8(a.residual + off, acc[r][v]);
-        float w[8], y[8];
-        tw::load8(a.weight + col * 8, w);
+        float y[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) y[e] = acc[r][v][e] * rinv * w[e];
+        for (int e = 0; e < 8; ++e) y[e] = acc[r][v][e] * rinv * wt[v][e];
         const uint4 yv = tw::pack8(y);
         *reinterpret_cast<uint4*>(a.out + off) = yv;
         if (MODE == kArNorm) {

@@ -248,6 +248,9 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
     if name == "nocomm":
         return Sequential(name, model, make_comm("none", model, world), sharded=False)
     if name == "fused":
+        if ctas is None and world.is_gpu:  # nothing to overlap with: the kernel may use every SM
+            from .results import gpu_info
+            ctas = gpu_info()["sm_count"]
         return Sequential(name, model, make_comm(transport, model, world), sharded=True, ctas=ctas)
     if name.startswith("finegrained"):
         k = int(name[len("finegrained"):] or k)
