@@ -87,8 +87,8 @@ class _Streams:
         self.gpu = world.is_gpu
         if self.gpu:
             import cupy as cp
-            _, greatest = cp.cuda.runtime.deviceGetStreamPriorityRange()
-            self.comm = cp.cuda.Stream(non_blocking=True, priority=greatest)
+            # CUDA clamps a priority outside the device's range to the nearest end: -100 is "highest".
+            self.comm = cp.cuda.Stream(non_blocking=True, priority=-100)
             self._events = {}
         else:
             self.comm = None
