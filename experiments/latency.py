@@ -22,6 +22,7 @@ import numpy as np
 from tw import batch as batching
 from tw import bench, config, dist, reference, results, schedules
 from tw import split as splitting
+from tw.layers import layer_gemms
 from tw.model import Model
 
 CPU_MODELS = ("tiny", "tiny-qwen", "tiny-tp8", "small")
@@ -100,21 +101,9 @@ def resolve(args, world):
     return config.get(args.model, args.layers)
 
 
-def gemm_tflops(model, part, stream, iters):
-    """TFLOP/s of layer 0's four GEMMs alone for this batch (GPU)."""
-    from tw import ops
-    w, ws, r = model.layers[0], model.ws, part.rows
-    n = part.num_tokens
-    s = model.shard
-    y = ws.x[r].copy()
-
-    def gemms():
-        ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
-        ops.linear(ws.attn[r], w.wo, y, stream)
-        ops.linear(ws.x[r], w.wgate_up, ws.gate_up[r], stream)
-        ops.linear(ws.act[r], w.wdown, y, stream)
-
-    flops = 2 * n * model.cfg.hidden * (s.qkv_dim + s.q_dim + 2 * s.ffn + s.ffn)
+def gemm_tflops(model, num_tokens, stream, iters):
+    """TFLOP/s and ms of layer 0's four GEMMs alone at this token count (GPU); the slowest rank's."""
+    gemms, flops = layer_gemms(model, num_tokens, stream)
     t = bench.summarize(bench.time_gpu(gemms, iters, 3, stream), model.world.comm)
     return flops / (t["median_ms"] * 1e-3) / 1e12, t["median_ms"]
 
@@ -187,7 +176,7 @@ def main(argv=None):
             if world.is_gpu:
                 times = bench.time_gpu(run, args.iters, args.warmup, stream)
                 if gemm is None:
-                    gemm = gemm_tflops(model, plan.parts[0], stream, args.iters)
+                    gemm = gemm_tflops(model, tokens, stream, args.iters)
                 row.update(gemm_tflops=gemm[0], gemm_layer_ms=gemm[1])
             else:
                 times = bench.time_cpu(run, min(args.iters, 3), min(args.warmup, 1))

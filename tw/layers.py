@@ -74,3 +74,18 @@ def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):
     ops.linear(x, w.wgate_up, gate_up, stream)
     ops.silu_mul(gate_up, act, stream)
     ops.linear(act, w.wdown, y, stream)
+
+
+def layer_gemms(model, num_tokens: int, stream=None):
+    """(launch, flops): layer 0's four GEMMs alone on rows [0, num_tokens) of the workspace, for GEMM
+    profiles and rates. Overwrites workspace rows (run it outside a forward pass)."""
+    w, ws, r, s = model.layers[0], model.ws, slice(0, num_tokens), model.shard
+
+    def launch():
+        ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
+        ops.linear(ws.attn[r], w.wo, ws.residual[r], stream)
+        ops.linear(ws.x[r], w.wgate_up, ws.gate_up[r], stream)
+        ops.linear(ws.act[r], w.wdown, ws.residual[r], stream)
+
+    flops = 2 * num_tokens * model.cfg.hidden * (s.qkv_dim + s.q_dim + 3 * s.ffn)
+    return launch, flops

@@ -58,18 +58,10 @@ class GemmProfile:
 
     def _measure(self, m: int) -> float:
         import cupy as cp
-        from . import bench, ops
-        model = self.model
-        w, ws, r = model.layers[0], model.ws, slice(0, m)
+        from . import bench
+        from .layers import layer_gemms
         stream = cp.cuda.Stream(non_blocking=True)
-        y = ws.residual  # scratch output rows; the profile runs outside any forward pass
-
-        def gemms():
-            ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
-            ops.linear(ws.attn[r], w.wo, y[r], stream)
-            ops.linear(ws.x[r], w.wgate_up, ws.gate_up[r], stream)
-            ops.linear(ws.act[r], w.wdown, y[r], stream)
-
+        gemms, _ = layer_gemms(self.model, m, stream)
         return float(bench.time_gpu(gemms, self.iters, 3, stream).min())
 
     def save(self) -> None:

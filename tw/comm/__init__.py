@@ -24,6 +24,8 @@ refuses to run on the lab machines):
 """
 from __future__ import annotations
 
+import numpy as np
+
 
 def owned_rows(start: int, end: int, rank: int, tp: int) -> tuple[int, int]:
     """Rows of [start, end) that TP rank `rank` reduces, adds and normalizes in the sharded order:
@@ -33,3 +35,14 @@ def owned_rows(start: int, end: int, rank: int, tp: int) -> tuple[int, int]:
     lo = min(end, start + rank * chunk)
     hi = min(end, lo + chunk)
     return lo, hi
+
+
+def check_range(start, end, max_tokens: int) -> None:
+    """The row range [start, end) every transport call gets must lie inside its buffers."""
+    if not (isinstance(start, (int, np.integer)) and isinstance(end, (int, np.integer))):
+        raise TypeError(f"start and end must be ints, got {type(start).__name__}, {type(end).__name__}")
+    if not 0 <= start <= end:
+        raise ValueError(f"bad row range [{start}, {end}): need 0 <= start <= end")
+    if end > max_tokens:
+        raise ValueError(f"row range [{start}, {end}) ends past the communication buffer "
+                         f"(max_tokens={max_tokens}); build the transport with a larger max_tokens")

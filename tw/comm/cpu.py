@@ -8,7 +8,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import ops
-from . import owned_rows
+from . import check_range, owned_rows
 
 
 class CpuComm:
@@ -24,8 +24,7 @@ class CpuComm:
         return self.buf[:num_tokens]
 
     def _range(self, start, end):
-        if not 0 <= start <= end <= self.max_tokens:
-            raise ValueError(f"row range [{start}, {end}) outside the buffer of {self.max_tokens} tokens")
+        check_range(start, end, self.max_tokens)
 
     def all_reduce(self, start, end, stream=None, ctas=None):
         self._range(start, end)

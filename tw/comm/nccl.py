@@ -10,7 +10,7 @@ import cupy as cp
 from cupy.cuda import nccl
 
 from .. import ops
-from . import owned_rows
+from . import check_range, owned_rows
 
 
 class NcclComm:
@@ -32,8 +32,7 @@ class NcclComm:
         return self.buf[:num_tokens]
 
     def _range(self, start, end):
-        if not 0 <= start <= end <= self.max_tokens:
-            raise ValueError(f"row range [{start}, {end}) outside the buffer of {self.max_tokens} tokens")
+        check_range(start, end, self.max_tokens)
 
     def all_reduce(self, start, end, stream=None, ctas=None):
         self._range(start, end)

@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from . import owned_rows
+from . import check_range, owned_rows
 from .. import kernels
 
 MAX_TP = 8
@@ -235,13 +235,7 @@ class P2PComm:
 
     # ------------------------------------------------------------------ checks
     def _check_range(self, start: int, end: int) -> None:
-        if not (isinstance(start, (int, np.integer)) and isinstance(end, (int, np.integer))):
-            raise TypeError(f"start and end must be ints, got {type(start).__name__}, {type(end).__name__}")
-        if not 0 <= start <= end:
-            raise ValueError(f"bad row range [{start}, {end}): need 0 <= start <= end")
-        if end > self.max_tokens:
-            raise ValueError(f"row range [{start}, {end}) ends past the staging buffer "
-                             f"(max_tokens={self.max_tokens}); make the P2PComm with a larger max_tokens")
+        check_range(start, end, self.max_tokens)
 
     def _check_rows_array(self, name: str, x, end: int) -> None:
         import cupy as cp
