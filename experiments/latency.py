@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from tw import batch as batching
-from tw import bench, config, dist, reference, results, schedules
+from tw import bench, config, dist, reference, results, schedules, trace
 from tw import split as splitting
 from tw.layers import layer_gemms
 from tw.model import Model
@@ -68,6 +68,9 @@ def parse_args(argv=None):
                    help="hold weight shards sized as at this TP degree (e.g. 8) while communicating over the "
                         "real TP group: the paper's TP=8 compute/comm ratio on 2 GPUs. The output is not the "
                         "model's, so --check compares every strategy with nccl instead of the reference")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="after timing each point, trace one extra eager forward pass (per-op CUDA events on "
+                        "every rank) into DIR/trace-*.json (Perfetto) and .csv; timed numbers are unaffected")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and token ids")
     p.add_argument("--out", default=None, help="result file (JSON lines; default experiments/results/latency-...)")
     return p.parse_args(argv)
@@ -181,6 +184,8 @@ def main(argv=None):
             else:
                 times = bench.time_cpu(run, min(args.iters, 3), min(args.warmup, 1))
             row.update(bench.summarize(times, world.comm))
+            if args.trace:
+                write_trace(args, world, cfg, strat.name, tokens, forward, stream)
             row["per_layer_ms"] = row["median_ms"] / cfg.num_layers
             rows.append(row)
             world.print0(f"[{step}/{total}] tokens={tokens:>6} {strat.name:<12} {row['median_ms']:9.3f} ms"
@@ -197,6 +202,20 @@ def main(argv=None):
         world.print0(f"CHECK FAILED for {[(r['tokens'], r['strategy']) for r in failed]}")
         return 1
     return 0
+
+
+def write_trace(args, world, cfg, strategy, tokens, forward, stream):
+    """One eager forward pass under the tracer; rank 0 writes every rank's spans."""
+    from pathlib import Path
+    tracer = trace.Tracer(world.is_gpu, world.rank)
+    with trace.tracing(tracer, stream):
+        forward()
+    rows = world.comm.gather(tracer.rows(), root=0)
+    if world.rank == 0:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        stem = str(Path(args.trace) / f"trace-{cfg.name}-tp{world.tp_size}-{strategy}-{tokens}")
+        meta = results.metadata(world, model=cfg.name, layers=cfg.num_layers, strategy=strategy, tokens=tokens)
+        trace.write([r for per_rank in rows for r in per_rank], stem, meta)
 
 
 def max_op():

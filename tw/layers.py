@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from . import ops
 from .attention import attention_cuda, attention_numpy
+from .trace import span
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LayerWeights:
     wdown: object        # [H, F/tp]          row-parallel
     k_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
     v_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
+    index: int = 0       # layer number (trace names)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Part:
     kv_start: object     # host [S] int32
     prefix: object       # host [S] int32
     attn_meta: object    # GPU attention metadata, or None on CPU
+    label: str = "all"   # "A" / "B" for TokenWeave's halves (trace names)
 
     @property
     def rows(self) -> slice:
@@ -51,29 +54,40 @@ def attention_block(model, w: LayerWeights, x, part: Part, y, stream=None):
     """x [n, H] (normed input) -> y [n, H] partial o_proj output of this rank's heads.
     y=None stops before o_proj (the attention output stays in model.ws.attn[part.rows])."""
     s, n = model.shard, part.num_tokens
+    name = f"L{w.index}.attn.{part.label}."
     qkv = model.ws.qkv[part.rows]                                   # [n, qkv_dim]
-    ops.linear(x, w.wqkv, qkv, stream)
-    ops.rope_store_kv(qkv, w.bqkv, part.pos, part.slot, model.inv_freq, w.k_cache, w.v_cache,
-                      s.num_heads, s.num_kv_heads, stream)
+    with span(name + "qkv_gemm", stream):
+        ops.linear(x, w.wqkv, qkv, stream)
+    with span(name + "rope", stream):
+        ops.rope_store_kv(qkv, w.bqkv, part.pos, part.slot, model.inv_freq, w.k_cache, w.v_cache,
+                          s.num_heads, s.num_kv_heads, stream)
     q = qkv[:, :s.q_dim].reshape(n, s.num_heads, model.cfg.head_dim)  # strided view into qkv
     attn = model.ws.attn[part.rows]                                 # [n, q_dim]
     out = attn.reshape(n, s.num_heads, model.cfg.head_dim)
-    if ops.is_cpu(x):
-        attention_numpy(q, w.k_cache, w.v_cache, part.cu_seqlens, part.kv_start, part.prefix, model.scale,
-                        out=out)
-    else:
-        attention_cuda(q, w.k_cache, w.v_cache, part.attn_meta, out, model.scale, stream)
+    with span(name + "attention", stream):
+        if ops.is_cpu(x):
+            attention_numpy(q, w.k_cache, w.v_cache, part.cu_seqlens, part.kv_start, part.prefix, model.scale,
+                            out=out)
+        else:
+            attention_cuda(q, w.k_cache, w.v_cache, part.attn_meta, out, model.scale, stream)
     if y is not None:
-        ops.linear(attn, w.wo, y, stream)
+        with span(name + "o_proj", stream):
+            ops.linear(attn, w.wo, y, stream)
 
 
 def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):
-    """x [n, H] (normed input) -> y [n, H] partial down_proj output of this rank's FFN slice."""
+    """x [n, H] (normed input) -> y [n, H] partial down_proj output of this rank's FFN slice.
+    y=None stops before down_proj (the activation stays in model.ws.act[part.rows])."""
+    name = f"L{w.index}.mlp.{part.label}."
     gate_up = model.ws.gate_up[part.rows]                           # [n, 2 F/tp]
     act = model.ws.act[part.rows]                                   # [n, F/tp]
-    ops.linear(x, w.wgate_up, gate_up, stream)
-    ops.silu_mul(gate_up, act, stream)
-    ops.linear(act, w.wdown, y, stream)
+    with span(name + "gate_up", stream):
+        ops.linear(x, w.wgate_up, gate_up, stream)
+    with span(name + "act", stream):
+        ops.silu_mul(gate_up, act, stream)
+    if y is not None:
+        with span(name + "down", stream):
+            ops.linear(act, w.wdown, y, stream)
 
 
 def layer_gemms(model, num_tokens: int, stream=None):

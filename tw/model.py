@@ -13,6 +13,7 @@ from . import ops, weights
 from .batch import Batch, token_ids
 from .config import ModelConfig, ShardConfig
 from .layers import LayerWeights, Part
+from .trace import span
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Model:
                 wqkv=w["wqkv"].astype(dt), bqkv=w["bqkv"].astype(dt) if "bqkv" in w else None,
                 wo=w["wo"].astype(dt), wgate_up=w["wgate_up"].astype(dt), wdown=w["wdown"].astype(dt),
                 k_cache=xp.zeros((self.kv_capacity, s.num_kv_heads, hd), dt),
-                v_cache=xp.zeros((self.kv_capacity, s.num_kv_heads, hd), dt)))
+                v_cache=xp.zeros((self.kv_capacity, s.num_kv_heads, hd), dt), index=layer))
             del w
         t = max_tokens
         self.ws = Workspace(x=xp.zeros((t, cfg.hidden), dt), residual=xp.zeros((t, cfg.hidden), dt),
@@ -97,7 +98,7 @@ class Model:
                 w.v_cache[rows] = v[rows].astype(self.dtype)
         self.sync()
 
-    def part(self, batch: Batch, ids: np.ndarray | None = None) -> Part:
+    def part(self, batch: Batch, ids: np.ndarray | None = None, label: str = "all") -> Part:
         """Move a (sub)batch's token metadata to the device. ids: the full batch's token ids."""
         if batch.num_tokens + batch.offset > self.max_tokens:
             raise ValueError(f"batch of {batch.num_tokens} tokens (offset {batch.offset}) exceeds the model's "
@@ -116,12 +117,14 @@ class Model:
             meta = attention_meta(batch.cu_seqlens, batch.kv_start, batch.prefix)
         part = Part(offset=batch.offset, num_tokens=batch.num_tokens, ids=xp.asarray(ids),
                     pos=xp.asarray(batch.pos), slot=xp.asarray(batch.slot), cu_seqlens=batch.cu_seqlens,
-                    kv_start=batch.kv_start, prefix=batch.prefix, attn_meta=meta)
+                    kv_start=batch.kv_start, prefix=batch.prefix, attn_meta=meta, label=label)
         self.sync()
         return part
 
     def embed(self, part: Part, stream=None):
         """residual[rows] = embedding[ids]; x[rows] = RMSNorm(residual) * layer 0's input norm."""
         r = part.rows
-        ops.embedding(part.ids, self.embedding, self.ws.residual[r], stream)
-        ops.add_rmsnorm(None, self.ws.residual[r], self.layers[0].input_norm, self.cfg.eps, self.ws.x[r], stream)
+        with span(f"embed.{part.label}", stream):
+            ops.embedding(part.ids, self.embedding, self.ws.residual[r], stream)
+            ops.add_rmsnorm(None, self.ws.residual[r], self.layers[0].input_norm, self.cfg.eps, self.ws.x[r],
+                            stream)

@@ -25,6 +25,7 @@ from .batch import Batch
 from .comm.nocomm import NoComm
 from .layers import attention_block, mlp_block
 from .model import Model
+from .trace import span
 
 STRATEGIES = ("nccl", "nocomm", "fused", "finegrained", "tokenweave")
 
@@ -70,11 +71,17 @@ class Sequential:
         for i, w in enumerate(m.layers):
             y = comm.staging(part.offset + part.num_tokens)[r]
             attention_block(m, w, x[r], part, y, stream)
-            comm.ar_add_norm(r.start, r.stop, residual, w.post_norm, eps, x, stream, self.sharded, self.ctas)
+            with span(f"L{i}.comm.{part.label}.post_attn_norm", stream):
+                comm.ar_add_norm(r.start, r.stop, residual, w.post_norm, eps, x, stream, self.sharded, self.ctas)
             mlp_block(m, w, x[r], part, y, stream)
-            comm.ar_add_norm(r.start, r.stop, residual, m.norm_weight_after(i), eps, x, stream, self.sharded,
-                             self.ctas)
+            with span(f"L{i}.comm.{part.label}.{_next_norm(m, i)}", stream):
+                comm.ar_add_norm(r.start, r.stop, residual, m.norm_weight_after(i), eps, x, stream, self.sharded,
+                                 self.ctas)
         return x[r]
+
+
+def _next_norm(model, layer: int) -> str:
+    return "next_norm" if layer + 1 < len(model.layers) else "final_norm"
 
 
 class _Streams:
@@ -123,14 +130,19 @@ class FineGrained:
         bounds = [part.offset + (n * i) // k for i in range(k + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
 
-    def _row_parallel(self, inp, w, y_full, chunks, stream, tag):
+    def _row_parallel(self, inp, w, y_full, chunks, stream, name):
+        """name: e.g. 'L3.attn.o_proj'; chunk c is traced as L3.attn.c<c>.o_proj and L3.comm.c<c>.o_proj."""
         from . import ops
         comm_stream = self.streams.comm or stream
+        layer, block, op = name.split(".")
+        tag = f"{block}{op}"
         for c, (lo, hi) in enumerate(chunks):
-            ops.linear(inp[lo:hi], w, y_full[lo:hi], stream)
+            with span(f"{layer}.{block}.c{c}.{op}", stream):
+                ops.linear(inp[lo:hi], w, y_full[lo:hi], stream)
             self.streams.signal(f"{tag}{c}", stream)
             self.streams.wait(comm_stream, f"{tag}{c}")
-            self.comm.all_reduce(lo, hi, comm_stream)
+            with span(f"{layer}.comm.c{c}.{op}_allreduce", comm_stream, "comm"):
+                self.comm.all_reduce(lo, hi, comm_stream)
         self.streams.signal(f"{tag}done", comm_stream)
         self.streams.wait(stream, f"{tag}done")
 
@@ -143,13 +155,13 @@ class FineGrained:
         m.embed(part, stream)
         for i, w in enumerate(m.layers):
             attention_block(m, w, ws.x[r], part, None, stream)   # stops before o_proj
-            self._row_parallel(ws.attn, w.wo, y, chunks, stream, "o")
-            ops.add_rmsnorm(y[r], ws.residual[r], w.post_norm, eps, ws.x[r], stream)
-            gate_up, act = ws.gate_up[r], ws.act[r]
-            ops.linear(ws.x[r], w.wgate_up, gate_up, stream)
-            ops.silu_mul(gate_up, act, stream)
-            self._row_parallel(ws.act, w.wdown, y, chunks, stream, "d")
-            ops.add_rmsnorm(y[r], ws.residual[r], m.norm_weight_after(i), eps, ws.x[r], stream)
+            self._row_parallel(ws.attn, w.wo, y, chunks, stream, f"L{i}.attn.o_proj")
+            with span(f"L{i}.norm.all.post_attn_norm", stream):
+                ops.add_rmsnorm(y[r], ws.residual[r], w.post_norm, eps, ws.x[r], stream)
+            mlp_block(m, w, ws.x[r], part, None, stream)         # stops before down_proj
+            self._row_parallel(ws.act, w.wdown, y, chunks, stream, f"L{i}.mlp.down")
+            with span(f"L{i}.norm.all.{_next_norm(m, i)}", stream):
+                ops.add_rmsnorm(y[r], ws.residual[r], m.norm_weight_after(i), eps, ws.x[r], stream)
         return ws.x[r]
 
 
@@ -191,7 +203,7 @@ class TokenWeave:
         if s is None:
             return Plan(batch, [self.model.part(batch, ids)])
         a, b = batch.split(s)
-        return Plan(batch, [self.model.part(a, ids), self.model.part(b, ids)])
+        return Plan(batch, [self.model.part(a, ids, "A"), self.model.part(b, ids, "B")])
 
     def forward(self, plan: Plan, stream=None):
         if len(plan.parts) == 1:
@@ -206,28 +218,30 @@ class TokenWeave:
         st.signal("normB_mlp", stream)              # B's layer-0 input is ready (no comm needed)
         st.signal("normA_mlp", stream)
 
-        def norm(part, weight, ctas, after, done):
+        def norm(name, part, weight, ctas, after, done):
             st.wait(cs, after)
-            comm.ar_add_norm(part.rows.start, part.rows.stop, res, weight, eps, x, cs, True, ctas)
+            with span(name, cs, "comm"):
+                comm.ar_add_norm(part.rows.start, part.rows.stop, res, weight, eps, x, cs, True, ctas)
             st.signal(done, cs)
 
         for i, w in enumerate(m.layers):
+            nxt = _next_norm(m, i)
             st.wait(stream, "normA_mlp")
             attention_block(m, w, x[a.rows], a, y[a.rows], stream)
             st.signal("attnA", stream)
-            norm(a, w.post_norm, self.ctas_attn, "attnA", "normA_attn")
+            norm(f"L{i}.comm.A.post_attn_norm", a, w.post_norm, self.ctas_attn, "attnA", "normA_attn")
             st.wait(stream, "normB_mlp")
             attention_block(m, w, x[b.rows], b, y[b.rows], stream)
             st.signal("attnB", stream)
-            norm(b, w.post_norm, self.ctas_mlp, "attnB", "normB_attn")
+            norm(f"L{i}.comm.B.post_attn_norm", b, w.post_norm, self.ctas_mlp, "attnB", "normB_attn")
             st.wait(stream, "normA_attn")
             mlp_block(m, w, x[a.rows], a, y[a.rows], stream)
             st.signal("mlpA", stream)
-            norm(a, m.norm_weight_after(i), self.ctas_mlp, "mlpA", "normA_mlp")
+            norm(f"L{i}.comm.A.{nxt}", a, m.norm_weight_after(i), self.ctas_mlp, "mlpA", "normA_mlp")
             st.wait(stream, "normB_attn")
             mlp_block(m, w, x[b.rows], b, y[b.rows], stream)
             st.signal("mlpB", stream)
-            norm(b, m.norm_weight_after(i), self.ctas_attn, "mlpB", "normB_mlp")
+            norm(f"L{i}.comm.B.{nxt}", b, m.norm_weight_after(i), self.ctas_attn, "mlpB", "normB_mlp")
         st.wait(stream, "normA_mlp")                # join: the caller's stream sees both halves done
         st.wait(stream, "normB_mlp")
         return x[a.offset:b.offset + b.num_tokens]
