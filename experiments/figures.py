@@ -1,0 +1,176 @@
+"""Regenerate every figure from the result files in experiments/results/ (and nothing else).
+
+    python -m experiments.figures            # -> experiments/figures/*.png and *.pdf
+
+Each figure names the result file it reads and the hardware in its title. Where the paper states a
+number for the same quantity, it is drawn beside ours from PAPER below (typed in with its source);
+the paper's plots are not digitized, so most figures carry only its stated headline numbers.
+A figure whose result file is missing is skipped with a message (e.g. no 8-GPU results yet).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+from pathlib import Path
+
+from tw.results import RESULTS_DIR, read
+
+FIG_DIR = Path(__file__).resolve().parent / "figures"
+
+# Numbers the paper states in its text (not read off its plots), with where they come from.
+PAPER = {
+    "latency_speedup_max": (1.29, "arXiv 2505.11329v1 abstract: 'up to 29% latency gains' (8xH100)"),
+    "latency_speedup_max_v5": (1.28, "arXiv 2505.11329v5 abstract: 'up to 1.28x' (8xH100)"),
+    "comm_overhead_max": (0.20, "arXiv 2505.11329 abstract: 'overheads of up to 20%' over NVLink"),
+    "comm_sms": ((2, 8), "arXiv 2505.11329 abstract: communication + RMSNorm with 2-8 SMs"),
+}
+
+
+def latest(pattern: str) -> Path | None:
+    files = sorted(glob.glob(str(RESULTS_DIR / pattern)))
+    return Path(files[-1]) if files else None
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, name: str, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    for p in paths:
+        fig.savefig(p, bbox_inches="tight", dpi=130)
+    _plt().close(fig)
+    return paths
+
+
+def fig_latency(path: Path, out_dir: Path, name: str = "latency_speedup"):
+    """Paper Fig. 11 analogue: end-to-end speedup over nccl per strategy and token count."""
+    plt = _plt()
+    rows = read(path)
+    strategies = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != "nccl"]
+    tokens = sorted({r["tokens"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(1, len(strategies))
+    for i, s in enumerate(strategies):
+        sp = [next((r["speedup_vs_nccl"] for r in rows if r["tokens"] == t and r["strategy"] == s), 0)
+              for t in tokens]
+        ax.bar([j + i * width for j in range(len(tokens))], sp, width, label=s)
+    ax.axhline(1.0, color="k", lw=0.8)
+    v, src = PAPER["latency_speedup_max"]
+    ax.axhline(v, color="r", ls="--", lw=0.8, label=f"paper: up to {v}x (8xH100)")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tokens))], [str(t) for t in tokens])
+    ax.set_xlabel("tokens per batch")
+    ax.set_ylabel("speedup vs nccl")
+    r0 = rows[0]
+    ax.set_title(f"{r0['model']}, {r0['layers']} layers, TP={r0['tp']}"
+                 f"{', shards as TP=' + str(r0['shard_as_tp']) if r0.get('shard_as_tp') else ''}"
+                 f" on {r0['world_size']}x {r0['gpu']}\n{path.name}", fontsize=9)
+    ax.set_ylim(0.7, max(1.35, ax.get_ylim()[1]))
+    ax.legend(fontsize=7, ncol=3)
+    return _save(fig, name, out_dir)
+
+
+def fig_kernels(path: Path, out_dir: Path):
+    """Paper Table 1 / Fig. 4-7 analogue: time of each AR(+norm) variant vs tokens, and the CTA sweep."""
+    plt = _plt()
+    rows = [r for r in read(path) if r.get("hidden") == 8192]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    main_ctas = {r["ctas"] for r in rows if r["kernel"] == "p2p_fused"}
+    ctas = 8 if 8 in main_ctas else min(main_ctas)
+    for k in dict.fromkeys(r["kernel"] for r in rows):
+        pts = sorted((r["tokens"], r["time_us"]) for r in rows if r["kernel"] == k
+                     and (r["transport"] == "nccl" or r["ctas"] == ctas))
+        if pts:
+            a1.plot(*zip(*pts), marker="o", ms=3, label=k)
+    a1.set_xscale("log", base=2)
+    a1.set_yscale("log")
+    a1.set_xlabel("tokens (hidden 8192, bf16)")
+    a1.set_ylabel("time (us)")
+    a1.set_title(f"P2P kernels at {ctas} CTAs vs NCCL\n{path.name}", fontsize=9)
+    a1.legend(fontsize=6)
+    for k in ("p2p_fused", "p2p_ar"):
+        for t in sorted({r["tokens"] for r in rows if r["kernel"] == k}):
+            pts = sorted((r["ctas"], r["algbw_gbps"]) for r in rows if r["kernel"] == k and r["tokens"] == t)
+            if len(pts) > 2:
+                a2.plot(*zip(*pts), marker="o", ms=3, label=f"{k} {t} tok")
+    a2.set_xscale("log", base=2)
+    a2.set_xlabel("CTAs")
+    a2.set_ylabel("algbw (GB/s)")
+    lo, hi = PAPER["comm_sms"][0]
+    a2.axvspan(lo, hi, color="g", alpha=0.1, label="paper: 2-8 SMs (multimem)")
+    a2.set_title(f"CTA sweep, {rows[0]['world_size']}x {rows[0]['gpu']}", fontsize=9)
+    a2.legend(fontsize=6)
+    return _save(fig, "kernels", out_dir)
+
+
+def fig_attention(path: Path, out_dir: Path):
+    """Our attention kernels vs torch SDPA (not a paper figure; issue-2 target)."""
+    plt = _plt()
+    rows = read(path)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    keys = sorted({(r["seqs"], r["num_heads"], r["num_kv_heads"]) for r in rows})
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        for j, key in enumerate(keys):
+            pts = sorted((r["tokens"], r["tflops"]) for r in rows if r["impl"] == impl
+                         and (r["seqs"], r["num_heads"], r["num_kv_heads"]) == key)
+            if pts and key == keys[0]:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (causal prefill, head_dim 128)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"attention, {keys[0][0]} seq, {keys[0][1]}/{keys[0][2]} heads, {rows[0]['gpu']}\n{path.name}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, "attention", out_dir)
+
+
+def fig_split(path: Path, out_dir: Path):
+    """Paper Fig. 9 analogue: end-to-end tokenweave time vs split point, wave-aware and naive marked."""
+    plt = _plt()
+    rows = read(path)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for t in sorted({r["tokens"] for r in rows}):
+        pts = sorted((r["split_at"], r["median_ms"]) for r in rows if r["tokens"] == t and r["kind"] == "split")
+        if not pts:
+            continue
+        ax.plot(*zip(*pts), marker="o", ms=3, label=f"{t} tokens: exhaustive")
+        choice = next(r for r in rows if r["tokens"] == t and r["kind"] == "choice")
+        ax.plot([choice["split_at"]], [choice["median_ms"]], "r*", ms=10, label="wave-aware choice")
+        ax.plot([t // 2], [choice["naive_split_ms"]], "ks", ms=6, label="naive (T/2)")
+    ax.set_xlabel("split point s (tokens in half A)")
+    ax.set_ylabel("forward time (ms)")
+    ax.set_title(f"tokenweave split search, {rows[0]['model']}, {rows[0]['layers']} layers, "
+                 f"{rows[0]['world_size']}x {rows[0]['gpu']}\n{path.name}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, "split", out_dir)
+
+
+FIGURES = [
+    (fig_latency, "latency-*-tp2-*all-strategies.jsonl"),
+    (lambda p, d: fig_latency(p, d, "latency_speedup_shard8"), "latency-*shard-as-tp8*.jsonl"),
+    (fig_kernels, "kernels-*run14.jsonl"),
+    (fig_attention, "attention-*.jsonl"),
+    (fig_split, "tune-*.jsonl"),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(FIG_DIR), help="directory for the PNG and PDF files")
+    args = p.parse_args(argv)
+    for fn, pattern in FIGURES:
+        path = latest(pattern)
+        if path is None:
+            print(f"skipped: no result file matches experiments/results/{pattern}")
+            continue
+        for out in fn(path, Path(args.out)):
+            print(f"wrote {out}  (from {path.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
