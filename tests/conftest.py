@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def mpiexec() -> str | None:
-    """The MPI launcher: $TW_MPIEXEC, else mpiexec / mpirun on the PATH."""
-    return os.environ.get("TW_MPIEXEC") or shutil.which("mpiexec") or shutil.which("mpirun")
+    """The MPI launcher: $TW_MPIEXEC, else the one installed beside this Python (the mpich wheel),
+    else mpiexec / mpirun on the PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return (os.environ.get("TW_MPIEXEC") or (str(beside) if beside.exists() else None)
+            or shutil.which("mpiexec") or shutil.which("mpirun"))
 
 
 def run_mpi(n: int, args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
