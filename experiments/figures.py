@@ -149,12 +149,50 @@ def fig_split(path: Path, out_dir: Path):
     return _save(fig, "split", out_dir)
 
 
+def fig_overhead(path: Path, out_dir: Path):
+    """Paper Fig. 1 / 3 analogue: share of the forward pass spent in all-reduce and in add + RMSNorm."""
+    plt = _plt()
+    rows = sorted(read(path), key=lambda r: r["tokens"])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = range(len(rows))
+    for i, (key, label) in enumerate((("comm_share", "all-reduce (ablation: 1 - nocomm/nccl)"),
+                                      ("allreduce_share", "all-reduce alone"), ("norm_share", "add + RMSNorm alone"))):
+        ax.bar([j + i * 0.27 for j in x], [100 * r[key] for r in rows], 0.27, label=label)
+    v, _ = PAPER["comm_overhead_max"]
+    ax.axhline(100 * v, color="r", ls="--", lw=0.8, label="paper: up to 20% (8xH100)")
+    ax.set_xticks([j + 0.27 for j in x], [str(r["tokens"]) for r in rows])
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("% of the nccl forward pass")
+    ax.set_title(f"{rows[0]['model']}, TP={rows[0]['tp']}, {rows[0]['world_size']}x {rows[0]['gpu']}\n{path.name}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, "overhead", out_dir)
+
+
+def fig_split_mlp(path: Path, out_dir: Path):
+    """Paper Fig. 9 analogue: an MLP block split in two, relative to unsplit."""
+    plt = _plt()
+    rows = read(path)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for kind in ("equal", "wave"):
+        pts = sorted((r["tokens"], r["vs_unsplit"]) for r in rows if r["kind"] == kind)
+        ax.plot(*zip(*pts), marker="o", ms=3, label=f"{kind} halves")
+    ax.axhline(1.0, color="k", lw=0.8, label="unsplit")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("time / unsplit time")
+    ax.set_title(f"MLP block split in two, {rows[0]['model']}, {rows[0]['gpu']}\n{path.name}", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, "split_mlp", out_dir)
+
+
 FIGURES = [
     (fig_latency, "latency-*-tp2-*all-strategies.jsonl"),
     (lambda p, d: fig_latency(p, d, "latency_speedup_shard8"), "latency-*shard-as-tp8*.jsonl"),
     (fig_kernels, "kernels-*run14.jsonl"),
     (fig_attention, "attention-*.jsonl"),
     (fig_split, "tune-*.jsonl"),
+    (fig_overhead, "overhead-*.jsonl"),
+    (fig_split_mlp, "split-*.jsonl"),
 ]
 
 

@@ -45,3 +45,11 @@ def test_tp_larger_than_world_without_mpirun():
     proc = subprocess.run([sys.executable, "-m", "experiments.latency", "--device", "cpu", "--tp", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "launch with mpirun -n 2" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("module", ["experiments.overhead", "experiments.split"])
+def test_figure_experiments_run_on_cpu(module, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    proc = run_mpi(2, ["-m", module, "--device", "cpu", "--out", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NO GPU" in proc.stdout and len(out.read_text().splitlines()) >= 2
