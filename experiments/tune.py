@@ -10,6 +10,8 @@ For each token count T:
    at s_wave; the fastest pair wins;
 3. the exhaustive search: tokenweave timed at every split point on a --step grid within --window of T/2,
    with the winning CTAs; reports best_split, its time, and wave_vs_best = t(s_wave) / t(best).
+Configurations are timed round-robin, --repeats rounds, median round: on the lab machine the same
+configuration timed twice in sequence differed by up to 5%, more than the effects being compared.
 Rank 0's timings decide (the timings are already the slowest rank's); the choice is broadcast through
 the timing itself, which `tw.bench.summarize` makes identical on every rank. Writes result rows and
 experiments/tuned/tokenweave-<model>-tp<tp>-<gpu>.json, which experiments/latency.py reads.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+import numpy as np
 
 from tw import batch as batching
 from tw import bench, config, dist, results, schedules
@@ -40,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=float, default=0.10, help="exhaustive search spans T/2 +- window*T")
     p.add_argument("--iters", type=int, default=10, help="timed forward passes per point")
     p.add_argument("--warmup", type=int, default=3, help="untimed forward passes per point")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds over all configurations (each timed once per round); the median round counts")
     p.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive split search")
     p.add_argument("--out", default=None, help="result rows (JSON lines)")
     return p.parse_args(argv)
@@ -60,12 +66,22 @@ def main(argv=None):
                             results.metadata(world, model=cfg.name, layers=cfg.num_layers, transport=args.transport,
                                              iters=args.iters, warmup=args.warmup), world.rank)
 
-    def timed(batch, ids, split_at, ctas_attn, ctas_mlp):
+    def graph_of(batch, ids, split_at, ctas_attn, ctas_mlp):
         tw.split_fn = lambda t: split_at
         tw.ctas_attn, tw.ctas_mlp = ctas_attn, ctas_mlp
         plan = tw.prepare(batch, ids)
-        graph = bench.Graph(lambda: tw.forward(plan, stream), stream)
-        return bench.summarize(bench.time_gpu(graph, args.iters, args.warmup, stream), world.comm)["median_ms"]
+        return bench.Graph(lambda: tw.forward(plan, stream), stream)
+
+    def timed_all(batch, ids, configs):
+        """Median over --repeats rounds, each round timing every config once in turn, so slow drifts
+        (clocks, temperature) hit every config alike instead of favouring the ones measured first."""
+        graphs = {c: graph_of(batch, ids, *c) for c in configs}
+        times = {c: [] for c in configs}
+        for _ in range(args.repeats):
+            for c, g in graphs.items():
+                times[c].append(bench.summarize(bench.time_gpu(g, args.iters, args.warmup, stream),
+                                                world.comm)["median_ms"])
+        return {c: float(np.median(t)) for c, t in times.items()}
 
     tuned = {}
     for tokens in args.tokens:
@@ -74,25 +90,25 @@ def main(argv=None):
         ids = batching.token_ids(tokens, cfg.vocab, 0)
         wave = splitting.choose(tokens, profile) if world.tp_rank == 0 else None
         wave = world.tp_comm.bcast(wave, root=0)
-        best = None
-        for ca in args.ctas_grid:
-            for cm in args.ctas_grid:
-                ms = timed(batch, ids, wave, ca, cm)
-                writer.write({"tokens": tokens, "kind": "ctas", "split_at": wave, "ctas_attn": ca, "ctas_mlp": cm,
-                              "median_ms": ms})
-                if best is None or ms < best[0]:
-                    best = (ms, ca, cm)
-        wave_ms, ca, cm = best
+        ctas_times = timed_all(batch, ids, [(wave, ca, cm) for ca in args.ctas_grid for cm in args.ctas_grid])
+        for (_, ca, cm), ms in ctas_times.items():
+            writer.write({"tokens": tokens, "kind": "ctas", "split_at": wave, "ctas_attn": ca, "ctas_mlp": cm,
+                          "median_ms": ms})
+        (_, ca, cm), _ = min(ctas_times.items(), key=lambda kv: kv[1])
+        # Every split point (wave-aware and naive included) measured in the same round-robin.
+        points = sorted({wave, splitting.naive(tokens)} | (set() if args.no_exhaustive else
+                                                          set(splitting.candidates(tokens, args.step, args.window))))
+        split_times = {c[0]: ms for c, ms in timed_all(batch, ids, [(s, ca, cm) for s in points]).items()}
+        wave_ms = split_times[wave]
         entry = {"split_at": wave, "ctas_attn": ca, "ctas_mlp": cm, "median_ms": wave_ms,
-                 "naive_split_ms": timed(batch, ids, splitting.naive(tokens), ca, cm)}
+                 "naive_split_ms": split_times[splitting.naive(tokens)]}
         if not args.no_exhaustive:
-            points = splitting.candidates(tokens, args.step, args.window)
-            times = {s: timed(batch, ids, s, ca, cm) for s in points}
-            for s, ms in times.items():
+            for s, ms in split_times.items():
                 writer.write({"tokens": tokens, "kind": "split", "split_at": s, "ctas_attn": ca, "ctas_mlp": cm,
                               "median_ms": ms, "wave_split": s == wave})
-            best_s = min(times, key=times.get)
-            entry.update(best_split=best_s, best_split_ms=times[best_s], wave_vs_best=wave_ms / times[best_s])
+            best_s = min(split_times, key=split_times.get)
+            entry.update(best_split=best_s, best_split_ms=split_times[best_s],
+                         wave_vs_best=wave_ms / split_times[best_s])
         tuned[str(tokens)] = entry
         writer.write({"tokens": tokens, "kind": "choice", **entry})
         world.print0(f"tokens={tokens}: split {wave} (wave) ctas {ca}/{cm}: {wave_ms:.3f} ms; naive split "
