@@ -47,19 +47,24 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds over all configurations (each timed once per round); the median round counts")
     p.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive split search")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="auto: GPU if usable")
     p.add_argument("--out", default=None, help="result rows (JSON lines)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    world = dist.init(None, "gpu")
-    import cupy as cp
+    world = dist.init(None, args.device)
     cfg = config.get(args.model, args.layers)
-    stream = cp.cuda.Stream(non_blocking=True)
+    stream = None
+    if world.is_gpu:
+        import cupy as cp
+        stream = cp.cuda.Stream(non_blocking=True)
+    else:
+        world.print0("NO GPU: CPU fallback (checks the procedure; timings mean nothing, no GEMM profile)")
     model = Model(cfg, world, max(args.tokens), seed=0)
     tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)
-    profile = tw.split_fn.profile
+    profile = getattr(tw.split_fn, "profile", None)  # None on CPU: the wave rule falls back to T/2
     gpu = results.gpu_info()["gpu"].replace(" ", "_")
     tag = f"{cfg.name}-tp{world.tp_size}-{gpu}"
     writer = results.Writer(args.out or results.default_path("tune", tag),
@@ -70,7 +75,8 @@ def main(argv=None):
         tw.split_fn = lambda t: split_at
         tw.ctas_attn, tw.ctas_mlp = ctas_attn, ctas_mlp
         plan = tw.prepare(batch, ids)
-        return bench.Graph(lambda: tw.forward(plan, stream), stream)
+        run = lambda: tw.forward(plan, stream)  # noqa: E731
+        return bench.Graph(run, stream) if world.is_gpu else run
 
     def timed_all(batch, ids, configs):
         """Median over --repeats rounds, each round timing every config once in turn, so slow drifts
@@ -79,8 +85,9 @@ def main(argv=None):
         times = {c: [] for c in configs}
         for _ in range(args.repeats):
             for c, g in graphs.items():
-                times[c].append(bench.summarize(bench.time_gpu(g, args.iters, args.warmup, stream),
-                                                world.comm)["median_ms"])
+                t = (bench.time_gpu(g, args.iters, args.warmup, stream) if world.is_gpu
+                     else bench.time_cpu(g, 1, 0))
+                times[c].append(bench.summarize(t, world.comm)["median_ms"])
         return {c: float(np.median(t)) for c, t in times.items()}
 
     tuned = {}
@@ -88,7 +95,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         batch = batching.prefill(tokens, args.seq_len)
         ids = batching.token_ids(tokens, cfg.vocab, 0)
-        wave = splitting.choose(tokens, profile) if world.tp_rank == 0 else None
+        wave = (splitting.choose(tokens, profile) if profile else splitting.naive(tokens)) \
+            if world.tp_rank == 0 else None
         wave = world.tp_comm.bcast(wave, root=0)
         ctas_times = timed_all(batch, ids, [(wave, ca, cm) for ca in args.ctas_grid for cm in args.ctas_grid])
         for (_, ca, cm), ms in ctas_times.items():
@@ -116,6 +124,9 @@ def main(argv=None):
                      f"{entry['best_split_ms']:.3f} ms, wave/best {entry['wave_vs_best']:.4f}"
                      if "best_split" in entry else "") + f"  ({time.perf_counter() - t0:.0f} s)")
     if world.rank == 0:
+        if profile is None:
+            world.print0(f"(CPU: nothing saved to experiments/tuned/) wrote {writer.path}")
+            return 0
         profile.save()
         path = splitting.TUNED_DIR / f"tokenweave-{tag}.json"
         old = json.loads(path.read_text()) if path.exists() else {}

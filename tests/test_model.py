@@ -53,3 +53,15 @@ def test_figure_experiments_run_on_cpu(module, tmp_path):
     proc = run_mpi(2, ["-m", module, "--device", "cpu", "--out", str(out)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NO GPU" in proc.stdout and len(out.read_text().splitlines()) >= 2
+
+
+def test_tune_procedure_runs_on_cpu(tmp_path):
+    out = tmp_path / "tune.jsonl"
+    proc = run_mpi(2, ["-m", "experiments.tune", "--device", "cpu", "--model", "tiny", "--layers", "2", "--tokens",
+                       "256", "--ctas-grid", "8", "16", "--repeats", "2", "--window", "0.25", "--out", str(out)],
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("ctas") == 4 and "choice" in kinds and kinds.count("split") >= 3
