@@ -10,7 +10,6 @@ A strategy is built once per model (`make`), then for each batch:
 | nccl        | GEMM -> NCCL all-reduce (all tokens) -> fused add + RMSNorm (all tokens)   |
 | nocomm      | the same with the all-reduce removed (upper bound; output not the model's) |
 | fused       | GEMM into the registered buffer -> fused AR + add + RMSNorm (1/TP of rows) |
-
 | finegrained | GEMM in k token chunks; chunk i's NCCL all-reduce (comm stream) overlaps chunk i+1's GEMM, then add + RMSNorm |
 | tokenweave  | batch split in halves A/B; the fused AR + norm of one half (high-priority comm stream, few CTAs) overlaps the other half's compute |
 
