@@ -6,7 +6,7 @@
 For every token count and strategy it builds the batch (prefill sequences of --seq-len tokens), runs
 the forward once, optionally checks it against the float64 reference (tw/reference.py), then times
 --iters forward passes (CUDA events, median and min/max, slowest rank), replaying one CUDA graph per
-token count and strategy when --graph is on. Rows go to a JSON-lines file with the run's metadata.
+token count and strategy when --graph is on. Strategies are timed round-robin, --repeats rounds. Rows go to a JSON-lines file with the run's metadata.
 
 Columns: median_ms (one forward pass of --layers layers), speedup_vs_nccl (nccl median / this median),
 rel_err (||out - ref|| / ||ref||, with --check), correct (rel_err <= the dtype's tolerance).
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--prefix", type=int, default=0, help="tokens of each sequence already in the KV cache")
     p.add_argument("--iters", type=int, default=20, help="timed forward passes per point")
     p.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds over all strategies, each timing --iters passes of every strategy in turn; "
+                        "the median is over all rounds' passes")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay a CUDA graph of the whole forward (GPU only; --no-graph launches eagerly)")
     p.add_argument("--check", action="store_true",
@@ -91,6 +94,7 @@ def resolve(args, world):
         args.model = args.model or "tiny"
         args.tokens = args.tokens or [64, 200]
         args.graph = False
+        args.repeats = 1
         world.print0(BANNER.format(model=args.model))
     bad = [t for t in args.tokens if t < world.tp_size]
     if bad:
@@ -99,8 +103,8 @@ def resolve(args, world):
                and not (s.startswith("finegrained") and s[len("finegrained"):].isdigit())]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {schedules.STRATEGIES}")
-    if args.seq_len < 1 or args.prefix < 0 or args.iters < 1 or args.warmup < 0:
-        raise SystemExit("--seq-len and --iters must be >= 1, --prefix and --warmup >= 0")
+    if args.seq_len < 1 or args.prefix < 0 or args.iters < 1 or args.warmup < 0 or args.repeats < 1:
+        raise SystemExit("--seq-len, --iters and --repeats must be >= 1, --prefix and --warmup >= 0")
     return config.get(args.model, args.layers)
 
 
@@ -153,7 +157,9 @@ def main(argv=None):
             t0 = time.perf_counter()
             ref = reference.forward(cfg, batch, ids, args.seed, xp, model.dtype)
             world.print0(f"float64 reference for {tokens} tokens in {time.perf_counter() - t0:.1f} s")
-        gemm = None
+        # Setup and check every strategy first, then time them round-robin (--repeats rounds), so slow
+        # drifts of the machine hit every strategy alike instead of favouring the one measured first.
+        runs, point_rows = [], []
         for strat in strategies:
             step += 1
             if strat.name == "tokenweave" and args.ctas is None and tokens in tuned:
@@ -176,21 +182,26 @@ def main(argv=None):
                 err = reference.rel_err(out, ref)
                 err = {k: world.comm.allreduce(v, op=max_op()) for k, v in err.items()}
                 row.update(err, correct=bool(err["rel_err"] <= reference.tolerance(model.dtype)))
-            if world.is_gpu:
-                times = bench.time_gpu(run, args.iters, args.warmup, stream)
-                if gemm is None:
-                    gemm = gemm_tflops(model, tokens, stream, args.iters)
-                row.update(gemm_tflops=gemm[0], gemm_layer_ms=gemm[1])
-            else:
-                times = bench.time_cpu(run, min(args.iters, 3), min(args.warmup, 1))
-            row.update(bench.summarize(times, world.comm))
-            if args.trace:
-                write_trace(args, world, cfg, strat.name, tokens, forward, stream)
-            row["per_layer_ms"] = row["median_ms"] / cfg.num_layers
-            rows.append(row)
-            world.print0(f"[{step}/{total}] tokens={tokens:>6} {strat.name:<12} {row['median_ms']:9.3f} ms"
+            world.print0(f"[{step}/{total}] tokens={tokens:>6} {strat.name:<12} ready"
                          + (f"  rel_err={row['rel_err']:.2e} {'ok' if row['correct'] else 'FAIL'}"
                             if "rel_err" in row else ""))
+            runs.append((run, forward))
+            point_rows.append(row)
+        times = [[] for _ in runs]
+        for _ in range(args.repeats):
+            for i, (run, _) in enumerate(runs):
+                times[i].append(bench.time_gpu(run, args.iters, args.warmup, stream) if world.is_gpu
+                                else bench.time_cpu(run, min(args.iters, 3), min(args.warmup, 1)))
+        gemm = gemm_tflops(model, tokens, stream, args.iters) if world.is_gpu else None
+        for row, t, (_, forward) in zip(point_rows, times, runs):
+            row.update(bench.summarize(np.concatenate(t), world.comm), repeats=args.repeats)
+            row["per_layer_ms"] = row["median_ms"] / cfg.num_layers
+            if gemm:
+                row.update(gemm_tflops=gemm[0], gemm_layer_ms=gemm[1])
+            if args.trace:
+                write_trace(args, world, cfg, row["strategy"], tokens, forward, stream)
+            world.print0(f"        tokens={tokens:>6} {row['strategy']:<12} {row['median_ms']:9.3f} ms")
+        rows += point_rows
     base = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nccl"}
     for r in rows:
         r["speedup_vs_nccl"] = base[r["tokens"]] / r["median_ms"] if r["tokens"] in base else None
@@ -225,7 +236,8 @@ def max_op():
 
 def print_table(world, rows, cfg, args):
     world.print0(f"\n{cfg.name}, {cfg.num_layers} layers, TP={world.tp_size}, {world.device}"
-                 f"{', CUDA graphs' if args.graph else ''}; median of {args.iters if world.is_gpu else min(args.iters, 3)}, slowest rank")
+                 f"{', CUDA graphs' if args.graph else ''}; median of {args.repeats} x "
+                 f"{args.iters if world.is_gpu else min(args.iters, 3)} passes, slowest rank")
     head = f"{'tokens':>7} {'strategy':<12} {'ms':>9} {'vs nccl':>8} {'rel_err':>9} {'check':>6}"
     if world.is_gpu:
         head += f" {'GEMM TFLOP/s':>13}"
