@@ -6,7 +6,8 @@
 For every token count and strategy it builds the batch (prefill sequences of --seq-len tokens), runs
 the forward once, optionally checks it against the float64 reference (tw/reference.py), then times
 --iters forward passes (CUDA events, median and min/max, slowest rank), replaying one CUDA graph per
-token count and strategy when --graph is on. Strategies are timed round-robin, --repeats rounds. Rows go to a JSON-lines file with the run's metadata.
+token count and strategy when --graph is on. Strategies are timed round-robin, --repeats rounds.
+Rows go to a JSON-lines file with the run's metadata.
 
 Columns: median_ms (one forward pass of --layers layers), speedup_vs_nccl (nccl median / this median),
 rel_err (||out - ref|| / ||ref||, with --check), correct (rel_err <= the dtype's tolerance).
@@ -14,7 +15,6 @@ rel_err (||out - ref|| / ||ref||, with --check), correct (rel_err <= the dtype's
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np

@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from . import check_range, owned_rows
+from . import check_range
 from .. import kernels
 
 MAX_TP = 8
