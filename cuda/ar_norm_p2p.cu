@@ -66,6 +66,15 @@
 // (P2PComm.check) raises "rank R did not arrive within N s". After that the object is unusable.
 #include "common.cuh"
 
+// TW_TP: the TP degree as a compile-time constant (tw/comm/p2p.py compiles with -DTW_TP=<tp>), so
+// the loops over ranks unroll and peer pointers stay in registers; 0 = read it from the arguments at
+// run time. Compiling it in cut the phase-2 row loop of p2p_all_reduce_v2 from 1646 to ~520 SASS
+// instructions per 2-row iteration (TP=2): the loop was instruction-bound (experiments/NOTES.md).
+#ifndef TW_TP
+#define TW_TP 0
+#endif
+#define TP_OF(a) (TW_TP > 0 ? TW_TP : (a).tp)
+
 namespace {
 
 constexpr int kMaxTp = 8;
@@ -155,7 +164,7 @@ TW_DEVICE void copy_vec(uint4* dst, const uint4* src, long long n) {
 TW_DEVICE void signal(const Args& a, int phase, unsigned int epoch) {
   __syncthreads();
   const int j = threadIdx.x;
-  if (j < a.tp && j != a.rank) st_release_sys(flag(ptr<unsigned int>(a, j, 5), phase, blockIdx.x, a.rank), epoch);
+  if (j < TP_OF(a) && j != a.rank) st_release_sys(flag(ptr<unsigned int>(a, j, 5), phase, blockIdx.x, a.rank), epoch);
 }
 
 // Wait until the peers' CTA `cta` (or all their CTAs with sync_all) signalled `phase` of this call.
@@ -166,8 +175,8 @@ TW_DEVICE bool wait(const Args& a, int phase, unsigned int epoch) {
   __syncthreads();
   unsigned int* flags = ptr<unsigned int>(a, a.rank, 5);
   const int num_ctas = a.sync_all ? gridDim.x : 1;
-  for (int t = threadIdx.x; t < num_ctas * a.tp; t += blockDim.x) {
-    const int src = t % a.tp, cta = a.sync_all ? t / a.tp : blockIdx.x;
+  for (int t = threadIdx.x; t < num_ctas * TP_OF(a); t += blockDim.x) {
+    const int src = t % TP_OF(a), cta = a.sync_all ? t / TP_OF(a) : blockIdx.x;
     if (src == a.rank) continue;
     const unsigned int* f = flag(flags, phase, cta, src);
     const unsigned long long t0 = globaltimer();
@@ -219,7 +228,7 @@ TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsi
   const bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
   __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, 0);
   int own_lo, own_hi;
-  owned(a.start, a.end, me, a.tp, own_lo, own_hi);
+  owned(a.start, a.end, me, TP_OF(a), own_lo, own_hi);
 
   // Weights once per CTA, not once per row.
   float wt[VPT][8];
@@ -230,7 +239,7 @@ TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsi
     for (int e = 0; e < 8; ++e) wt[v][e] = 0.f;
     if (norm && col < H8) tw::load8(a.weight + col * 8, wt[v]);
   }
-  const int num_src = MODE == kArNormReplicated ? 1 : a.tp;
+  const int num_src = MODE == kArNormReplicated ? 1 : TP_OF(a);
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 
   for (int row0 = a_row; row0 < b_row; row0 += kRows) {
@@ -271,7 +280,7 @@ TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsi
               p = stage_me + (long long)row * H;
             } else if (oneshot) {
               p = ptr<__nv_bfloat16>(a, me, 3) +
-                  (((long long)parity * a.tp + src) * a.oneshot_max + (row - a.start)) * H;
+                  (((long long)parity * TP_OF(a) + src) * a.oneshot_max + (row - a.start)) * H;
             } else {
               p = ptr<__nv_bfloat16>(a, me, 1) + ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
             }
@@ -330,7 +339,7 @@ TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsi
           const uint4 s = tw::pack8(acc[r][v]);
           *reinterpret_cast<uint4*>(stage_me + off) = s;
           if (MODE == kAllReduce) {
-            for (int j = 0; j < a.tp; ++j)
+            for (int j = 0; j < TP_OF(a); ++j)
               if (j != me) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + off) = s;
           }
           continue;
@@ -343,7 +352,7 @@ TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsi
         *reinterpret_cast<uint4*>(a.out + off) = yv;
         if (MODE == kArNorm) {
           const int slot = a.out_kind == 2 ? 2 : 0;
-          for (int j = 0; j < a.tp; ++j)
+          for (int j = 0; j < TP_OF(a); ++j)
             if (j != me) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, slot) + off) = yv;
         }
       }
@@ -363,7 +372,7 @@ TW_DEVICE void push_sums(const Args& a, int a_row, int b_row, int chunk_lo) {
       const int col = threadIdx.x + v * blockDim.x;
       if (col >= H8) continue;
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int src = 0; src < a.tp; ++src) {
+      for (int src = 0; src < TP_OF(a); ++src) {
         const __nv_bfloat16* p = src == me ? stage_me + (long long)row * H
                                            : ptr<__nv_bfloat16>(a, me, 1) +
                                                  ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
@@ -374,7 +383,7 @@ TW_DEVICE void push_sums(const Args& a, int a_row, int b_row, int chunk_lo) {
       }
       const uint4 s = tw::pack8(acc);
       const long long off = (long long)row * H + col * 8;
-      for (int j = 0; j < a.tp; ++j) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + off) = s;
+      for (int j = 0; j < TP_OF(a); ++j) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + off) = s;
     }
   }
 }
@@ -394,12 +403,12 @@ __device__ void run(const Args& a) {
     int ra, rb;
     split(a.start, a.end, ctas, c, ra, rb);
     int own_lo, own_hi;
-    owned(a.start, a.end, me, a.tp, own_lo, own_hi);
+    owned(a.start, a.end, me, TP_OF(a), own_lo, own_hi);
     const int oa = max(ra, own_lo), ob = min(rb, own_hi);
-    for (int k = 1; k < a.tp; ++k) {
-      const int j = (me + k) % a.tp;
+    for (int k = 1; k < TP_OF(a); ++k) {
+      const int j = (me + k) % TP_OF(a);
       __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, 3) +
-                           (((long long)parity * a.tp + me) * a.oneshot_max + (ra - a.start)) * H;
+                           (((long long)parity * TP_OF(a) + me) * a.oneshot_max + (ra - a.start)) * H;
       copy_vec(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(stage_me + (long long)ra * H),
                (long long)(rb - ra) * H / 8);
       if (MODE == kOneshotArNorm && oa < ob) {
@@ -410,10 +419,10 @@ __device__ void run(const Args& a) {
       }
     }
   } else if (MODE != kAllGather) {
-    for (int k = 1; k < a.tp; ++k) {
-      const int j = (me + k) % a.tp;
+    for (int k = 1; k < TP_OF(a); ++k) {
+      const int j = (me + k) % TP_OF(a);
       int lo, hi, ra, rb;
-      owned(a.start, a.end, j, a.tp, lo, hi);
+      owned(a.start, a.end, j, TP_OF(a), lo, hi);
       split(lo, hi, ctas, c, ra, rb);
       __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, 1) + ((long long)me * a.chunk_max + (ra - lo)) * H;
       copy_vec(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(stage_me + (long long)ra * H),
@@ -429,12 +438,12 @@ __device__ void run(const Args& a) {
     lo = a.start;
     hi = a.end;
   } else {
-    owned(a.start, a.end, me, a.tp, lo, hi);
+    owned(a.start, a.end, me, TP_OF(a), lo, hi);
   }
   split(lo, hi, ctas, c, ra, rb);
   if (MODE == kAllGather) {
-    for (int k = 1; k < a.tp; ++k) {
-      const int j = (me + k) % a.tp;
+    for (int k = 1; k < TP_OF(a); ++k) {
+      const int j = (me + k) % TP_OF(a);
       copy_vec(reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + (long long)ra * H),
                reinterpret_cast<const uint4*>(stage_me + (long long)ra * H), (long long)(rb - ra) * H / 8);
     }
@@ -451,19 +460,19 @@ __device__ void run(const Args& a) {
     if (!wait(a, 1, epoch)) return;
     // ---- After the gather: finish the rows other ranks produced. ----
     if (MODE == kArNorm && a.out_kind == 0) {
-      for (int k = 1; k < a.tp; ++k) {
-        const int j = (me + k) % a.tp;
+      for (int k = 1; k < TP_OF(a); ++k) {
+        const int j = (me + k) % TP_OF(a);
         int jl, jh, ja, jb;
-        owned(a.start, a.end, j, a.tp, jl, jh);
+        owned(a.start, a.end, j, TP_OF(a), jl, jh);
         split(jl, jh, ctas, c, ja, jb);
         copy_vec(reinterpret_cast<uint4*>(a.out + (long long)ja * H),
                  reinterpret_cast<const uint4*>(stage_me + (long long)ja * H), (long long)(jb - ja) * H / 8);
       }
     } else if (MODE == kArNormReplicated) {
-      for (int k = 1; k < a.tp; ++k) {
-        const int j = (me + k) % a.tp;
+      for (int k = 1; k < TP_OF(a); ++k) {
+        const int j = (me + k) % TP_OF(a);
         int jl, jh, ja, jb;
-        owned(a.start, a.end, j, a.tp, jl, jh);
+        owned(a.start, a.end, j, TP_OF(a), jl, jh);
         split(jl, jh, ctas, c, ja, jb);
         rows_pass<kArNormReplicated, VPT>(a, ja, jb, jl, parity);
       }

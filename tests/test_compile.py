@@ -27,3 +27,9 @@ def test_cache_key_changes_with_defines_and_arch():
 def test_unknown_kernel_file_is_a_clear_error():
     with pytest.raises(kernels.KernelBuildError, match="no kernel file cuda/nope.cu"):
         kernels.source_path("nope")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_p2p_kernels_compile_with_tp_constant(tp):
+    assert kernels.compile("ar_norm_p2p", "sm_90a", {"TW_TP": tp}).stat().st_size > 0

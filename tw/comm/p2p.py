@@ -27,6 +27,7 @@ import numpy as np
 
 from . import check_range
 from .. import kernels
+from ..dist import env_flag
 
 MAX_TP = 8
 MAX_CTAS = 256        # must match kMaxCtas in cuda/ar_norm_p2p.cu
@@ -196,7 +197,10 @@ class P2PComm:
 
     def _fn(self, name: str):
         if name not in self._fns:
-            self._fns[name] = kernels.function("ar_norm_p2p", name)
+            # TP compiled in as a constant (loops over ranks unroll; see cuda/ar_norm_p2p.cu);
+            # TW_P2P_RUNTIME_TP=1 builds the variant that reads TP at run time instead.
+            defines = None if env_flag("TW_P2P_RUNTIME_TP") else {"TW_TP": self.tp}
+            self._fns[name] = kernels.function("ar_norm_p2p", name, defines)
         return self._fns[name]
 
     def _check_ctas(self, ctas) -> int:
