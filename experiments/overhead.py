@@ -53,10 +53,7 @@ def main(argv=None):
                                              shard_as_tp=args.shard_as_tp, iters=args.iters), world.rank)
 
     def timed(fn):
-        if gpu:
-            return bench.summarize(bench.time_gpu(bench.Graph(fn, stream), args.iters, args.warmup, stream),
-                                   world.comm)["median_ms"]
-        return bench.summarize(bench.time_cpu(fn, 2, 1), world.comm)["median_ms"]
+        return bench.median_ms(fn, world, stream, args.iters, args.warmup)
 
     world.print0(f"{'tokens':>7} {'nccl ms':>9} {'nocomm ms':>9} {'comm share':>10} {'AR alone':>9} "
                  f"{'norm alone':>10}")

@@ -54,10 +54,7 @@ def main(argv=None):
         ops.linear(ws.act[r], w.wdown, ws.residual[r], stream)
 
     def timed(fn):
-        if gpu:
-            return bench.summarize(bench.time_gpu(bench.Graph(fn, stream), args.iters, args.warmup, stream),
-                                   world.comm)["median_ms"]
-        return bench.summarize(bench.time_cpu(fn, 2, 1), world.comm)["median_ms"]
+        return bench.median_ms(fn, world, stream, args.iters, args.warmup)
 
     world.print0(f"{'tokens':>7} {'unsplit ms':>10} {'equal':>16} {'wave':>22}")
     for t in tokens_list:
