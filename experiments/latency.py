@@ -9,8 +9,10 @@ the forward once, optionally checks it against the float64 reference (tw/referen
 token count and strategy when --graph is on. Strategies are timed round-robin, --repeats rounds.
 Rows go to a JSON-lines file with the run's metadata.
 
-Columns: median_ms (one forward pass of --layers layers), speedup_vs_nccl (nccl median / this median),
-rel_err (||out - ref|| / ||ref||, with --check), correct (rel_err <= the dtype's tolerance).
+Columns: median_ms (one forward pass of --layers layers; min_ms, max_ms too), per_layer_ms,
+speedup_vs_nccl (nccl median / this median), rel_err (||out - ref|| / ||ref||, with --check), correct
+(rel_err <= the dtype's tolerance), split_at (tokenweave: first token of half B), gemm_tflops (layer 0's
+four GEMMs alone at this token count: the compute ceiling the strategies share).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def parse_args(argv=None):
                    help="decoder layers to run (default: 4 on GPU, the preset's count on CPU)")
     p.add_argument("--strategies", nargs="+", default=["nccl", "nocomm", "fused", "tokenweave"],
                    help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained2/4/8: k chunks); "
-                        "nccl is the baseline")
+                        "nccl is the baseline (default: nccl nocomm fused tokenweave)")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="auto: GPU if one is usable, else the CPU fallback")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence in a batch")
@@ -57,10 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--check", action="store_true",
                    help="compare every strategy's output with the float64 reference (nocomm is skipped)")
     p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p",
-                   help="what the fused strategy communicates with (nccl = reduce-scatter + norm + all-gather)")
+                   help="what fused and tokenweave communicate with: p2p (the fused kernel over CUDA IPC) or "
+                        "nccl (reduce-scatter + norm + all-gather)")
     p.add_argument("--ctas", type=int, default=None,
-                   help="CTAs of the fused P2P kernel (tokenweave: for the comm that overlaps attention; "
-                        "default: the tuned value, else the kernel's default)")
+                   help="CTAs of the fused P2P kernel. fused: default every SM (nothing to overlap). "
+                        "tokenweave: CTAs of the comm that overlaps attention; default experiments/tuned/ "
+                        "if it has this token count, else the kernel's default (8)")
     p.add_argument("--ctas-mlp", type=int, default=None,
                    help="tokenweave: CTAs for the comm that overlaps the MLP (default: --ctas)")
     p.add_argument("--split", choices=("wave", "naive"), default="wave",
