@@ -49,6 +49,10 @@ def parse_args(argv=None):
                    help="auto: GPU if one is usable, else the CPU fallback")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence in a batch")
     p.add_argument("--prefix", type=int, default=0, help="tokens of each sequence already in the KV cache")
+    p.add_argument("--decode", type=int, default=0,
+                   help="of each batch's tokens, this many are decode tokens (one per sequence, each with "
+                        "--decode-context tokens cached): a mixed chunked-prefill + decode batch")
+    p.add_argument("--decode-context", type=int, default=1024, help="cached tokens of each decode sequence")
     p.add_argument("--iters", type=int, default=20, help="timed forward passes per point")
     p.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
     p.add_argument("--repeats", type=int, default=3,
@@ -107,6 +111,8 @@ def resolve(args, world):
                and not (s.startswith("finegrained") and s[len("finegrained"):].isdigit())]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {schedules.STRATEGIES}")
+    if args.decode and any(t <= args.decode for t in args.tokens):
+        raise SystemExit(f"--decode {args.decode} must be smaller than every --tokens value {args.tokens}")
     if args.seq_len < 1 or args.prefix < 0 or args.iters < 1 or args.warmup < 0 or args.repeats < 1:
         raise SystemExit("--seq-len, --iters and --repeats must be >= 1, --prefix and --warmup >= 0")
     return config.get(args.model, args.layers)
@@ -128,7 +134,7 @@ def main(argv=None):
         import cupy as cp
         stream = cp.cuda.Stream(non_blocking=True)
     max_tokens = max(args.tokens)
-    capacity = max(batching.prefill(t, args.seq_len, args.prefix).kv_capacity for t in args.tokens)
+    capacity = max(make_batch(args, t).kv_capacity for t in args.tokens)
     world.print0(f"building {cfg.name}: {cfg.num_layers} layers, TP={world.tp_size}, DP={world.dp_size}, "
                  f"up to {max_tokens} tokens, device={world.device}")
     t0 = time.perf_counter()
@@ -145,7 +151,8 @@ def main(argv=None):
                             results.metadata(world, model=cfg.name, layers=cfg.num_layers, dtype=str(model.dtype),
                                              shard_as_tp=args.shard_as_tp,
                                              check_against="nccl" if model.emulated else "float64 reference",
-                                             seq_len=args.seq_len, prefix=args.prefix, graph=args.graph,
+                                             seq_len=args.seq_len, prefix=args.prefix, decode=args.decode,
+                                             decode_context=args.decode_context, graph=args.graph,
                                              transport=args.transport, iters=args.iters, warmup=args.warmup),
                             world.rank)
     tuned = splitting.load_tuned(cfg.name, world.tp_size, results.gpu_info()["gpu"]) if world.is_gpu else {}
@@ -153,7 +160,7 @@ def main(argv=None):
         world.print0(f"tokenweave CTA budgets from experiments/tuned/ for tokens {sorted(tuned)}")
     rows, step, total = [], 0, len(args.tokens) * len(strategies)
     for tokens in args.tokens:
-        batch = batching.prefill(tokens, args.seq_len, args.prefix)
+        batch = make_batch(args, tokens)
         ids = batching.token_ids(tokens, cfg.vocab, args.seed)
         ref = None
         if args.check and not model.emulated:
@@ -217,6 +224,10 @@ def main(argv=None):
         world.print0(f"CHECK FAILED for {[(r['tokens'], r['strategy']) for r in failed]}")
         return 1
     return 0
+
+
+def make_batch(args, tokens):
+    return batching.workload(tokens, args.seq_len, args.prefix, args.decode, args.decode_context)
 
 
 def write_trace(args, world, cfg, strategy, tokens, forward, stream):

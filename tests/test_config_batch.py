@@ -72,3 +72,12 @@ def test_owned_rows_partition_every_range():
         parts = [owned_rows(start, end, r, tp) for r in range(tp)]
         covered = [i for lo, hi in parts for i in range(lo, hi)]
         assert covered == list(range(start, end))
+
+
+def test_workload_mixes_chunked_prefill_and_decode():
+    b = batching.workload(300, 128, prefix=10, decode=20, decode_context=50)
+    assert b.num_tokens == 300
+    assert [(s.new, s.prefix) for s in b.seqs[:3]] == [(128, 10), (128, 10), (24, 10)]
+    assert all((s.new, s.prefix) == (1, 50) for s in b.seqs[3:]) and len(b.seqs) == 23
+    with pytest.raises(ValueError, match="at least one prefill token"):
+        batching.workload(20, 8, decode=20)

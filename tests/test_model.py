@@ -65,3 +65,11 @@ def test_tune_procedure_runs_on_cpu(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
     assert kinds.count("ctas") == 4 and "choice" in kinds and kinds.count("split") >= 3
+
+
+def test_mixed_prefill_decode_batches_match_reference():
+    out = _ok(run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--check", "--tokens", "300",
+                          "--decode", "20", "--decode-context", "50", "--prefix", "10", "--seq-len", "128",
+                          "--strategies", "nccl", "fused", "tokenweave", "finegrained2", "--min-split-tokens",
+                          "100", "--out", "/tmp/tw-test-mixed.jsonl"]))
+    assert "FAIL" not in out and out.count(" ok") >= 4

@@ -84,6 +84,16 @@ def prefill(num_tokens: int, seq_len: int, prefix: int = 0) -> Batch:
     return Batch(seqs)
 
 
+def workload(num_tokens: int, seq_len: int, prefix: int = 0, decode: int = 0, decode_context: int = 1024) -> Batch:
+    """A serving-style batch of `num_tokens` tokens: `decode` decode tokens (one per sequence, each with
+    `decode_context` tokens cached) and the rest as prefill sequences of `seq_len` with `prefix` cached
+    (chunked prefill). decode=0 is plain prefill."""
+    if not 0 <= decode < num_tokens:
+        raise ValueError(f"decode tokens ({decode}) must leave at least one prefill token of {num_tokens}")
+    lengths = [(min(seq_len, num_tokens - decode - s), prefix) for s in range(0, num_tokens - decode, seq_len)]
+    return mixed(lengths + [(1, decode_context)] * decode)
+
+
 def mixed(lengths: list[tuple[int, int]]) -> Batch:
     """A batch from (new, prefix) pairs, e.g. [(300, 0), (1, 900), (77, 64)]: prefill, decode, chunk."""
     seqs, kv = [], 0
