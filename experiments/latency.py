@@ -151,6 +151,7 @@ def main(argv=None):
                             results.metadata(world, model=cfg.name, layers=cfg.num_layers, dtype=str(model.dtype),
                                              shard_as_tp=args.shard_as_tp,
                                              check_against="nccl" if model.emulated else "float64 reference",
+                                             split=args.split, min_split_tokens=args.min_split_tokens,
                                              seq_len=args.seq_len, prefix=args.prefix, decode=args.decode,
                                              decode_context=args.decode_context, graph=args.graph,
                                              transport=args.transport, iters=args.iters, warmup=args.warmup),
@@ -173,8 +174,10 @@ def main(argv=None):
         runs, point_rows = [], []
         for strat in strategies:
             step += 1
-            if strat.name == "tokenweave" and args.ctas is None and tokens in tuned:
-                strat.ctas_attn, strat.ctas_mlp = tuned[tokens]["ctas_attn"], tuned[tokens]["ctas_mlp"]
+            if strat.name == "tokenweave":  # tuned budgets for this token count, else the flags
+                use_tuned = args.ctas is None and tokens in tuned
+                strat.ctas_attn = tuned[tokens]["ctas_attn"] if use_tuned else args.ctas
+                strat.ctas_mlp = tuned[tokens]["ctas_mlp"] if use_tuned else (args.ctas_mlp or args.ctas)
             plan = strat.prepare(batch, ids)
 
             def forward(strat=strat, plan=plan):
@@ -185,8 +188,12 @@ def main(argv=None):
             if world.is_gpu:
                 run()
                 stream.synchronize()
+            strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
             row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs),
-                   "split_at": plan.parts[1].offset if len(plan.parts) == 2 else None}
+                   "split_at": plan.parts[1].offset if len(plan.parts) == 2 else None,
+                   "transport": getattr(strat.comm, "name", type(strat.comm).__name__),
+                   "ctas": getattr(strat, "ctas", None), "ctas_attn": getattr(strat, "ctas_attn", None),
+                   "ctas_mlp": getattr(strat, "ctas_mlp", None)}
             if args.check and model.emulated and strat.name == "nccl":
                 ref = out.astype(model.xp.float64)  # the baseline's output is the reference here
             elif ref is not None and strat.name != "nocomm":
@@ -203,6 +210,17 @@ def main(argv=None):
             for i, (run, _) in enumerate(runs):
                 times[i].append(bench.time_gpu(run, args.iters, args.warmup, stream) if world.is_gpu
                                 else bench.time_cpu(run, min(args.iters, 3), min(args.warmup, 1)))
+        for strat, (run, _), row in zip(strategies, runs, point_rows):
+            # After timing: no transport gave up, and every strategy still computes the same output
+            # (a failed P2P call would otherwise only show as implausibly fast timings).
+            run()
+            if world.is_gpu:
+                stream.synchronize()
+            strat.comm.check()
+            if "rel_err" in row:
+                after = world.comm.allreduce(reference.rel_err(model.ws.x[:tokens], ref)["rel_err"], op=max_op())
+                row["rel_err_after_timing"] = after
+                row["correct"] = row["correct"] and bool(after <= reference.tolerance(model.dtype))
         gemm = gemm_tflops(model, tokens, stream, args.iters) if world.is_gpu else None
         for row, t, (_, forward) in zip(point_rows, times, runs):
             row.update(bench.summarize(np.concatenate(t), world.comm), repeats=args.repeats)

@@ -43,6 +43,8 @@ def main(argv=None):
         stream = cp.cuda.Stream(non_blocking=True)
     model = Model(cfg, world, max(tokens_list), seed=0)
     w, ws = model.layers[0], model.ws
+    if gpu:
+        splitting.fill_random(ws, ("x",))  # timed GEMMs on random data, not on a fresh model's zeros
     split_fn = splitting.split_function("wave", model, world)
     writer = results.Writer(args.out or results.default_path("split", f"{cfg.name}-tp{world.tp_size}"),
                             results.metadata(world, model=cfg.name, iters=args.iters), world.rank)

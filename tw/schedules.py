@@ -42,7 +42,9 @@ def make_comm(kind: str, model: Model, world):
         return NcclComm(world, hidden, max_tokens, model.dtype)
     if kind == "p2p":
         from .comm.p2p import make_p2p_or_nccl
-        return make_p2p_or_nccl(world, hidden, max_tokens)
+        # Two-shot only: at 64-256 rows the one-shot path measured slower at 8 CTAs and equal at
+        # 64-132 (experiments/results/kernels-H200x2-run14.jsonl).
+        return make_p2p_or_nccl(world, hidden, max_tokens, oneshot_max_tokens=0)
     raise ValueError(f"unknown transport {kind!r}; expected nccl, p2p or none")
 
 
@@ -100,16 +102,18 @@ class _Streams:
             self.comm = None
 
     def signal(self, name: str, stream):
-        """Record event `name` on `stream`."""
+        """Record event `name` on `stream` (None: the current stream)."""
         if self.gpu:
             import cupy as cp
-            ev = self._events.setdefault(name, cp.cuda.Event(disable_timing=True))
-            ev.record(stream)
+            if name not in self._events:  # created once, outside any later capture
+                self._events[name] = cp.cuda.Event(disable_timing=True)
+            self._events[name].record(stream or cp.cuda.get_current_stream())
 
     def wait(self, stream, name: str):
-        """Make `stream` wait for the latest record of event `name`."""
+        """Make `stream` (None: the current stream) wait for the latest record of event `name`."""
         if self.gpu:
-            stream.wait_event(self._events[name])
+            import cupy as cp
+            (stream or cp.cuda.get_current_stream()).wait_event(self._events[name])
 
 
 class FineGrained:

@@ -20,6 +20,10 @@ refuses to run on the lab machines):
         AllGather). With sharded=True the residual rows a rank does not own are stale; that is fine
         because the same row ranges are used for every call of one forward pass.
 
+    comm.check()
+        Raise if a transport call failed without raising at its launch (P2P: a peer that never
+        arrived); synchronizes the device. A no-op for transports that fail where they fail.
+
 `owned_rows` is the single definition of which rows a rank owns; kernels and CPU code follow it.
 """
 from __future__ import annotations

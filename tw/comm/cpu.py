@@ -20,6 +20,9 @@ class CpuComm:
         self.hidden, self.max_tokens = hidden, max_tokens
         self.buf = np.zeros((max_tokens, hidden), dtype=dtype)  # [max_tokens, hidden]
 
+    def check(self) -> None:
+        """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
+
     def staging(self, num_tokens: int):
         return self.buf[:num_tokens]
 

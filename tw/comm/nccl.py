@@ -28,6 +28,9 @@ class NcclComm:
         self.ag_out = cp.empty((max_tokens + self.tp, hidden), dtype=dtype)    # [max_tokens + tp, hidden]
         self.max_tokens = max_tokens
 
+    def check(self) -> None:
+        """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
+
     def staging(self, num_tokens: int):
         return self.buf[:num_tokens]
 

@@ -14,6 +14,9 @@ class NoComm:
         xp = _xp(world)
         self.buf = xp.empty((max_tokens, hidden), dtype=dtype)  # [max_tokens, hidden]
 
+    def check(self) -> None:
+        """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
+
     def staging(self, num_tokens: int):
         return self.buf[:num_tokens]
 
