@@ -46,7 +46,8 @@ class GemmProfile:
         from .results import gpu_info
         self.model, self.iters = model, iters
         gpu = gpu_info()["gpu"].replace(" ", "_")
-        self.key = {"gpu": gpu, "model": model.cfg.name, "tp": model.shard.tp}
+        # "method" is part of the key: profiles taken another way (e.g. on zero inputs) are re-measured.
+        self.key = {"gpu": gpu, "model": model.cfg.name, "tp": model.shard.tp, "method": "random-inputs-median"}
         self.path = path or TUNED_DIR / f"gemm-profile-{model.cfg.name}-tp{model.shard.tp}-{gpu}.json"
         self.ms = {}
         self._filled = False
