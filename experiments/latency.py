@@ -129,10 +129,7 @@ def main(argv=None):
     args = parse_args(argv)
     world = dist.init(args.tp, args.device)
     cfg = resolve(args, world)
-    stream = None
-    if world.is_gpu:
-        import cupy as cp
-        stream = cp.cuda.Stream(non_blocking=True)
+    stream = world.new_stream()
     max_tokens = max(args.tokens)
     capacity = max(make_batch(args, t).kv_capacity for t in args.tokens)
     world.print0(f"building {cfg.name}: {cfg.num_layers} layers, TP={world.tp_size}, DP={world.dp_size}, "

@@ -42,10 +42,7 @@ def main(argv=None):
     tokens_list = args.tokens or ([1024, 2048, 4096, 8192, 16384] if gpu else [64, 256])
     if not gpu:
         world.print0("NO GPU: CPU fallback, the shares below mean nothing for GPUs")
-    stream = None
-    if gpu:
-        import cupy as cp
-        stream = cp.cuda.Stream(non_blocking=True)
+    stream = world.new_stream()
     model = Model(cfg, world, max(tokens_list), seed=0, shard_as_tp=args.shard_as_tp)
     nccl, nocomm = (schedules.make(s, model, world) for s in ("nccl", "nocomm"))
     writer = results.Writer(args.out or results.default_path("overhead", f"{cfg.name}-tp{world.tp_size}"),

@@ -37,10 +37,7 @@ def main(argv=None):
     tokens_list = args.tokens or (list(range(1024, 3841, 256)) if gpu else [256, 512])
     if not gpu:
         world.print0("NO GPU: CPU fallback, timings mean nothing")
-    stream = None
-    if gpu:
-        import cupy as cp
-        stream = cp.cuda.Stream(non_blocking=True)
+    stream = world.new_stream()
     model = Model(cfg, world, max(tokens_list), seed=0)
     w, ws = model.layers[0], model.ws
     if gpu:

@@ -56,11 +56,8 @@ def main(argv=None):
     args = parse_args(argv)
     world = dist.init(None, args.device)
     cfg = config.get(args.model, args.layers)
-    stream = None
-    if world.is_gpu:
-        import cupy as cp
-        stream = cp.cuda.Stream(non_blocking=True)
-    else:
+    stream = world.new_stream()
+    if not world.is_gpu:
         world.print0("NO GPU: CPU fallback (checks the procedure; timings mean nothing, no GEMM profile)")
     model = Model(cfg, world, max(args.tokens), seed=0)
     tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)

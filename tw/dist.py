@@ -70,6 +70,13 @@ class World:
     def is_gpu(self) -> bool:
         return self.device == "gpu"
 
+    def new_stream(self):
+        """A non-blocking CUDA stream on this rank's GPU (None on the CPU, where ops ignore streams)."""
+        if not self.is_gpu:
+            return None
+        import cupy as cp
+        return cp.cuda.Stream(non_blocking=True)
+
     def print0(self, *args, **kwargs) -> None:
         """Print on world rank 0 only (the one place that prints)."""
         if self.rank == 0:
