@@ -81,6 +81,54 @@ TW_DEVICE float fast_exp2(float x) {  // ex2.approx(-inf) = +0, which masked sco
   return y;
 }
 
+// One key tile of the online softmax, shared by the mma.sync and wgmma kernels (same fragment layout:
+// s[j][c] is key 8j + 2 tq + (c & 1) of row g (c < 2) or row g + 8 (c >= 2); a row is spread over the
+// 4 lanes of a quad, hence the two xor-shuffles). Masks keys past each row's position when the tile
+// crosses the diagonal, turns s into P = exp2(S * scale_log2 - m), and rescales l and o.
+template <int NJ, int ND>
+TW_DEVICE void softmax_tile(float (&s)[NJ][4], float (&o)[ND][4], float (&m)[2], float (&l)[2], int key0,
+                            bool on_diagonal, int tq, const int (&pos)[2], float scale_log2) {
+  if (on_diagonal) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        if (key0 + 8 * j + 2 * tq + (c & 1) > pos[c >> 1]) s[j][c] = -INFINITY;
+  }
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+  }
+  float m_scaled[2], alpha[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    // A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
+    m_scaled[i] = mx[i] == -INFINITY ? 0.f : mx[i] * scale_log2;
+    alpha[i] = fast_exp2(m[i] * scale_log2 - m_scaled[i]);  // 0 while m was -inf
+    m[i] = mx[i];
+    l[i] *= alpha[i];
+  }
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      s[j][c] = fast_exp2(fmaf(s[j][c], scale_log2, -m_scaled[c >> 1]));
+      l[c >> 1] += s[j][c];
+    }
+  }
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+    o[d][0] *= alpha[0];
+    o[d][1] *= alpha[0];
+    o[d][2] *= alpha[1];
+    o[d][3] *= alpha[1];
+  }
+}
+
 TW_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo -> low half = lower column index
   return *reinterpret_cast<uint32_t*>(&v);
@@ -207,48 +255,7 @@ __device__ __forceinline__ void attention_fwd(const bf16* __restrict__ q, long l
       }
     }
 
-    if (key0 + BLOCK_N - 1 > warp_pos0) {  // tile crosses this warp's diagonal: causal mask
-#pragma unroll
-      for (int j = 0; j < BLOCK_N / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (key0 + 8 * j + 2 * tq + (c & 1) > pos[c >> 1]) s[j][c] = -INFINITY;
-    }
-
-    // Online softmax. Row g lives in s[*][0..1], row g+8 in s[*][2..3]; a row is spread over the 4
-    // lanes of a quad, hence the two xor-shuffles.
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
-    }
-    float m_scaled[2], alpha[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      // A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
-      m_scaled[i] = mx[i] == -INFINITY ? 0.f : mx[i] * scale_log2;
-      alpha[i] = fast_exp2(m[i] * scale_log2 - m_scaled[i]);  // 0 while m was -inf
-      m[i] = mx[i];
-      l[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int j = 0; j < BLOCK_N / 8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[j][c] = fast_exp2(fmaf(s[j][c], scale_log2, -m_scaled[c >> 1]));
-        l[c >> 1] += s[j][c];
-      }
-    }
-#pragma unroll
-    for (int d = 0; d < D / 8; ++d) {
-      o[d][0] *= alpha[0];
-      o[d][1] *= alpha[0];
-      o[d][2] *= alpha[1];
-      o[d][3] *= alpha[1];
-    }
+    softmax_tile(s, o, m, l, key0, key0 + BLOCK_N - 1 > warp_pos0, tq, pos, scale_log2);
 
     // O[16 x D] += P V. The S accumulators of n-tiles 2ks, 2ks+1 are exactly the A fragment of the
     // k-step ks (keys 16ks .. 16ks+15). V x4.trans = (keys 0-7, chunk 2dp), (keys 8-15, 2dp),
@@ -466,44 +473,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     wgmma_wait_all();
     fence_regs(sd);
 
-    if (key0 + WG_BLOCK_N - 1 > wg_pos0) {
-#pragma unroll
-      for (int j = 0; j < WG_BLOCK_N / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (key0 + 8 * j + 2 * tq + (c & 1) > pos[c >> 1]) s[j][c] = -INFINITY;
-    }
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < WG_BLOCK_N / 8; ++j) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
-    }
-    float m_scaled[2], alpha[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      m_scaled[i] = mx[i] == -INFINITY ? 0.f : mx[i] * scale_log2;
-      alpha[i] = fast_exp2(m[i] * scale_log2 - m_scaled[i]);
-      m[i] = mx[i];
-      l[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int j = 0; j < WG_BLOCK_N / 8; ++j) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[j][c] = fast_exp2(fmaf(s[j][c], scale_log2, -m_scaled[c >> 1]));
-        l[c >> 1] += s[j][c];
-      }
-    }
-#pragma unroll
-    for (int d = 0; d < WG_D / 8; ++d) {
-      o[d][0] *= alpha[0];
-      o[d][1] *= alpha[0];
-      o[d][2] *= alpha[1];
-      o[d][3] *= alpha[1];
-    }
+    softmax_tile(s, o, m, l, key0, key0 + WG_BLOCK_N - 1 > wg_pos0, tq, pos, scale_log2);
     uint32_t p[WG_BLOCK_N / 16][4];  // A fragments of P, one per 16 keys
 #pragma unroll
     for (int ks = 0; ks < WG_BLOCK_N / 16; ++ks) {
