@@ -5,7 +5,8 @@
 //   p2p_ar_norm        two-shot, sharded (TokenWeave's order). Rank r owns rows owned_rows(start,end,r)
 //                      (tw/comm/__init__.py; contiguous blocks of ceil(n/tp) rows). For its rows:
 //                        h = (S_0 + S_1 + ... + S_{tp-1})[row] + residual[row]   (fp32, fixed rank order)
-//                        residual[row] = bf16(h);  y = bf16(h * rsqrt(mean(h^2) + eps) * weight)
+//                        residual[row] = r = bf16(h);  y = bf16(r * rsqrt(mean(r^2) + eps) * weight)
+//                      (the norm is taken of the residual as stored, bf16, as cuda/rmsnorm.cu does)
 //                      and y lands in out[row] on EVERY rank. Each row is computed once, by its owner,
 //                      so every rank holds bit-identical results.
 //   p2p_ar_norm_replicated  two-shot, baseline order (sharded=False): the owner pushes s = bf16(sum) to
@@ -26,8 +27,8 @@
 // to the sentinel after every use (triple buffering) and a float value reserved as "empty"; flags
 // keep the receive path a plain load and cost one 4-byte release store per (CTA, peer).
 //
-// LAUNCH SHAPE. grid = ctas (1..SM count; the CTA budget), the SAME on every rank; block =
-// ceil(H/8/VPT) rounded up to 32 threads (<= 512), VPT = 16-byte vectors per thread per row (1, 2, 4).
+// LAUNCH SHAPE. grid = ctas (1..SM count; the CTA budget), the SAME on every rank; block = kThreads
+// (512: 16 warps, one row per warp at a time in phase 2; any hidden % 8 == 0 fits).
 // CTA c of every rank handles slice c of every owner's chunk (rows split evenly over the CTAs), so CTA c
 // only ever talks to CTA c of the other ranks ("CTA pairs"); nothing waits on a grid-wide barrier
 // (sync_all=1 turns the waits into "every CTA of every peer": the simple three-phase fusion).
@@ -80,8 +81,7 @@ namespace {
 constexpr int kMaxTp = 8;
 constexpr int kMaxCtas = 256;
 constexpr int kSlots = 8;
-constexpr int kRows = 2;      // rows per iteration of the row loop (more 16-byte loads in flight)
-constexpr int kSrcBatch = 2;  // sources whose loads are issued together (tp=2: all of them)
+constexpr int kThreads = 512;  // must match THREADS in tw/comm/p2p.py
 
 enum Mode {
   kAllReduce = 0,
@@ -204,191 +204,162 @@ TW_DEVICE bool wait(const Args& a, int phase, unsigned int epoch) {
   return s_fail == 0;
 }
 
-TW_DEVICE void block_sum_rows(float (&x)[kRows], float* scratch /* [32][kRows] */) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) x[r] = tw::warp_sum(x[r]);
-  __syncthreads();
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) scratch[warp * kRows + r] = x[r];
+// Where source k's partial of `row` lives in phase 2: my own staging row, the row a peer pushed into
+// my recv area (two-shot) or into my one-shot area. In the replicated order the only source is my
+// staging row, which already holds the bf16 sum its owner pushed.
+template <int MODE>
+TW_DEVICE const uint4* source_row(const Args& a, int k, int row, int chunk_lo, unsigned int parity) {
+  constexpr bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
+  const long long H = a.hidden;
+  const __nv_bfloat16* p;
+  if (MODE == kArNormReplicated || k == a.rank) {
+    p = ptr<__nv_bfloat16>(a, a.rank, 0) + row * H;
+  } else if (oneshot) {
+    p = ptr<__nv_bfloat16>(a, a.rank, 3) + (((long long)parity * TP_OF(a) + k) * a.oneshot_max + (row - a.start)) * H;
+  } else {
+    p = ptr<__nv_bfloat16>(a, a.rank, 1) + ((long long)k * a.chunk_max + (row - chunk_lo)) * H;
   }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) x[r] = tw::warp_sum(lane < num_warps ? scratch[lane * kRows + r] : 0.f);
+  return reinterpret_cast<const uint4*>(p);
 }
 
-// Phase-2 row work for rows [a, b) that this rank owns (two-shot), or all rows (one-shot).
+// Phase-2 row work for rows [a_row, b_row): the ones this rank owns (two-shot) or all (one-shot).
 // MODE picks what is read, what is computed and where results go.
-template <int MODE, int VPT>
-TW_DEVICE void rows_pass(const Args& a, int a_row, int b_row, int chunk_lo, unsigned int parity) {
-  __shared__ float scratch[32 * kRows];
-  const int H = a.hidden, H8 = H / 8, me = a.rank;
-  const bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm;
-  const bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
-  __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, 0);
+//
+// ONE WARP PER ROW. Warp w of the CTA takes rows a_row + w, a_row + w + 16, ...; lane l takes the
+// 16-byte columns l, l + 32, ... of its row. Nothing waits on a block barrier, so the 16 warps drift
+// apart and one warp's loads overlap another's arithmetic and stores. (The previous layout, a block
+// per 2 rows, barriered every row pair for the norm's sum and was limited to ~7-11 GB/s per CTA:
+// experiments/NOTES.md.) A row is too long for a warp's registers, so the norm takes two passes:
+//   pass 1: h = (S_0 + ... + S_{tp-1}) + residual in fp32, in rank order, kStep vectors per lane per
+//           step with every source's load issued before any is used; residual <- bf16(h); the sum of
+//           squares is taken of bf16(h), the value the residual stream holds;
+//   pass 2: the lane reads back its own residual columns (its own stores: program order makes them
+//           visible) and the weight, y = bf16(h) * rsqrt(mean + eps) * w, stores y locally and pushes it.
+// Without a norm (all-reduce, reduce-scatter) pass 1 stores the bf16 sum and there is no pass 2.
+constexpr int kStep = TW_TP == 0 ? 2 : (TW_TP <= 2 ? 4 : (TW_TP <= 4 ? 2 : 1));
+constexpr int kSources = TW_TP > 0 ? TW_TP : kMaxTp;  // compile-time bound on the sources
+
+// One step of pass 1 for columns c0, c0 + 32, ... (N of them, all < H8): returns the sum of squares.
+template <int MODE, int N>
+TW_DEVICE float pass1_step(const uint4* const (&src)[kSources], int num_src, const uint4* res_in, uint4* res_row,
+                           uint4* stage_row, uint4* const (&peer_rows)[kSources], int num_peers, int c0) {
+  constexpr bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm;
+  uint4 raw[kSources][N], rr[N];
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+#pragma unroll
+    for (int k = 0; k < kSources; ++k)
+      if (k < num_src) raw[k][s] = src[k][c0 + 32 * s];
+    if (norm) rr[s] = res_in[c0 + 32 * s];
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    const int col = c0 + 32 * s;
+    float acc[8], f[8];
+    tw::unpack8(raw[0][s], acc);
+#pragma unroll
+    for (int k = 1; k < kSources; ++k) {
+      if (k >= num_src) break;
+      tw::unpack8(raw[k][s], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += f[e];
+    }
+    if (!norm) {
+      const uint4 v = tw::pack8(acc);
+      stage_row[col] = v;
+      if (MODE == kAllReduce) {  // the result to every peer's staging too
+#pragma unroll
+        for (int j = 0; j < kSources - 1; ++j)
+          if (j < num_peers) peer_rows[j][col] = v;
+      }
+      continue;
+    }
+    tw::unpack8(rr[s], f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += f[e];
+    const uint4 hv = tw::pack8(acc);
+    res_row[col] = hv;
+    tw::unpack8(hv, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss += f[e] * f[e];
+  }
+  return ss;
+}
+
+// One step of pass 2 for N columns: y = r * rinv * w from the residual row r this lane just stored.
+template <int MODE, int N>
+TW_DEVICE void pass2_step(const uint4* w_vec, const uint4* res_row, uint4* out_row, uint4* const (&peer_rows)[kSources],
+                          int num_peers, int c0, float rinv) {
+  uint4 hv[N], wv[N];
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    hv[s] = res_row[c0 + 32 * s];
+    wv[s] = __ldg(w_vec + c0 + 32 * s);
+  }
+#pragma unroll
+  for (int s = 0; s < N; ++s) {
+    const int col = c0 + 32 * s;
+    float h[8], w[8];
+    tw::unpack8(hv[s], h);
+    tw::unpack8(wv[s], w);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) h[e] = h[e] * rinv * w[e];
+    const uint4 y = tw::pack8(h);
+    out_row[col] = y;
+    if (MODE == kArNorm) {  // normed rows to every peer
+#pragma unroll
+      for (int j = 0; j < kSources - 1; ++j)
+        if (j < num_peers) peer_rows[j][col] = y;
+    }
+  }
+}
+
+template <int MODE>
+TW_DEVICE void warp_rows(const Args& a, int a_row, int b_row, int chunk_lo, unsigned int parity) {
+  constexpr bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  const int H8 = a.hidden / 8, me = a.rank;
+  const int full = H8 / (32 * kStep) * (32 * kStep);  // columns covered by whole steps of every lane
+  const long long H = a.hidden;
+  const int num_src = MODE == kArNormReplicated ? 1 : TP_OF(a);
+  const int num_peers = MODE == kAllReduce || MODE == kArNorm ? TP_OF(a) - 1 : 0;  // who gets pushed results
+  const int slot = MODE == kArNorm && a.out_kind == 2 ? 2 : 0;  // into their staging, or registered out
+  const uint4* w_vec = reinterpret_cast<const uint4*>(a.weight);
   int own_lo, own_hi;
   owned(a.start, a.end, me, TP_OF(a), own_lo, own_hi);
 
-  // Weights once per CTA, not once per row.
-  float wt[VPT][8];
+  for (int row = a_row + warp; row < b_row; row += num_warps) {
+    const uint4* src[kSources];
 #pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    const int col = threadIdx.x + v * blockDim.x;
+    for (int k = 0; k < kSources; ++k) src[k] = k < num_src ? source_row<MODE>(a, k, row, chunk_lo, parity) : nullptr;
+    uint4* stage_row = reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, me, 0) + row * H);
+    uint4* res_row = reinterpret_cast<uint4*>(a.residual + row * H);
+    const uint4* res_in = res_row;
+    if (MODE == kOneshotArNorm && (row < own_lo || row >= own_hi))  // only the owner has this row's residual
+      res_in = reinterpret_cast<const uint4*>(ptr<__nv_bfloat16>(a, me, 4) +
+                                              ((long long)parity * a.oneshot_max + (row - a.start)) * H);
+    // Where results are pushed: the peers' staging rows (all-reduce) or output rows (fused), peers in the
+    // order me+1, me+2, ... so the loop has no "skip myself" branch.
+    uint4* peer_rows[kSources];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) wt[v][e] = 0.f;
-    if (norm && col < H8) tw::load8(a.weight + col * 8, wt[v]);
-  }
-  const int num_src = MODE == kArNormReplicated ? 1 : TP_OF(a);
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-
-  for (int row0 = a_row; row0 < b_row; row0 += kRows) {
-    float acc[kRows][VPT][8];
-    float ss[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      ss[r] = 0.f;
-#pragma unroll
-      for (int v = 0; v < VPT; ++v)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[r][v][e] = 0.f;
-    }
-    // Memory-level parallelism: all loads of a batch of kSrcBatch sources (and the residual, with the
-    // first batch) are issued before any is used, so a thread has up to kRows * VPT * (kSrcBatch + 1)
-    // 16-byte loads in flight instead of one at a time. Sums stay in rank order 0..tp-1, then + the
-    // residual: the same order on every rank and in every path.
-    uint4 res_raw[kRows][VPT];
-    for (int k0 = 0; k0 < num_src; k0 += kSrcBatch) {
-      uint4 raw[kRows][VPT][kSrcBatch];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int row = row0 + r;
-        const bool valid = row < b_row;
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          const int col = threadIdx.x + v * blockDim.x;
-          const bool live = valid && col < H8;
-#pragma unroll
-          for (int kk = 0; kk < kSrcBatch; ++kk) {
-            const int k = k0 + kk;
-            raw[r][v][kk] = zero;
-            if (!live || k >= num_src) continue;
-            // In the replicated order the staging row already holds the bf16 sum s (pushed by its owner).
-            const int src = MODE == kArNormReplicated ? me : k;
-            const __nv_bfloat16* p;
-            if (src == me) {
-              p = stage_me + (long long)row * H;
-            } else if (oneshot) {
-              p = ptr<__nv_bfloat16>(a, me, 3) +
-                  (((long long)parity * TP_OF(a) + src) * a.oneshot_max + (row - a.start)) * H;
-            } else {
-              p = ptr<__nv_bfloat16>(a, me, 1) + ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
-            }
-            raw[r][v][kk] = *reinterpret_cast<const uint4*>(p + col * 8);
-          }
-          if (k0 == 0) {
-            res_raw[r][v] = zero;
-            if (norm && live) {
-              const __nv_bfloat16* res = a.residual + (long long)row * H;
-              if (MODE == kOneshotArNorm && (row < own_lo || row >= own_hi))
-                res = ptr<__nv_bfloat16>(a, me, 4) + ((long long)parity * a.oneshot_max + (row - a.start)) * H;
-              res_raw[r][v] = *reinterpret_cast<const uint4*>(res + col * 8);
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int v = 0; v < VPT; ++v)
-#pragma unroll
-          for (int kk = 0; kk < kSrcBatch; ++kk) {
-            if (k0 + kk >= num_src) continue;
-            float f[8];
-            tw::unpack8(raw[r][v][kk], f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r][v][e] += f[e];
-          }
-    }
-    if (norm) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) {
-          float f[8];
-          tw::unpack8(res_raw[r][v], f);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            acc[r][v][e] += f[e];
-            ss[r] += acc[r][v][e] * acc[r][v][e];
-          }
-        }
-    }
-    if (norm) block_sum_rows(ss, scratch);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int row = row0 + r;
-      if (row >= b_row) continue;
-      const float rinv = norm ? rsqrtf(ss[r] / H + a.eps) : 0.f;
-#pragma unroll
-      for (int v = 0; v < VPT; ++v) {
-        const int col = threadIdx.x + v * blockDim.x;
-        if (col >= H8) continue;
-        const long long off = (long long)row * H + col * 8;
-        if (!norm) {
-          const uint4 s = tw::pack8(acc[r][v]);
-          *reinterpret_cast<uint4*>(stage_me + off) = s;
-          if (MODE == kAllReduce) {
-            for (int j = 0; j < TP_OF(a); ++j)
-              if (j != me) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + off) = s;
-          }
-          continue;
-        }
-        tw::store8(a.residual + off, acc[r][v]);
-        float y[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) y[e] = acc[r][v][e] * rinv * wt[v][e];
-        const uint4 yv = tw::pack8(y);
-        *reinterpret_cast<uint4*>(a.out + off) = yv;
-        if (MODE == kArNorm) {
-          const int slot = a.out_kind == 2 ? 2 : 0;
-          for (int j = 0; j < TP_OF(a); ++j)
-            if (j != me) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, slot) + off) = yv;
-        }
-      }
-    }
+    for (int k = 0; k < kSources; ++k)
+      peer_rows[k] = k + 1 < TP_OF(a) ? reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, (me + 1 + k) % TP_OF(a), slot) + row * H)
+                                      : nullptr;
+    float ss = 0.f;
+    for (int c0 = lane; c0 < full; c0 += 32 * kStep)
+      ss += pass1_step<MODE, kStep>(src, num_src, res_in, res_row, stage_row, peer_rows, num_peers, c0);
+    for (int c0 = full + lane; c0 < H8; c0 += 32)
+      ss += pass1_step<MODE, 1>(src, num_src, res_in, res_row, stage_row, peer_rows, num_peers, c0);
+    if (!norm) continue;
+    const float rinv = rsqrtf(tw::warp_sum(ss) / a.hidden + a.eps);
+    uint4* out_row = reinterpret_cast<uint4*>(a.out + row * H);
+    for (int c0 = lane; c0 < full; c0 += 32 * kStep) pass2_step<MODE, kStep>(w_vec, res_row, out_row, peer_rows, num_peers, c0, rinv);
+    for (int c0 = full + lane; c0 < H8; c0 += 32) pass2_step<MODE, 1>(w_vec, res_row, out_row, peer_rows, num_peers, c0, rinv);
   }
 }
 
-// Replicated order, phase 2 push: the owner sends s = bf16(sum) of its rows to every rank's staging
-// (and keeps it in its own staging), before doing its own add + norm.
-template <int VPT>
-TW_DEVICE void push_sums(const Args& a, int a_row, int b_row, int chunk_lo) {
-  const int H = a.hidden, H8 = H / 8, me = a.rank;
-  __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, 0);
-  for (int row = a_row; row < b_row; ++row) {
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int col = threadIdx.x + v * blockDim.x;
-      if (col >= H8) continue;
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int src = 0; src < TP_OF(a); ++src) {
-        const __nv_bfloat16* p = src == me ? stage_me + (long long)row * H
-                                           : ptr<__nv_bfloat16>(a, me, 1) +
-                                                 ((long long)src * a.chunk_max + (row - chunk_lo)) * H;
-        float f[8];
-        tw::load8(p + col * 8, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += f[e];
-      }
-      const uint4 s = tw::pack8(acc);
-      const long long off = (long long)row * H + col * 8;
-      for (int j = 0; j < TP_OF(a); ++j) *reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + off) = s;
-    }
-  }
-}
-
-template <int MODE, int VPT>
+template <int MODE>
 __device__ void run(const Args& a) {
   __shared__ unsigned int s_epoch;
   const int me = a.rank, c = blockIdx.x, ctas = gridDim.x, H = a.hidden;
@@ -448,11 +419,12 @@ __device__ void run(const Args& a) {
                reinterpret_cast<const uint4*>(stage_me + (long long)ra * H), (long long)(rb - ra) * H / 8);
     }
   } else if (MODE == kArNormReplicated) {
-    push_sums<VPT>(a, ra, rb, lo);
-    __syncthreads();  // own staging rows now hold s = bf16(sum); the add + norm below reads them
-    rows_pass<kArNormReplicated, VPT>(a, ra, rb, lo, parity);
+    // The owner first sends s = bf16(sum) of its rows to every rank's staging (the all-reduce's row
+    // work), then does its own add + norm of them; the same warp and lane read back what they wrote.
+    warp_rows<kAllReduce>(a, ra, rb, lo, parity);
+    warp_rows<kArNormReplicated>(a, ra, rb, lo, parity);
   } else {
-    rows_pass<MODE, VPT>(a, ra, rb, lo, parity);
+    warp_rows<MODE>(a, ra, rb, lo, parity);
   }
 
   if (!oneshot) {
@@ -474,7 +446,7 @@ __device__ void run(const Args& a) {
         int jl, jh, ja, jb;
         owned(a.start, a.end, j, TP_OF(a), jl, jh);
         split(jl, jh, ctas, c, ja, jb);
-        rows_pass<kArNormReplicated, VPT>(a, ja, jb, jl, parity);
+        warp_rows<kArNormReplicated>(a, ja, jb, jl, parity);
       }
     }
   }
@@ -501,10 +473,8 @@ __device__ void run(const Args& a) {
   Args{table, rank,     tp,  hidden,   start,    end,        chunk_max, oneshot_max,                    \
        residual, weight, eps, out, out_kind, sync_all, timeout_ns, state}
 
-#define TW_P2P_KERNEL(NAME, MODE, VPT) \
-  extern "C" __global__ void __launch_bounds__(512) NAME##_v##VPT(TW_P2P_PARAMS) { run<MODE, VPT>(TW_P2P_ARGS); }
 #define TW_P2P_KERNELS(NAME, MODE) \
-  TW_P2P_KERNEL(NAME, MODE, 1) TW_P2P_KERNEL(NAME, MODE, 2) TW_P2P_KERNEL(NAME, MODE, 4)
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(TW_P2P_PARAMS) { run<MODE>(TW_P2P_ARGS); }
 
 TW_P2P_KERNELS(p2p_all_reduce, kAllReduce)
 TW_P2P_KERNELS(p2p_reduce_scatter, kReduceScatter)

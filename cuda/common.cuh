@@ -12,13 +12,14 @@
 
 namespace tw {
 
+// bf16 -> fp32 is exact: the bf16 bits are the fp32's top 16 bits. One shift or mask per value (the
+// library's __bfloat1622float2 compiles to a PRMT + shift for the high half).
 TW_DEVICE void unpack8(const uint4& v, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+  const unsigned int w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    float2 p = __bfloat1622float2(h[i]);
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
 

@@ -1,11 +1,12 @@
 // Fused residual add + RMSNorm, bf16 in/out, fp32 math.
 //
 //   h = x + residual           (x may be null: h = residual)
-//   residual <- bf16(h)        (only when x is given)
-//   out = bf16( h * rsqrt(mean(h^2) + eps) * weight )
+//   residual <- r = bf16(h)    (only when x is given)
+//   out = bf16( r * rsqrt(mean(r^2) + eps) * weight )
 //
-// The norm is taken of the fp32 sum h (before rounding it to the bf16 residual), as vLLM and the
-// fused communication kernels do. Launch: one CTA per row, blockDim.x = 32..1024 threads, each thread
+// The norm is taken of the residual as stored (bf16), as Hugging Face's bf16 models do (the residual
+// add happens in bf16, the norm upcasts it) and as the P2P fused kernel does (cuda/ar_norm_p2p.cu):
+// every strategy then normalizes exactly the same values. Launch: one CTA per row, blockDim.x = 32..1024 threads, each thread
 // keeps up to MAX_VEC 16-byte vectors of its row in registers (so the row is read once):
 // hidden / 8 <= blockDim.x * MAX_VEC. Rows are 16-byte aligned (hidden % 8 == 0, checked in Python).
 #include "common.cuh"
@@ -32,7 +33,9 @@ extern "C" __global__ void add_rmsnorm_bf16(const __nv_bfloat16* __restrict__ x,
         tw::load8(x + row + 8 * v, a);
 #pragma unroll
         for (int j = 0; j < 8; ++j) h[i][j] += a[j];
-        tw::store8(residual + row + 8 * v, h[i]);
+        const uint4 r = tw::pack8(h[i]);
+        *reinterpret_cast<uint4*>(residual + row + 8 * v) = r;
+        tw::unpack8(r, h[i]);
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j) sumsq += h[i][j] * h[i][j];

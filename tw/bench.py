@@ -50,11 +50,14 @@ def summarize(times_ms: np.ndarray, comm=None) -> dict:
 class Graph:
     """CUDA graph of fn() captured on `stream`; call it to replay.
 
-    Everything fn touches must be allocated before capture (tw preallocates all buffers)."""
+    Everything fn touches must be allocated before capture (tw preallocates all buffers) and stay
+    allocated while the graph lives: the graph keeps fn (and so whatever its closure holds, e.g. a
+    prepared plan's device arrays) alive; without that, memory freed to CuPy's pool and reused by
+    the next plan made replays read stale metadata (an illegal address in experiments/tune.py)."""
 
     def __init__(self, fn, stream):
         import cupy as cp
-        self.stream = stream
+        self.stream, self.fn = stream, fn
         with stream:
             fn()  # one eager call first: compiles/loads kernels, creates handles outside capture
         stream.synchronize()

@@ -22,6 +22,17 @@ from . import owned_rows  # noqa: F401  (the kernel follows the same row ownersh
 FORBIDDING_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def _vpt_threads(hidden: int) -> tuple[int, int]:
+    """(16-byte vectors per thread per row, threads per block): the multimem kernel holds a whole row
+    in one CTA's registers, 1, 2 or 4 vectors per thread, at most 512 threads (hidden <= 16384)."""
+    h8 = hidden // 8
+    for vpt in (1, 2, 4):
+        per_thread = -(-h8 // vpt)  # threads needed
+        if per_thread <= 512:
+            return vpt, -(-per_thread // 32) * 32
+    raise ValueError(f"hidden={hidden} is larger than the multimem kernel supports (16384)")
+
+
 class MulticastRefused(RuntimeError):
     """Multicast is not allowed in this environment (see DESIGN.md rule 1)."""
 
@@ -130,7 +141,6 @@ class MultimemComm:
         world.tp_comm.Barrier()
         self._mem, self._mc_handle = mem, mc
         self._state = cp.zeros(8, dtype=cp.uint32)
-        from .p2p import _vpt_threads
         self.vpt, self.threads = _vpt_threads(hidden)
 
     def staging(self, num_tokens: int):

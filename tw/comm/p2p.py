@@ -32,7 +32,7 @@ from ..dist import env_flag
 MAX_TP = 8
 MAX_CTAS = 256        # must match kMaxCtas in cuda/ar_norm_p2p.cu
 NUM_SLOTS = 8         # pointer-table entries per rank (kSlots)
-MAX_HIDDEN = 8 * 512 * 4  # 512 threads x 4 vectors of 8 bf16 per row
+THREADS = 512         # threads per CTA: 16 warps, one row each at a time (kThreads in the kernel)
 DEFAULT_CTAS = 8      # the CTA budget when none is given (LAB.md: 8 CTAs push ~338 GB/s)
 DEFAULT_ONESHOT_MAX_TOKENS = 256
 _ALIGN = 256
@@ -48,16 +48,6 @@ class P2PTimeout(RuntimeError):
     """A peer did not arrive at a P2P kernel in time; the P2PComm is unusable afterwards."""
 
 
-def _vpt_threads(hidden: int) -> tuple[int, int]:
-    """(16-byte vectors per thread per row, threads per block) for a row of `hidden` bf16 values."""
-    h8 = hidden // 8
-    for vpt in (1, 2, 4):
-        per_thread = -(-h8 // vpt)  # threads needed
-        if per_thread <= 512:
-            return vpt, -(-per_thread // 32) * 32
-    raise ValueError(f"hidden={hidden} is larger than the P2P kernels support ({MAX_HIDDEN})")
-
-
 def _align(x: int) -> int:
     return -(-x // _ALIGN) * _ALIGN
 
@@ -65,7 +55,7 @@ def _align(x: int) -> int:
 class P2PComm:
     """Fused AllReduce + residual-add + RMSNorm and plain collectives over CUDA-IPC peer pointers.
 
-    world: tw.dist.World on GPUs; hidden: row width (multiple of 8, <= 16384); max_tokens: rows of the
+    world: tw.dist.World on GPUs; hidden: row width (a multiple of 8); max_tokens: rows of the
     staging buffer. ctas: default CTA budget per call (1..SM count, the same on every rank).
     oneshot_max_tokens: calls with at most this many rows take the one-shot latency path.
     timeout_s: how long a kernel waits for a peer before it gives up and flags an error.
@@ -81,8 +71,6 @@ class P2PComm:
             raise ValueError(f"P2PComm supports dtype='bfloat16' only, got {dtype!r}")
         if hidden % 8 != 0 or hidden <= 0:
             raise ValueError(f"hidden={hidden} must be a positive multiple of 8 (rows move as 16-byte vectors)")
-        if hidden > MAX_HIDDEN:
-            raise ValueError(f"hidden={hidden} > {MAX_HIDDEN}, the largest row the P2P kernels hold in registers")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens={max_tokens} must be positive")
         if world.tp_size > MAX_TP:
@@ -94,7 +82,6 @@ class P2PComm:
         self.ctas = self._check_ctas(ctas or min(DEFAULT_CTAS, self.num_sms))
         self.oneshot_max_tokens = max(0, min(int(oneshot_max_tokens), max_tokens))
         self.timeout_s = float(timeout_s)
-        self.vpt, self.threads = _vpt_threads(hidden)
         self.chunk_max = -(-max_tokens // self.tp)
         self._fns = {}
 
@@ -274,7 +261,7 @@ class P2PComm:
     def _launch(self, op: str, start: int, end: int, stream, ctas, residual=None, weight=None, eps=0.0,
                 out=None, out_kind=OUT_STAGING, sync_all=False) -> None:
         ctas = self.ctas if ctas is None else self._check_ctas(ctas)
-        fn = self._fn(f"p2p_{op}_v{self.vpt}")
+        fn = self._fn(f"p2p_{op}")
         null = np.uint64(0)
         args = (self._table, np.int32(self.rank), np.int32(self.tp), np.int32(self.hidden),
                 np.int32(start), np.int32(end), np.int32(self.chunk_max),
@@ -282,7 +269,7 @@ class P2PComm:
                 residual if residual is not None else null, weight if weight is not None else null,
                 np.float32(eps), out if out is not None else null, np.int32(out_kind), np.int32(bool(sync_all)),
                 np.uint64(int(self.timeout_s * 1e9)), self._state)
-        kernels.launch(fn, ctas, self.threads, args, stream=stream)
+        kernels.launch(fn, ctas, THREADS, args, stream=stream)
 
     def _oneshot(self, start: int, end: int, oneshot) -> bool:
         if oneshot is None:
