@@ -11,7 +11,8 @@ Rows go to a JSON-lines file with the run's metadata.
 
 Columns: median_ms (one forward pass of --layers layers; min_ms, max_ms too), per_layer_ms,
 speedup_vs_nccl (nccl median / this median), rel_err (||out - ref|| / ||ref||, with --check), correct
-(rel_err <= the dtype's tolerance), split_at (tokenweave: first token of half B), gemm_tflops (layer 0's
+(rel_err <= the dtype's tolerance), split_at (tokenweave: first token of half B) and split_source
+(tuned / wave / naive, see --split), ctas_attn / ctas_mlp (tokenweave's CTA budgets), gemm_tflops (layer 0's
 four GEMMs alone at this token count: the compute ceiling the strategies share).
 """
 from __future__ import annotations
@@ -71,8 +72,10 @@ def parse_args(argv=None):
                         "if it has this token count, else the kernel's default (8)")
     p.add_argument("--ctas-mlp", type=int, default=None,
                    help="tokenweave: CTAs for the comm that overlaps the MLP (default: --ctas)")
-    p.add_argument("--split", choices=("wave", "naive"), default="wave",
-                   help="tokenweave split point: wave-aware (from a measured GEMM profile) or half the tokens")
+    p.add_argument("--split", choices=("tuned", "wave", "naive"), default="tuned",
+                   help="tokenweave split point: tuned = the best point of experiments/tune.py's end-to-end "
+                        "search when experiments/tuned/ has this token count, else wave; wave = the wave-aware "
+                        "rule (from a measured GEMM profile); naive = half the tokens. Rows record split_source")
     p.add_argument("--min-split-tokens", type=int, default=1024,
                    help="tokenweave does not split smaller batches (runs fused alone)")
     p.add_argument("--shard-as-tp", type=int, default=None,
@@ -140,7 +143,8 @@ def main(argv=None):
         world.print0(f"EMULATED: weight shards sized as at TP={args.shard_as_tp}, communication over "
                      f"TP={world.tp_size}; outputs are not the model's (checked against nccl)")
     world.print0(f"built in {time.perf_counter() - t0:.1f} s")
-    strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=args.split,
+    rule = "wave" if args.split == "tuned" else args.split  # the rule where nothing is tuned
+    strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=rule,
                                  ctas_mlp=args.ctas_mlp, min_split_tokens=args.min_split_tokens)
                   for s in args.strategies]
     tag = f"{cfg.name}-tp{world.tp_size}-{results.gpu_info()['gpu'].replace(' ', '_') if world.is_gpu else 'cpu'}"
@@ -155,7 +159,8 @@ def main(argv=None):
                             world.rank)
     tuned = splitting.load_tuned(cfg.name, world.tp_size, results.gpu_info()["gpu"]) if world.is_gpu else {}
     if tuned:
-        world.print0(f"tokenweave CTA budgets from experiments/tuned/ for tokens {sorted(tuned)}")
+        world.print0(f"tokenweave CTA budgets{' and split points' if args.split == 'tuned' else ''} from "
+                     f"experiments/tuned/ for tokens {sorted(tuned)}")
     rows, step, total = [], 0, len(args.tokens) * len(strategies)
     for tokens in args.tokens:
         batch = make_batch(args, tokens)
@@ -171,10 +176,16 @@ def main(argv=None):
         runs, point_rows = [], []
         for strat in strategies:
             step += 1
+            split_source = None
             if strat.name == "tokenweave":  # tuned budgets for this token count, else the flags
                 use_tuned = args.ctas is None and tokens in tuned
                 strat.ctas_attn = tuned[tokens]["ctas_attn"] if use_tuned else args.ctas
                 strat.ctas_mlp = tuned[tokens]["ctas_mlp"] if use_tuned else (args.ctas_mlp or args.ctas)
+                rule_fn = getattr(strat, "rule_split_fn", strat.split_fn)
+                strat.rule_split_fn = rule_fn
+                best = tuned.get(tokens, {}).get("best_split") if args.split == "tuned" else None
+                strat.split_fn = (lambda t, s=best: s) if best is not None else rule_fn
+                split_source = "tuned" if best is not None else rule
             plan = strat.prepare(batch, ids)
 
             def forward(strat=strat, plan=plan):
@@ -188,6 +199,7 @@ def main(argv=None):
             strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
             row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs),
                    "split_at": plan.parts[1].offset if len(plan.parts) == 2 else None,
+                   "split_source": split_source if len(plan.parts) == 2 else None,
                    "transport": getattr(strat.comm, "name", type(strat.comm).__name__),
                    "ctas": getattr(strat, "ctas", None), "ctas_attn": getattr(strat, "ctas_attn", None),
                    "ctas_mlp": getattr(strat, "ctas_mlp", None)}

@@ -14,7 +14,9 @@ Configurations are timed round-robin, --repeats rounds, median round: on the lab
 configuration timed twice in sequence differed by up to 5%, more than the effects being compared.
 Rank 0's timings decide (the timings are already the slowest rank's); the choice is broadcast through
 the timing itself, which `tw.bench.summarize` makes identical on every rank. Writes result rows and
-experiments/tuned/tokenweave-<model>-tp<tp>-<gpu>.json, which experiments/latency.py reads.
+experiments/tuned/tokenweave-<model>-tp<tp>-<gpu>.json, which experiments/latency.py reads: the CTA
+budgets, and (its default --split tuned) best_split as tokenweave's split point; split_at there is
+the wave rule's choice, kept to report how far the rule is from the search.
 """
 from __future__ import annotations
 

@@ -54,12 +54,15 @@ def rel_err(got, ref, what: str) -> None:
                      f"mean abs err {diff.mean():.3e}, nan={np.isnan(got).sum()})")
 
 
-def encoded(rank: int, rows: int, hidden: int, row0: int = 0) -> np.ndarray:
-    """Value = rank*64 + (row % 8)*8 + (col % 8), sign flipped on odd col blocks: exact in bf16 and
-    the sum over 2 ranks (|.| <= 190 < 256) is exact too."""
-    i = (np.arange(row0, row0 + rows) % 8)[:, None]
+def encoded(rank: int, rows: int, hidden: int, tp: int) -> np.ndarray:
+    """Value = rank*a + (row % R)*C + (col % C), sign flipped on odd col blocks of 8, with a = R*C the
+    largest power of 2 <= 256 / tp^2 (tp=2: a=64, R=C=8; tp=4: 16; tp=8: 4). Every value is an integer
+    below 256/tp and every sum over the tp ranks one below 256: exact in bf16 (8 significant bits)."""
+    a = 1 << int(np.floor(np.log2(256 / tp ** 2)))
+    c = 1 << (int(np.log2(a)) // 2)
+    i = (np.arange(rows) % (a // c))[:, None]
     j = np.arange(hidden)[None, :]
-    v = rank * 64 + i * 8 + (j % 8)
+    v = rank * a + i * c + (j % c)
     return (v * np.where((j // 8) % 2 == 1, -1, 1)).astype(np.float32)
 
 
@@ -83,7 +86,7 @@ def test_exact_collectives(world, comm, hidden, cases):
     me, tp = world.tp_rank, world.tp_size
     stage = comm.staging(comm.max_tokens)
     n = comm.max_tokens
-    enc = [encoded(r, n, hidden) for r in range(tp)]
+    enc = [encoded(r, n, hidden, tp) for r in range(tp)]
     total = sum(enc)
     base = enc[me]
     for start, end, ctas, oneshot in cases:
