@@ -140,6 +140,8 @@ def fig_split(path: Path, out_dir: Path):
         ax.plot(*zip(*pts), marker="o", ms=3, label=f"{t} tokens: exhaustive")
         choice = next(r for r in rows if r["tokens"] == t and r["kind"] == "choice")
         ax.plot([choice["split_at"]], [choice["median_ms"]], "r*", ms=10, label="wave-aware choice")
+        if "best_split" in choice:
+            ax.plot([choice["best_split"]], [choice["best_split_ms"]], "g^", ms=8, label="exhaustive best")
         ax.plot([t // 2], [choice["naive_split_ms"]], "ks", ms=6, label="naive (T/2)")
     ax.set_xlabel("split point s (tokens in half A)")
     ax.set_ylabel("forward time (ms)")
@@ -185,14 +187,75 @@ def fig_split_mlp(path: Path, out_dir: Path):
     return _save(fig, "split_mlp", out_dir)
 
 
+KERNEL_HISTORY = [  # the same benchmark after each change to cuda/ar_norm_p2p.cu (experiments/NOTES.md)
+    ("block per 2 rows, TP at run time", "kernels-H200x2-run14.jsonl"),
+    ("+ batched loads", "kernels-H200x2-quick-batched-loads.jsonl"),
+    ("+ TP compiled in", "kernels-H200x2-tw-tp-compiled.jsonl"),
+    ("warp per row, no block barriers", "kernels-H200x2-warp-per-row.jsonl"),
+]
+
+
+def fig_kernel_history(path: Path, out_dir: Path):
+    """Fused P2P kernel at 8 CTAs (hidden 8192) after each change, as a multiple of NCCL all-reduce's
+    time measured in the same run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for label, name in KERNEL_HISTORY:
+        f = RESULTS_DIR / name
+        if not f.exists():
+            continue
+        rows = [r for r in read(f) if r.get("hidden") == 8192]
+        nccl = {r["tokens"]: r["time_us"] for r in rows if r["kernel"] == "nccl_ar"}
+        pts = sorted((r["tokens"], r["time_us"] / nccl[r["tokens"]]) for r in rows
+                     if r["kernel"] == "p2p_fused" and r["ctas"] == 8 and r["tokens"] in nccl)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{label} ({name})")
+    ax.axhline(1.0, color="k", lw=0.8, label="NCCL all-reduce alone")
+    ax.axhline(0.85, color="r", ls="--", lw=0.8, label="target: 0.85x with <= 8 CTAs")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (hidden 8192, bf16)")
+    ax.set_ylabel("fused AR+norm time / NCCL AR time")
+    ax.set_title("P2P fused kernel at 8 CTAs, 2x H200, by version", fontsize=9)
+    ax.legend(fontsize=6)
+    return _save(fig, "kernel_history", out_dir)
+
+
+def fig_timeline(path: Path, out_dir: Path):
+    """One layer of a traced forward pass (rank 0): compute and comm lanes, per strategy."""
+    import csv
+    plt = _plt()
+    traces = sorted(path.parent.glob("trace-*.csv"))
+    fig, axes = plt.subplots(len(traces), 1, figsize=(10, 1.3 * len(traces) + 0.6), squeeze=False)
+    for ax, f in zip(axes[:, 0], traces):
+        rows = [r for r in csv.DictReader(f.open()) if r["rank"] == "0" and r["layer"] == "1"]
+        t0 = min(float(r["start_us"]) for r in rows)
+        lanes = {"compute": 1, "comm": 0}
+        for r in rows:
+            start, dur = float(r["start_us"]) - t0, float(r["dur_us"])
+            color = "tab:orange" if r["lane"] == "comm" or "comm" in r["name"] or "allreduce" in r["name"] else (
+                "tab:blue" if "attn" in r["name"] else "tab:green")
+            ax.broken_barh([(start / 1e3, dur / 1e3)], (lanes.get(r["lane"], 1) - 0.4, 0.8), color=color,
+                           edgecolor="k", lw=0.3)
+        ax.set_yticks([0, 1], ["comm", "compute"])
+        ax.set_title(f.stem, fontsize=8)
+    axes[-1, 0].set_xlabel("ms from layer 1's first op (rank 0; eager pass with per-op events)")
+    fig.suptitle(f"layer 1 timelines: blue attention, green MLP, orange communication ({path.parent.name})",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, "timeline", out_dir)
+
+
 FIGURES = [
-    (fig_latency, "latency-*-tp2-*all-strategies.jsonl"),
-    (lambda p, d: fig_latency(p, d, "latency_speedup_shard8"), "latency-*shard-as-tp8*.jsonl"),
-    (fig_kernels, "kernels-*run14.jsonl"),
+    (fig_latency, "latency-llama3-70b-tp2-H200-e2e-warp-per-row.jsonl"),
+    (lambda p, d: fig_latency(p, d, "latency_speedup_qwen"), "latency-qwen2.5-72b-tp2-H200-e2e-warp-per-row.jsonl"),
+    (lambda p, d: fig_latency(p, d, "latency_speedup_shard8"), "latency-*shard-as-tp8*warp-per-row.jsonl"),
+    (fig_kernels, "kernels-H200x2-warp-per-row.jsonl"),
+    (fig_kernel_history, "kernels-H200x2-warp-per-row.jsonl"),
     (fig_attention, "attention-*.jsonl"),
-    (fig_split, "tune-*.jsonl"),
+    (fig_split, "tune-*roundrobin.jsonl"),
     (fig_overhead, "overhead-*.jsonl"),
     (fig_split_mlp, "split-*.jsonl"),
+    (fig_timeline, "traces-H200x2/trace-*tokenweave*.csv"),
 ]
 
 

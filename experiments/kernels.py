@@ -33,7 +33,7 @@ import argparse
 
 import numpy as np
 
-from tw import bench, dist, results
+from tw import bench, dist, graph, results
 
 TOL = 1e-2
 
@@ -163,11 +163,11 @@ def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
     # Timing: reps calls per graph; fall back to eager launches if capture fails.
     reps = a.reps
     try:
-        g = bench.Graph(lambda: [fn(stream) for _ in range(reps)], stream)
-        run, graph = g, True
+        g = graph.Graph(lambda: [fn(stream) for _ in range(reps)], stream)
+        run, graphed = g, True
     except Exception as e:  # noqa: BLE001 - record and go on eagerly
         world.print0(f"    graph capture failed for {kernel} ({type(e).__name__}: {e}); timing eager launches")
-        run, graph = (lambda: [fn(stream) for _ in range(reps)]), False
+        run, graphed = (lambda: [fn(stream) for _ in range(reps)]), False
     world.tp_comm.Barrier()
     times = bench.time_gpu(run, iters=a.iters, warmup=a.warmup, stream=stream)
     if pc is not None:
@@ -181,7 +181,7 @@ def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
             "ctas": ctas if ctas is not None else 0, "time_us": round(t_us, 2), "min_us": round(st["min_ms"] * 1e3, 2),
             "max_us": round(st["max_ms"] * 1e3, 2), "algbw_gbps": round(algbw, 1),
             "busbw_gbps": round(algbw * 2 * (tp - 1) / tp, 1), "rel_err": worst, "correct": correct,
-            "graph": graph, "oneshot": bool(transport == "p2p" and n <= pc.oneshot_max_tokens and "2shot" not in kernel
+            "graph": graphed, "oneshot": bool(transport == "p2p" and n <= pc.oneshot_max_tokens and "2shot" not in kernel
                                             and "simple" not in kernel)}
 
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from tw import batch as batching
-from tw import bench, config, dist, reference, results, schedules, trace
+from tw import bench, config, dist, graph, reference, results, schedules, trace
 from tw import split as splitting
 from tw.layers import layer_gemms
 from tw.model import Model
@@ -61,6 +61,10 @@ def parse_args(argv=None):
                         "the median is over all rounds' passes")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay a CUDA graph of the whole forward (GPU only; --no-graph launches eagerly)")
+    p.add_argument("--graph-priority", action=argparse.BooleanOptionalAction, default=True,
+                   help="instantiate graphs so each kernel keeps its stream's priority (tokenweave's comm stream "
+                        "is high priority); --no-graph-priority replays every kernel at one priority, as a "
+                        "plain cudaGraphInstantiate does (tw/graph.py)")
     p.add_argument("--check", action="store_true",
                    help="compare every strategy's output with the float64 reference (nocomm is skipped)")
     p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p",
@@ -155,6 +159,7 @@ def main(argv=None):
                                              split=args.split, min_split_tokens=args.min_split_tokens,
                                              seq_len=args.seq_len, prefix=args.prefix, decode=args.decode,
                                              decode_context=args.decode_context, graph=args.graph,
+                                             graph_priority=args.graph_priority,
                                              transport=args.transport, iters=args.iters, warmup=args.warmup),
                             world.rank)
     tuned = splitting.load_tuned(cfg.name, world.tp_size, results.gpu_info()["gpu"]) if world.is_gpu else {}
@@ -192,7 +197,7 @@ def main(argv=None):
                 return strat.forward(plan, stream)
 
             out = forward()
-            run = bench.Graph(forward, stream) if args.graph and world.is_gpu else forward
+            run = graph.Graph(forward, stream, args.graph_priority) if args.graph and world.is_gpu else forward
             if world.is_gpu:
                 run()
                 stream.synchronize()

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from tw import batch as batching
-from tw import bench, config, dist, results, schedules
+from tw import bench, config, dist, graph, results, schedules
 from tw import split as splitting
 from tw.model import Model
 
@@ -75,7 +75,7 @@ def main(argv=None):
         tw.ctas_attn, tw.ctas_mlp = ctas_attn, ctas_mlp
         plan = tw.prepare(batch, ids)
         run = lambda: tw.forward(plan, stream)  # noqa: E731
-        return bench.Graph(run, stream) if world.is_gpu else run
+        return graph.Graph(run, stream) if world.is_gpu else run
 
     def timed_all(batch, ids, configs):
         """Median over --repeats rounds, each round timing every config once in turn, so slow drifts

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from tw import dist
-from tw.bench import Graph
+from tw.graph import Graph
 from tw.comm import owned_rows
 from tw.comm.p2p import P2PComm, P2PTimeout
 

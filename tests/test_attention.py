@@ -214,7 +214,7 @@ def test_cuda_graph_capture():
     """attention_cuda does no sync and no allocation: it replays from a CUDA graph."""
     import cupy as cp
     from tw.attention import attention_cuda, attention_meta
-    from tw.bench import Graph
+    from tw.graph import Graph
     rng = np.random.default_rng(5)
     q, k, v, cu, start, pre = make_batch(rng, [100, 1], [0, 50], 8, 2, 128)
     (q_d, q64), (k_d, k64), (v_d, v64) = map(to_device_bf16, (q, k, v))

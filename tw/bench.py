@@ -47,35 +47,10 @@ def summarize(times_ms: np.ndarray, comm=None) -> dict:
     return {"median_ms": float(stats[0]), "min_ms": float(stats[1]), "max_ms": float(stats[2])}
 
 
-class Graph:
-    """CUDA graph of fn() captured on `stream`; call it to replay.
-
-    Everything fn touches must be allocated before capture (tw preallocates all buffers) and stay
-    allocated while the graph lives: the graph keeps fn (and so whatever its closure holds, e.g. a
-    prepared plan's device arrays) alive; without that, memory freed to CuPy's pool and reused by
-    the next plan made replays read stale metadata (an illegal address in experiments/tune.py)."""
-
-    def __init__(self, fn, stream):
-        import cupy as cp
-        self.stream, self.fn = stream, fn
-        with stream:
-            fn()  # one eager call first: compiles/loads kernels, creates handles outside capture
-        stream.synchronize()
-        stream.begin_capture(mode=cp.cuda.runtime.streamCaptureModeRelaxed)
-        try:
-            with stream:
-                fn()
-        finally:
-            self.graph = stream.end_capture()
-        self.graph.upload(stream)
-
-    def __call__(self):
-        self.graph.launch(self.stream)
-
-
 def median_ms(fn, world, stream=None, iters: int = 20, warmup: int = 5) -> float:
     """The slowest rank's median time of fn(): a CUDA graph of it replayed under events on the GPU,
     perf_counter on the CPU (a couple of calls: correctness runs only)."""
     if world.is_gpu:
+        from .graph import Graph
         return summarize(time_gpu(Graph(fn, stream), iters, warmup, stream), world.comm)["median_ms"]
     return summarize(time_cpu(fn, 2, 1), world.comm)["median_ms"]

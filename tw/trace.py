@@ -132,6 +132,15 @@ def _union(intervals):
     return merged
 
 
+def lane_busy(rows: list[dict], rank: int, lane: str = "compute") -> tuple[float, float]:
+    """(us during which some op of `lane` ran on `rank`, us from its first op's start to its last op's end)."""
+    spans = [(r["start_us"], r["start_us"] + r["dur_us"]) for r in rows if r["rank"] == rank and r["lane"] == lane]
+    if not spans:
+        return 0.0, 0.0
+    merged = _union(spans)
+    return sum(e - s for s, e in merged), merged[-1][1] - merged[0][0]
+
+
 def _overlap(a, b):
     """Total length of the intersection of two merged interval lists."""
     i = j = 0
