@@ -94,7 +94,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         batch = batching.prefill(tokens, args.seq_len)
         ids = batching.token_ids(tokens, cfg.vocab, 0)
-        wave = (splitting.choose(tokens, profile) if profile else splitting.naive(tokens)) \
+        wave = (splitting.wave_split(tokens, profile) if profile else splitting.naive(tokens)) \
             if world.tp_rank == 0 else None
         wave = world.tp_comm.bcast(wave, root=0)
         ctas_times = timed_all(batch, ids, [(wave, ca, cm) for ca in args.ctas_grid for cm in args.ctas_grid])

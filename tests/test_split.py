@@ -25,3 +25,32 @@ def test_wave_split_avoids_a_partial_wave():
 
 def test_smooth_cost_gives_the_middle():
     assert split.choose(4096, lambda m: 0.01 * m) == 2048
+
+
+class DriftingProfile(split.GemmProfile):
+    """A GemmProfile whose 'GPU' slows down the longer it runs (clocks falling under load): each timing
+    costs 1% more than the one before. The true cost is linear in M, so the true best split is T/2."""
+
+    def __init__(self, rounds=4):
+        self.ms, self.rounds, self.warm_s, self.calls = {}, rounds, 0.0, 0
+
+    def _warm_up(self, m):
+        pass
+
+    def _time(self, m):
+        self.calls += 1
+        return 0.01 * m * (1.0 + 0.01 * self.calls)
+
+
+def test_one_after_another_profiling_is_biased_by_drift():
+    # Measured lazily in choose()'s order, the first pair measured looks cheapest: the window's edge wins.
+    p = DriftingProfile(rounds=1)
+    assert split.choose(4096, p) == min(split.candidates(4096))
+
+
+def test_prefetched_profile_cancels_a_linear_drift():
+    p = DriftingProfile(rounds=4)
+    c = split.candidates(4096)
+    assert split.wave_split(4096, p) == 2048
+    assert set(p.ms) == set(c) | {4096 - x for x in c}  # every point measured in one batch
+    assert p.calls == 4 * len(p.ms)                      # each point once per round

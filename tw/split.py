@@ -38,16 +38,34 @@ def choose(num_tokens: int, gemm_ms, grid: int = GRID, window: float = WINDOW) -
                key=lambda s: (round(gemm_ms(s) + gemm_ms(num_tokens - s), 6), abs(s - half)))
 
 
-class GemmProfile:
-    """Measured time (ms) of one layer's four GEMMs at M rows (median of `iters`, random inputs),
-    measured on demand and cached."""
+def wave_split(num_tokens: int, profile, grid: int = GRID, window: float = WINDOW) -> int:
+    """choose() on a profile whose points are measured together first (GemmProfile.prefetch)."""
+    c = candidates(num_tokens, grid, window)
+    profile.prefetch(sorted(set(c) | {num_tokens - s for s in c}))
+    return choose(num_tokens, profile, grid, window)
 
-    def __init__(self, model, path: Path | None = None, iters: int = 10):
+
+class GemmProfile:
+    """Measured time (ms) of one layer's four GEMMs at M rows, cached per M.
+
+    How it measures (`prefetch`): random inputs; the GPU is first kept busy for `warm_s` seconds so
+    its clocks settle; then every requested M is timed once per round over `rounds` rounds, in
+    ascending order in even rounds and descending in odd ones, and each M keeps its median. With 4
+    rounds a drift that is linear in time shifts every M's median by the same amount (the middle two
+    of an M's four timings sit at positions that add up to the same total for every M), so it cannot
+    favour any split. Measured one M after another instead, the first few points of
+    a 4K profile ran at ~770 TFLOP/s and the rest at 660-725 (clocks falling under sustained load), and
+    the rule preferred the split whose GEMMs happened to be timed first (1664 of 4096: 4.7% slower end
+    to end than the best point; experiments/NOTES.md)."""
+
+    def __init__(self, model, path: Path | None = None, iters: int = 10, rounds: int = 4, warm_s: float = 1.0):
         from .results import gpu_info
-        self.model, self.iters = model, iters
+        self.model, self.iters, self.rounds, self.warm_s = model, iters, rounds, warm_s
         gpu = gpu_info()["gpu"].replace(" ", "_")
-        # "method" is part of the key: profiles taken another way (e.g. on zero inputs) are re-measured.
-        self.key = {"gpu": gpu, "model": model.cfg.name, "tp": model.shard.tp, "method": "random-inputs-median"}
+        # "method" is part of the key: profiles taken another way (zero inputs, one M after another)
+        # are re-measured.
+        self.key = {"gpu": gpu, "model": model.cfg.name, "tp": model.shard.tp,
+                    "method": "random-inputs-warm-roundrobin-median"}
         self.path = path or TUNED_DIR / f"gemm-profile-{model.cfg.name}-tp{model.shard.tp}-{gpu}.json"
         self.ms = {}
         self._filled = False
@@ -58,10 +76,29 @@ class GemmProfile:
 
     def __call__(self, m: int) -> float:
         if m not in self.ms:
-            self.ms[m] = self._measure(m)
+            self.prefetch([m])
         return self.ms[m]
 
-    def _measure(self, m: int) -> float:
+    def prefetch(self, ms) -> None:
+        """Measure every M of `ms` not yet known, together (see the class docstring)."""
+        todo = sorted(set(int(m) for m in ms) - set(self.ms))
+        if not todo:
+            return
+        self._warm_up(max(todo))
+        times = {m: [] for m in todo}
+        for r in range(self.rounds):
+            for m in (todo if r % 2 == 0 else todo[::-1]):
+                times[m].append(self._time(m))
+        self.ms.update({m: float(np.median(t)) for m, t in times.items()})
+
+    def _warm_up(self, m: int) -> None:
+        import time
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < self.warm_s:
+            self._time(m)
+
+    def _time(self, m: int) -> float:
+        """Median ms of `iters` runs of the four GEMMs at M = m rows."""
         import cupy as cp
         from . import bench
         from .layers import layer_gemms
@@ -97,7 +134,7 @@ def split_function(kind: str, model, world, profile: GemmProfile | None = None):
     profile = profile or GemmProfile(model)
 
     def wave(num_tokens: int) -> int:
-        s = choose(num_tokens, profile) if world.tp_rank == 0 else None
+        s = wave_split(num_tokens, profile) if world.tp_rank == 0 else None
         return world.tp_comm.bcast(s, root=0)
 
     wave.profile = profile
