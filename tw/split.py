@@ -104,10 +104,10 @@ class GemmProfile:
         from .layers import layer_gemms
         if not self._filled:
             fill_random(self.model.ws, ("x", "attn", "act"))
+            self._stream = cp.cuda.Stream(non_blocking=True)
             self._filled = True
-        stream = cp.cuda.Stream(non_blocking=True)
-        gemms, _ = layer_gemms(self.model, m, stream)
-        return float(np.median(bench.time_gpu(gemms, self.iters, 3, stream)))
+        gemms, _ = layer_gemms(self.model, m, self._stream)
+        return float(np.median(bench.time_gpu(gemms, self.iters, 3, self._stream)))
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
