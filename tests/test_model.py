@@ -55,6 +55,11 @@ def test_figure_experiments_run_on_cpu(module, tmp_path):
     assert "NO GPU" in proc.stdout and len(out.read_text().splitlines()) >= 2
 
 
+def test_interference_needs_gpus():
+    proc = run_mpi(2, ["-m", "experiments.interference", "--device", "cpu"], timeout=60)
+    assert proc.returncode == 2 and "needs GPUs" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_tune_procedure_runs_on_cpu(tmp_path):
     out = tmp_path / "tune.jsonl"
     proc = run_mpi(2, ["-m", "experiments.tune", "--device", "cpu", "--model", "tiny", "--layers", "2", "--tokens",
