@@ -182,16 +182,15 @@ def main(argv=None):
         for strat in strategies:
             step += 1
             split_source = None
-            if strat.name == "tokenweave":  # tuned budgets for this token count, else the flags
+            if strat.name == "tokenweave":  # tuned budgets and split for this token count, else the flags
                 use_tuned = args.ctas is None and tokens in tuned
                 strat.ctas_attn = tuned[tokens]["ctas_attn"] if use_tuned else args.ctas
                 strat.ctas_mlp = tuned[tokens]["ctas_mlp"] if use_tuned else (args.ctas_mlp or args.ctas)
-                rule_fn = getattr(strat, "rule_split_fn", strat.split_fn)
-                strat.rule_split_fn = rule_fn
                 best = tuned.get(tokens, {}).get("best_split") if args.split == "tuned" else None
-                strat.split_fn = (lambda t, s=best: s) if best is not None else rule_fn
                 split_source = "tuned" if best is not None else rule
-            plan = strat.prepare(batch, ids)
+                plan = strat.prepare(batch, ids, best)
+            else:
+                plan = strat.prepare(batch, ids)
 
             def forward(strat=strat, plan=plan):
                 return strat.forward(plan, stream)

@@ -71,9 +71,8 @@ def main(argv=None):
                                              iters=args.iters, warmup=args.warmup), world.rank)
 
     def graph_of(batch, ids, split_at, ctas_attn, ctas_mlp):
-        tw.split_fn = lambda t: split_at
         tw.ctas_attn, tw.ctas_mlp = ctas_attn, ctas_mlp
-        plan = tw.prepare(batch, ids)
+        plan = tw.prepare(batch, ids, split_at)
         run = lambda: tw.forward(plan, stream)  # noqa: E731
         return graph.Graph(run, stream) if world.is_gpu else run
 

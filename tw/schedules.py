@@ -192,17 +192,19 @@ class TokenWeave:
         self.streams = _Streams(world)
         self.unsplit = Sequential("fused", model, comm, sharded=True, ctas=ctas_mlp)
 
-    def split_point(self, num_tokens: int) -> int | None:
+    def split_point(self, num_tokens: int, split_at: int | None = None) -> int | None:
+        """Where half B starts: `split_at` if given (e.g. a tuned point), else split_fn's choice; None
+        (no split) below min_tokens."""
         if num_tokens < self.min_tokens:
             return None
-        s = int(self.split_fn(num_tokens))
+        s = int(self.split_fn(num_tokens) if split_at is None else split_at)
         if not 0 < s < num_tokens:
             raise ValueError(f"split point {s} for {num_tokens} tokens must lie strictly inside the batch")
         return s
 
-    def prepare(self, batch: Batch, ids=None) -> Plan:
+    def prepare(self, batch: Batch, ids=None, split_at: int | None = None) -> Plan:
         self.model.load_prefix(batch)
-        s = self.split_point(batch.num_tokens)
+        s = self.split_point(batch.num_tokens, split_at)
         if s is None:
             return Plan(batch, [self.model.part(batch, ids)])
         a, b = batch.split(s)
