@@ -222,25 +222,23 @@ def fig_kernel_history(path: Path, out_dir: Path):
 
 def fig_timeline(path: Path, out_dir: Path):
     """One layer of a traced forward pass (rank 0): compute and comm lanes, per strategy."""
-    import csv
+    from tw.trace import read_csv
     plt = _plt()
     traces = sorted(path.parent.glob("trace-*.csv"))
+    colors = {"attn": "tab:blue", "mlp": "tab:green", "comm": "tab:orange"}  # by the trace's block column
+    lanes = {"compute": 1, "comm": 0}
     fig, axes = plt.subplots(len(traces), 1, figsize=(10, 1.3 * len(traces) + 0.6), squeeze=False)
     for ax, f in zip(axes[:, 0], traces):
-        rows = [r for r in csv.DictReader(f.open()) if r["rank"] == "0" and r["layer"] == "1"]
-        t0 = min(float(r["start_us"]) for r in rows)
-        lanes = {"compute": 1, "comm": 0}
+        rows = [r for r in read_csv(f) if r["rank"] == 0 and r["layer"] == 1]
+        t0 = min(r["start_us"] for r in rows)
         for r in rows:
-            start, dur = float(r["start_us"]) - t0, float(r["dur_us"])
-            color = "tab:orange" if r["lane"] == "comm" or "comm" in r["name"] or "allreduce" in r["name"] else (
-                "tab:blue" if "attn" in r["name"] else "tab:green")
-            ax.broken_barh([(start / 1e3, dur / 1e3)], (lanes.get(r["lane"], 1) - 0.4, 0.8), color=color,
-                           edgecolor="k", lw=0.3)
+            ax.broken_barh([((r["start_us"] - t0) / 1e3, r["dur_us"] / 1e3)], (lanes[r["lane"]] - 0.4, 0.8),
+                           color=colors.get(r["block"], "tab:gray"), edgecolor="k", lw=0.3)
         ax.set_yticks([0, 1], ["comm", "compute"])
         ax.set_title(f.stem, fontsize=8)
     axes[-1, 0].set_xlabel("ms from layer 1's first op (rank 0; eager pass with per-op events)")
-    fig.suptitle(f"layer 1 timelines: blue attention, green MLP, orange communication ({path.parent.name})",
-                 fontsize=9)
+    fig.suptitle("layer 1 timelines: blue attention, green MLP, orange communication (+ norm when fused), gray standalone norm "
+                 f"({path.parent.name})", fontsize=9)
     fig.tight_layout()
     return _save(fig, "timeline", out_dir)
 
