@@ -9,15 +9,20 @@ Per token count M and CTA budget k, on every rank at once (llama3-70b shapes by 
   stream (the same call tokenweave overlaps: one half's comm under the other half's GEMMs);
 - overlapped: the comm launched first on its stream and the GEMMs right after on theirs, as in
   tokenweave; events on each stream give gemm_ov_ms and comm_ov_ms, and wall_ms for the pair.
-Derived: steal_ms = gemm_ov_ms - gemm_ms (what the overlap cost the compute stream);
+Derived: steal_ms = gemm_ov_ms - gemm_ms (what the overlap cost the GEMMs' own stream);
+exposed_ms = wall_ms - gemm_ms (what the overlapped comm added to the pair: steal plus any comm tail);
 sm_bound_ms = comm_ov_ms * k / SMs (the GEMMs' loss if they lost exactly the SMs the comm holds
 while it runs); hidden = (comm_ms + gemm_ms - wall_ms) / comm_ms (the share of the comm that
 disappeared under the GEMMs). steal_ms above sm_bound_ms means contention beyond the SMs (HBM, L2,
 CTA scheduling); below it, the comm hides in the GEMMs' wave tails.
-Each overlapped sample starts after a device sync and an MPI barrier, so both ranks' comm kernels
-start together; the alone numbers are back-to-back calls. Slowest rank's median of --iters.
-GPU only (there is no second stream to overlap on the CPU). Not yet run on the lab GPUs.
-Rows: tokens, ctas, sms, gemm_ms, comm_ms, gemm_ov_ms, comm_ov_ms, wall_ms, steal_ms, sm_bound_ms, hidden.
+All three configurations (GEMMs alone, comm alone, overlapped) are measured the same way, round-robin
+in rotating order: each sample starts after a device sync and an MPI barrier (both ranks' comm kernels
+start together) with every launch queued behind a 1 ms hold kernel (no host gaps inside the timing).
+Slowest rank's median of --iters. (The first version timed the alone cases back to back and only the
+overlapped one after a sync: host launch gaps and clock drift then dominated the differences.)
+GPU only (there is no second stream to overlap on the CPU).
+Rows: tokens, ctas, sms, gemm_ms, comm_ms, gemm_ov_ms, comm_ov_ms, wall_ms, steal_ms, exposed_ms,
+sm_bound_ms, hidden.
 """
 from __future__ import annotations
 
@@ -81,44 +86,58 @@ def main(argv=None):
         return bench.summarize(np.asarray(samples), world.comm)["median_ms"]
 
     world.print0(f"{'tokens':>7} {'ctas':>4} {'gemm ms':>8} {'comm ms':>8} {'gemm ov':>8} {'comm ov':>8} "
-                 f"{'wall':>8} {'steal':>7} {'SM-bound':>8} {'hidden':>6}")
+                 f"{'wall':>8} {'steal':>7} {'exposed':>7} {'SM-bound':>8} {'hidden':>6}")
+
+    def sample(gemms, fused, run_gemm: bool, run_comm: bool):
+        """One measured sample (GEMM ms, comm ms, wall ms; 0 for a part not run). Both ranks start
+        together (sync + barrier) and everything is queued behind a 1 ms hold, so host launch gaps
+        stay out of all three configurations alike."""
+        ev = [cp.cuda.Event() for _ in range(6)]
+        cp.cuda.Device().synchronize()
+        world.tp_comm.Barrier()
+        bench.hold(compute)
+        ev[0].record(compute)
+        side.wait_event(ev[0])
+        ev[1].record(side)
+        if run_comm:
+            fused()
+        ev[2].record(side)
+        ev[3].record(compute)
+        if run_gemm:
+            gemms()
+        ev[4].record(compute)
+        compute.wait_event(ev[2])
+        ev[5].record(compute)
+        ev[5].synchronize()
+        return [cp.cuda.get_elapsed_time(ev[3], ev[4]), cp.cuda.get_elapsed_time(ev[1], ev[2]),
+                cp.cuda.get_elapsed_time(ev[0], ev[5])]
+
+    configs = ((True, False), (False, True), (True, True))  # GEMMs alone, comm alone, overlapped
     for m in args.tokens:
         gemms, _ = layer_gemms(model, m, compute)
-        gemm_ms = slowest_median(bench.time_gpu(gemms, args.iters, args.warmup, compute))
         for k in args.ctas:
             def fused(k=k, m=m):
                 comm.ar_add_norm(0, m, residual, weight, cfg.eps, out, stream=side, ctas=k)
 
-            comm_ms = slowest_median(bench.time_gpu(fused, args.iters, args.warmup, side))
-            comm.check()
-            samples = []
+            samples = {c: [] for c in configs}
             for i in range(args.warmup + args.iters):
-                ev = [cp.cuda.Event() for _ in range(6)]
-                cp.cuda.Device().synchronize()
-                world.tp_comm.Barrier()
-                ev[0].record(compute)
-                side.wait_event(ev[0])
-                ev[1].record(side)
-                fused()
-                ev[2].record(side)
-                ev[3].record(compute)
-                gemms()
-                ev[4].record(compute)
-                compute.wait_event(ev[2])
-                ev[5].record(compute)
-                ev[5].synchronize()
-                if i >= args.warmup:
-                    samples.append([cp.cuda.get_elapsed_time(ev[3], ev[4]), cp.cuda.get_elapsed_time(ev[1], ev[2]),
-                                    cp.cuda.get_elapsed_time(ev[0], ev[5])])
+                for j in range(len(configs)):  # round-robin, rotated each round: drift hits all alike
+                    c = configs[(i + j) % len(configs)]
+                    t = sample(gemms, fused, *c)
+                    if i >= args.warmup:
+                        samples[c].append(t)
             comm.check()
-            s = np.asarray(samples)
-            gemm_ov, comm_ov, wall = (slowest_median(s[:, j]) for j in range(3))
+            alone_g, alone_c, both = (np.asarray(samples[c]) for c in configs)
+            gemm_ms, comm_ms = slowest_median(alone_g[:, 0]), slowest_median(alone_c[:, 1])
+            gemm_ov, comm_ov, wall = (slowest_median(both[:, j]) for j in range(3))
             row = {"tokens": m, "ctas": k, "sms": sms, "gemm_ms": gemm_ms, "comm_ms": comm_ms,
                    "gemm_ov_ms": gemm_ov, "comm_ov_ms": comm_ov, "wall_ms": wall, "steal_ms": gemm_ov - gemm_ms,
-                   "sm_bound_ms": comm_ov * k / sms, "hidden": (comm_ms + gemm_ms - wall) / comm_ms}
+                   "exposed_ms": wall - gemm_ms, "sm_bound_ms": comm_ov * k / sms,
+                   "hidden": (comm_ms + gemm_ms - wall) / comm_ms}
             writer.write(row)
             world.print0(f"{m:>7} {k:>4} {gemm_ms:>8.3f} {comm_ms:>8.3f} {gemm_ov:>8.3f} {comm_ov:>8.3f} "
-                         f"{wall:>8.3f} {row['steal_ms']:>7.3f} {row['sm_bound_ms']:>8.3f} {row['hidden']:>6.1%}")
+                         f"{wall:>8.3f} {row['steal_ms']:>7.3f} {row['exposed_ms']:>7.3f} "
+                         f"{row['sm_bound_ms']:>8.3f} {row['hidden']:>6.1%}")
     world.print0(f"wrote {writer.path}")
     return 0
 

@@ -9,7 +9,10 @@ For each token count T:
 2. CTA budgets (comm overlapping attention, comm overlapping MLP) from --ctas-grid, timed end to end
    at s_wave; the fastest pair wins;
 3. the exhaustive search: tokenweave timed at every split point on a --step grid within --window of T/2,
-   with the winning CTAs; reports best_split, its time, and wave_vs_best = t(s_wave) / t(best).
+   with the winning CTAs; reports best_split, its time, and wave_vs_best = t(s_wave) / t(best);
+4. the shortlist: the rule's --shortlist best-predicted points, timed end to end in the same rounds;
+   shortlist_vs_best = t(fastest of them) / t(best). With --no-exhaustive only the shortlist (and
+   T/2) is timed and its fastest point becomes best_split: a tune in a few points instead of ~13.
 Configurations are timed round-robin, --repeats rounds, median round: on the lab machine the same
 configuration timed twice in sequence differed by up to 5%, more than the effects being compared.
 Rank 0's timings decide (the timings are already the slowest rank's); the choice is broadcast through
@@ -48,7 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed forward passes per point")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds over all configurations (each timed once per round); the median round counts")
-    p.add_argument("--no-exhaustive", action="store_true", help="skip the exhaustive split search")
+    p.add_argument("--shortlist", type=int, default=3,
+                   help="also time the wave rule's N best-predicted split points end to end (N >= 1)")
+    p.add_argument("--no-exhaustive", action="store_true",
+                   help="skip the exhaustive split search: best_split is then the shortlist's fastest point")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="auto: GPU if usable")
     p.add_argument("--out", default=None, help="result rows (JSON lines)")
     return p.parse_args(argv)
@@ -56,6 +62,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.shortlist < 1:
+        raise SystemExit(f"--shortlist must be >= 1 (the wave rule's own pick is always timed), got {args.shortlist}")
     world = dist.init(None, args.device)
     cfg = config.get(args.model, args.layers)
     stream = world.new_stream()
@@ -93,34 +101,40 @@ def main(argv=None):
         t0 = time.perf_counter()
         batch = batching.prefill(tokens, args.seq_len)
         ids = batching.token_ids(tokens, cfg.vocab, 0)
-        wave = (splitting.wave_split(tokens, profile) if profile else splitting.naive(tokens)) \
-            if world.tp_rank == 0 else None
-        wave = world.tp_comm.bcast(wave, root=0)
+        shortlist = (splitting.wave_shortlist(tokens, profile, args.shortlist) if profile
+                     else [splitting.naive(tokens)]) if world.tp_rank == 0 else None
+        shortlist = world.tp_comm.bcast(shortlist, root=0)
+        wave = shortlist[0]
         ctas_times = timed_all(batch, ids, [(wave, ca, cm) for ca in args.ctas_grid for cm in args.ctas_grid])
         for (_, ca, cm), ms in ctas_times.items():
             writer.write({"tokens": tokens, "kind": "ctas", "split_at": wave, "ctas_attn": ca, "ctas_mlp": cm,
                           "median_ms": ms})
         (_, ca, cm), _ = min(ctas_times.items(), key=lambda kv: kv[1])
-        # Every split point (wave-aware and naive included) measured in the same round-robin.
-        points = sorted({wave, splitting.naive(tokens)} | (set() if args.no_exhaustive else
-                                                          set(splitting.candidates(tokens, args.step, args.window))))
+        # Every split point (the shortlist and naive included) measured in the same round-robin.
+        points = sorted({splitting.naive(tokens), *shortlist} | (set() if args.no_exhaustive else
+                                                               set(splitting.candidates(tokens, args.step, args.window))))
         split_times = {c[0]: ms for c, ms in timed_all(batch, ids, [(s, ca, cm) for s in points]).items()}
+        for s, ms in split_times.items():
+            writer.write({"tokens": tokens, "kind": "split", "split_at": s, "ctas_attn": ca, "ctas_mlp": cm,
+                          "median_ms": ms, "wave_split": s == wave, "shortlisted": s in shortlist})
         wave_ms = split_times[wave]
+        short = min(shortlist, key=split_times.get)
+        best_s = min(split_times, key=split_times.get)
         entry = {"split_at": wave, "ctas_attn": ca, "ctas_mlp": cm, "median_ms": wave_ms,
-                 "naive_split_ms": split_times[splitting.naive(tokens)]}
+                 "naive_split_ms": split_times[splitting.naive(tokens)], "shortlist": shortlist,
+                 "shortlist_best": short, "shortlist_ms": split_times[short],
+                 "search": "shortlist" if args.no_exhaustive else "exhaustive",
+                 "best_split": best_s, "best_split_ms": split_times[best_s]}
         if not args.no_exhaustive:
-            for s, ms in split_times.items():
-                writer.write({"tokens": tokens, "kind": "split", "split_at": s, "ctas_attn": ca, "ctas_mlp": cm,
-                              "median_ms": ms, "wave_split": s == wave})
-            best_s = min(split_times, key=split_times.get)
-            entry.update(best_split=best_s, best_split_ms=split_times[best_s],
-                         wave_vs_best=wave_ms / split_times[best_s])
+            entry.update(wave_vs_best=wave_ms / split_times[best_s],
+                         shortlist_vs_best=split_times[short] / split_times[best_s])
         tuned[str(tokens)] = entry
         writer.write({"tokens": tokens, "kind": "choice", **entry})
-        world.print0(f"tokens={tokens}: split {wave} (wave) ctas {ca}/{cm}: {wave_ms:.3f} ms; naive split "
-                     f"{entry['naive_split_ms']:.3f} ms" + (f"; exhaustive best {entry['best_split']} "
-                     f"{entry['best_split_ms']:.3f} ms, wave/best {entry['wave_vs_best']:.4f}"
-                     if "best_split" in entry else "") + f"  ({time.perf_counter() - t0:.0f} s)")
+        world.print0(f"tokens={tokens}: ctas {ca}/{cm}; split {wave} (wave rule) {wave_ms:.3f} ms; naive "
+                     f"{entry['naive_split_ms']:.3f} ms; best of the rule's top {len(shortlist)} {short} "
+                     f"{entry['shortlist_ms']:.3f} ms" + (f"; exhaustive best {best_s} {entry['best_split_ms']:.3f} ms, "
+                     f"wave/best {entry['wave_vs_best']:.4f}, shortlist/best {entry['shortlist_vs_best']:.4f}"
+                     if not args.no_exhaustive else "") + f"  ({time.perf_counter() - t0:.0f} s)")
     if world.rank == 0:
         if profile is None:
             world.print0(f"(CPU: nothing saved to experiments/tuned/) wrote {writer.path}")

@@ -121,3 +121,24 @@ def test_gpu_bad_input_is_a_clear_error():
         ops.silu_mul(x[:, 4:], cp.zeros((2, 34), ops.BF16))
     with pytest.raises(ValueError, match="do not fit"):
         ops.linear(cp.zeros((4, 64), ops.BF16), cp.zeros((8, 32), ops.BF16), cp.zeros((4, 8), ops.BF16))
+
+
+@requires_gpu
+def test_gpu_hold_keeps_its_stream_busy_for_the_time_asked():
+    """bench.hold (cuda/hold.cu): an event pair around it measures at least the time asked, and work
+    queued behind it on the stream runs after it (not beside it)."""
+    import cupy as cp
+    from tw import bench
+    stream = cp.cuda.Stream(non_blocking=True)
+    start, mid, end = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()
+    x = cp.zeros(1 << 20, dtype=cp.float32)
+    with stream:
+        start.record(stream)
+        bench.hold(stream, 300.0)
+        mid.record(stream)
+        x += 1
+        end.record(stream)
+    end.synchronize()
+    assert 0.3 <= cp.cuda.get_elapsed_time(start, mid) < 5.0
+    assert cp.cuda.get_elapsed_time(start, end) >= cp.cuda.get_elapsed_time(start, mid)
+    assert float(x.sum()) == float(x.size)

@@ -1,6 +1,8 @@
 """Wave-aware split choice on synthetic GEMM-time staircases (no GPU needed)."""
 import math
 
+import pytest
+
 from tw import split
 
 
@@ -54,3 +56,17 @@ def test_prefetched_profile_cancels_a_linear_drift():
     assert split.wave_split(4096, p) == 2048
     assert set(p.ms) == set(c) | {4096 - x for x in c}  # every point measured in one batch
     assert p.calls == 4 * len(p.ms)                      # each point once per round
+
+
+def test_ranked_orders_by_predicted_cost_and_shortlist_starts_with_the_rule():
+    g = lambda m: 1.0 + 0.001 * m + (0.3 if m % 256 else 0.0)  # noqa: E731  (a staircase: 256-multiples cheap)
+    order = split.ranked(4096, g)
+    assert sorted(order) == split.candidates(4096)
+    costs = [g(s) + g(4096 - s) for s in order]
+    assert costs == sorted(costs)
+    assert order[0] == split.choose(4096, g) == 2048
+    p = DriftingProfile(rounds=4)
+    top = split.wave_shortlist(4096, p, 3)
+    assert len(top) == 3 and top[0] == split.wave_split(4096, p)
+    with pytest.raises(ValueError, match="at least 1"):
+        split.wave_shortlist(4096, p, 0)

@@ -27,6 +27,13 @@ def time_gpu(fn, iters: int = 20, warmup: int = 5, stream=None) -> np.ndarray:
     return np.array([cp.cuda.get_elapsed_time(s, e) for s, e in events])
 
 
+def hold(stream, us: float = 1000.0) -> None:
+    """Keep `stream` busy for `us` microseconds (cuda/hold.cu) so the launches that follow are queued
+    before the GPU reaches them: an event recorded after the hold then times GPU work, not host gaps."""
+    from . import kernels
+    kernels.launch(kernels.function("hold", "hold"), 1, 1, (np.uint64(int(us * 1e3)),), stream=stream)
+
+
 def time_cpu(fn, iters: int = 3, warmup: int = 1) -> np.ndarray:
     for _ in range(warmup):
         fn()

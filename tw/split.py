@@ -31,18 +31,30 @@ def candidates(num_tokens: int, grid: int = GRID, window: float = WINDOW) -> lis
     return c or [naive(num_tokens)]
 
 
+def ranked(num_tokens: int, gemm_ms, grid: int = GRID, window: float = WINDOW) -> list[int]:
+    """The candidates, cheapest predicted gemm_ms(s) + gemm_ms(T - s) first (ties: closest to T/2)."""
+    half = num_tokens / 2
+    return sorted(candidates(num_tokens, grid, window),
+                  key=lambda s: (round(gemm_ms(s) + gemm_ms(num_tokens - s), 6), abs(s - half)))
+
+
 def choose(num_tokens: int, gemm_ms, grid: int = GRID, window: float = WINDOW) -> int:
     """The split point minimizing gemm_ms(s) + gemm_ms(T - s) over the candidates."""
-    half = num_tokens / 2
-    return min(candidates(num_tokens, grid, window),
-               key=lambda s: (round(gemm_ms(s) + gemm_ms(num_tokens - s), 6), abs(s - half)))
+    return ranked(num_tokens, gemm_ms, grid, window)[0]
 
 
 def wave_split(num_tokens: int, profile, grid: int = GRID, window: float = WINDOW) -> int:
     """choose() on a profile whose points are measured together first (GemmProfile.prefetch)."""
+    return wave_shortlist(num_tokens, profile, 1, grid, window)[0]
+
+
+def wave_shortlist(num_tokens: int, profile, top: int, grid: int = GRID, window: float = WINDOW) -> list[int]:
+    """The `top` best-predicted split points, best first (for an end-to-end check: experiments/tune.py)."""
+    if top < 1:
+        raise ValueError(f"a shortlist needs at least 1 split point, got top={top}")
     c = candidates(num_tokens, grid, window)
     profile.prefetch(sorted(set(c) | {num_tokens - s for s in c}))
-    return choose(num_tokens, profile, grid, window)
+    return ranked(num_tokens, profile, grid, window)[:top]
 
 
 class GemmProfile:
