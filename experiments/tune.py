@@ -60,6 +60,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def save_choice(tag: str, gpu: str, cfg, tp: int, tokens: int, entry: dict):
+    """Merge one token count's choice into experiments/tuned/tokenweave-<tag>.json (what latency reads)."""
+    path = splitting.TUNED_DIR / f"tokenweave-{tag}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update({"gpu": gpu, "model": cfg.name, "tp": tp, "layers": cfg.num_layers})
+    data.setdefault("tokens", {})[str(tokens)] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.shortlist < 1:
@@ -96,7 +107,6 @@ def main(argv=None):
                 times[c].append(bench.summarize(t, world.comm)["median_ms"])
         return {c: float(np.median(t)) for c, t in times.items()}
 
-    tuned = {}
     for tokens in args.tokens:
         t0 = time.perf_counter()
         batch = batching.prefill(tokens, args.seq_len)
@@ -128,26 +138,18 @@ def main(argv=None):
         if not args.no_exhaustive:
             entry.update(wave_vs_best=wave_ms / split_times[best_s],
                          shortlist_vs_best=split_times[short] / split_times[best_s])
-        tuned[str(tokens)] = entry
         writer.write({"tokens": tokens, "kind": "choice", **entry})
+        if world.rank == 0 and profile is not None:  # after every token count: a killed run keeps its work
+            profile.save()
+            path = save_choice(tag, gpu, cfg, world.tp_size, tokens, entry)
+            world.print0(f"  saved to {path}")
         world.print0(f"tokens={tokens}: ctas {ca}/{cm}; split {wave} (wave rule) {wave_ms:.3f} ms; naive "
                      f"{entry['naive_split_ms']:.3f} ms; best of the rule's top {len(shortlist)} {short} "
                      f"{entry['shortlist_ms']:.3f} ms" + (f"; exhaustive best {best_s} {entry['best_split_ms']:.3f} ms, "
                      f"wave/best {entry['wave_vs_best']:.4f}, shortlist/best {entry['shortlist_vs_best']:.4f}"
                      if not args.no_exhaustive else "") + f"  ({time.perf_counter() - t0:.0f} s)")
-    if world.rank == 0:
-        if profile is None:
-            world.print0(f"(CPU: nothing saved to experiments/tuned/) wrote {writer.path}")
-            return 0
-        profile.save()
-        path = splitting.TUNED_DIR / f"tokenweave-{tag}.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
-        old.update({"gpu": gpu, "model": cfg.name, "tp": world.tp_size, "layers": cfg.num_layers})
-        old.setdefault("tokens", {}).update(tuned)
-        path.write_text(json.dumps(old, indent=1))
-        world.print0(f"wrote {path} and {writer.path}")
+    world.print0(f"wrote {writer.path}" + ("" if profile else " (CPU: nothing saved to experiments/tuned/)"))
     return 0
-
 
 if __name__ == "__main__":
     dist.shutdown(main())
