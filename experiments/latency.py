@@ -162,7 +162,8 @@ def main(argv=None):
                                              graph_priority=args.graph_priority,
                                              transport=args.transport, iters=args.iters, warmup=args.warmup),
                             world.rank)
-    tuned = splitting.load_tuned(cfg.name, world.tp_size, results.gpu_info()["gpu"]) if world.is_gpu else {}
+    tuned = (splitting.load_tuned(cfg.name, world.tp_size, results.gpu_info()["gpu"], args.shard_as_tp)
+             if world.is_gpu else {})
     if tuned:
         world.print0(f"tokenweave CTA budgets{' and split points' if args.split == 'tuned' else ''} from "
                      f"experiments/tuned/ for tokens {sorted(tuned)}")

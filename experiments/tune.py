@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4, help="decoder layers per forward pass")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192], help="token counts to tune")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence")
+    p.add_argument("--shard-as-tp", type=int, default=None,
+                   help="tune the emulated setting of experiments.latency --shard-as-tp N (its own tuned file)")
     p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p", help="fused-kernel transport")
     p.add_argument("--ctas-grid", type=int, nargs="+", default=[2, 4, 8, 16],
                    help="CTA counts tried for each of the two budgets (all pairs)")
@@ -80,13 +82,14 @@ def main(argv=None):
     stream = world.new_stream()
     if not world.is_gpu:
         world.print0("NO GPU: CPU fallback (checks the procedure; timings mean nothing, no GEMM profile)")
-    model = Model(cfg, world, max(args.tokens), seed=0)
+    model = Model(cfg, world, max(args.tokens), seed=0, shard_as_tp=args.shard_as_tp)
     tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)
     profile = getattr(tw.split_fn, "profile", None)  # None on CPU: the wave rule falls back to T/2
     gpu = results.gpu_info()["gpu"].replace(" ", "_")
-    tag = f"{cfg.name}-tp{world.tp_size}-{gpu}"
+    tag = splitting.tuned_tag(cfg.name, world.tp_size, gpu, args.shard_as_tp)
     writer = results.Writer(args.out or results.default_path("tune", tag),
                             results.metadata(world, model=cfg.name, layers=cfg.num_layers, transport=args.transport,
+                                             shard_as_tp=args.shard_as_tp,
                                              iters=args.iters, warmup=args.warmup), world.rank)
 
     def graph_of(batch, ids, split_at, ctas_attn, ctas_mlp):

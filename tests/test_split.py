@@ -70,3 +70,10 @@ def test_ranked_orders_by_predicted_cost_and_shortlist_starts_with_the_rule():
     assert len(top) == 3 and top[0] == split.wave_split(4096, p)
     with pytest.raises(ValueError, match="at least 1"):
         split.wave_shortlist(4096, p, 0)
+
+
+def test_tuned_choices_are_keyed_by_emulated_shard_size():
+    plain = split.tuned_tag("llama3-70b", 2, "NVIDIA H200")
+    assert plain == "llama3-70b-tp2-NVIDIA_H200"
+    assert split.tuned_tag("llama3-70b", 2, "NVIDIA H200", 2) == plain      # shard size = TP: not emulated
+    assert split.tuned_tag("llama3-70b", 2, "NVIDIA H200", 8) == "llama3-70b-tp2-shard8-NVIDIA_H200"

@@ -153,9 +153,16 @@ def split_function(kind: str, model, world, profile: GemmProfile | None = None):
     return wave
 
 
-def load_tuned(model_name: str, tp: int, gpu: str) -> dict:
+def tuned_tag(model_name: str, tp: int, gpu: str, shard_as_tp: int | None = None) -> str:
+    """The key of a tuned setting: model, TP, emulated shard size (--shard-as-tp) and GPU. Choices tuned
+    for one shard size do not carry over to another: the GEMM shapes and the comm/compute ratio differ."""
+    shard = f"-shard{shard_as_tp}" if shard_as_tp and shard_as_tp != tp else ""
+    return f"{model_name}-tp{tp}{shard}-{gpu.replace(' ', '_')}"
+
+
+def load_tuned(model_name: str, tp: int, gpu: str, shard_as_tp: int | None = None) -> dict:
     """experiments/tune.py's choices {tokens: {split_at, ctas_attn, ctas_mlp, ...}} for this setting, or {}."""
-    path = TUNED_DIR / f"tokenweave-{model_name}-tp{tp}-{gpu.replace(' ', '_')}.json"
+    path = TUNED_DIR / f"tokenweave-{tuned_tag(model_name, tp, gpu, shard_as_tp)}.json"
     if not path.exists():
         return {}
     return {int(t): v for t, v in json.loads(path.read_text()).get("tokens", {}).items()}
