@@ -66,9 +66,11 @@ def fig_latency(path: Path, out_dir: Path, name: str = "latency_speedup"):
     ax.set_xlabel("tokens per batch")
     ax.set_ylabel("speedup vs nccl")
     r0 = rows[0]
+    splits = {r["split_source"] for r in rows if r["strategy"] == "tokenweave" and r.get("split_source")}
     ax.set_title(f"{r0['model']}, {r0['layers']} layers, TP={r0['tp']}"
                  f"{', shards as TP=' + str(r0['shard_as_tp']) if r0.get('shard_as_tp') else ''}"
-                 f" on {r0['world_size']}x {r0['gpu']}\n{path.name}", fontsize=9)
+                 f" on {r0['world_size']}x {r0['gpu']}\n{path.name}"
+                 f"{'  (tokenweave split: ' + ', '.join(sorted(splits)) + ')' if splits else ''}", fontsize=9)
     ax.set_ylim(0.7, max(1.35, ax.get_ylim()[1]))
     ax.legend(fontsize=7, ncol=3)
     return _save(fig, name, out_dir)
@@ -129,26 +131,64 @@ def fig_attention(path: Path, out_dir: Path):
 
 
 def fig_split(path: Path, out_dir: Path):
-    """Paper Fig. 9 analogue: end-to-end tokenweave time vs split point, wave-aware and naive marked."""
+    """Paper Fig. 9 analogue: end-to-end tokenweave time vs split point (relative to the searched best),
+    one panel per token count, the wave rule's pick, the naive T/2 and the search's best marked."""
     plt = _plt()
     rows = read(path)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for t in sorted({r["tokens"] for r in rows}):
+    tokens = [t for t in sorted({r["tokens"] for r in rows})
+              if any(r["tokens"] == t and r["kind"] == "split" for r in rows)]
+    fig, axes = plt.subplots(1, len(tokens), figsize=(3.6 * len(tokens), 3.3), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], tokens):
         pts = sorted((r["split_at"], r["median_ms"]) for r in rows if r["tokens"] == t and r["kind"] == "split")
-        if not pts:
-            continue
-        ax.plot(*zip(*pts), marker="o", ms=3, label=f"{t} tokens: exhaustive")
+        best = min(ms for _, ms in pts)
+        ax.plot([s for s, _ in pts], [ms / best for _, ms in pts], marker="o", ms=3, color="0.4",
+                label="end to end, every point")
         choice = next(r for r in rows if r["tokens"] == t and r["kind"] == "choice")
-        ax.plot([choice["split_at"]], [choice["median_ms"]], "r*", ms=10, label="wave-aware choice")
+        ax.plot([choice["split_at"]], [choice["median_ms"] / best], "r*", ms=11, label="wave rule's pick")
+        ax.plot([t // 2], [choice["naive_split_ms"] / best], "ks", ms=6, label="naive (T/2)")
         if "best_split" in choice:
-            ax.plot([choice["best_split"]], [choice["best_split_ms"]], "g^", ms=8, label="exhaustive best")
-        ax.plot([t // 2], [choice["naive_split_ms"]], "ks", ms=6, label="naive (T/2)")
-    ax.set_xlabel("split point s (tokens in half A)")
-    ax.set_ylabel("forward time (ms)")
-    ax.set_title(f"tokenweave split search, {rows[0]['model']}, {rows[0]['layers']} layers, "
-                 f"{rows[0]['world_size']}x {rows[0]['gpu']}\n{path.name}", fontsize=9)
-    ax.legend(fontsize=7)
+            ax.plot([choice["best_split"]], [choice["best_split_ms"] / best], "g^", ms=8, label="searched best")
+        if "shortlist" in choice:
+            ax.plot([choice["shortlist_best"]], [choice["shortlist_ms"] / best], "mo", ms=10, mfc="none",
+                    label=f"best of the rule's top {len(choice['shortlist'])}")
+        ax.axhline(1.02, color="r", ls=":", lw=0.8)
+        ax.set_title(f"{t} tokens (best {best:.2f} ms)", fontsize=8)
+        ax.set_xlabel("split point s (tokens in half A)")
+    axes[0][0].set_ylabel("forward time / searched best")
+    axes[0][0].legend(fontsize=7)
+    r0 = rows[0]
+    fig.suptitle(f"tokenweave split search, {r0['model']}, {r0['layers']} layers, {r0['world_size']}x {r0['gpu']}"
+                 f" (dotted: 2% target)  ({path.name})", fontsize=8)
+    fig.tight_layout()
     return _save(fig, "split", out_dir)
+
+
+def fig_interference(path: Path, out_dir: Path, name: str = "interference"):
+    """What the fused kernel's CTAs cost the GEMMs they overlap (experiments/interference.py): the
+    pair's extra time over the GEMMs alone (exposed), against the SM-share bound and the comm alone."""
+    plt = _plt()
+    rows = read(path)
+    tokens = sorted({r["tokens"] for r in rows})
+    ctas = sorted({r["ctas"] for r in rows})
+    fig, axes = plt.subplots(1, len(tokens), figsize=(3.2 * len(tokens), 3.2), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], tokens):
+        rs = {r["ctas"]: r for r in rows if r["tokens"] == t}
+        x = range(len(ctas))
+        pct = lambda key: [100 * rs[k][key] / rs[k]["gemm_ms"] for k in ctas]  # noqa: E731
+        ax.bar([i - 0.27 for i in x], pct("comm_ms"), 0.27, color="0.75", label="comm alone")
+        ax.bar(list(x), pct("exposed_ms"), 0.27, color="tab:red", label="exposed (overlapped)")
+        ax.bar([i + 0.27 for i in x], pct("sm_bound_ms"), 0.27, color="tab:blue", label="SM-share bound")
+        ax.set_xticks(list(x), [str(k) for k in ctas])
+        ax.set_xlabel("fused-kernel CTAs")
+        ax.set_title(f"M = {t} rows (GEMMs {rs[ctas[0]]['gemm_ms']:.2f} ms)", fontsize=8)
+    axes[0][0].set_ylabel("% of the four GEMMs' time")
+    axes[0][0].legend(fontsize=7)
+    r0 = rows[0]
+    fig.suptitle(f"{r0['model']}{', shards as TP=' + str(r0['shard_as_tp']) if r0.get('shard_as_tp') else ''}: "
+                 f"one layer's GEMMs beside the fused AR+norm, {r0['world_size']}x {r0['gpu']}  ({path.name})",
+                 fontsize=8)
+    fig.tight_layout()
+    return _save(fig, name, out_dir)
 
 
 def fig_overhead(path: Path, out_dir: Path):
@@ -244,13 +284,15 @@ def fig_timeline(path: Path, out_dir: Path):
 
 
 FIGURES = [
-    (fig_latency, "latency-llama3-70b-tp2-H200-e2e-warp-per-row.jsonl"),
+    (fig_latency, "latency-llama3-70b-tp2-H200-e2e-tuned.jsonl"),
     (lambda p, d: fig_latency(p, d, "latency_speedup_qwen"), "latency-qwen2.5-72b-tp2-H200-e2e-warp-per-row.jsonl"),
-    (lambda p, d: fig_latency(p, d, "latency_speedup_shard8"), "latency-*shard-as-tp8*warp-per-row.jsonl"),
+    (lambda p, d: fig_latency(p, d, "latency_speedup_shard8"), "latency-*shard-as-tp8*tuned.jsonl"),
+    (fig_interference, "interference-llama3-70b-tp2-H200.jsonl"),
+    (lambda p, d: fig_interference(p, d, "interference_shard8"), "interference-*shard-as-tp8*.jsonl"),
     (fig_kernels, "kernels-H200x2-warp-per-row.jsonl"),
     (fig_kernel_history, "kernels-H200x2-warp-per-row.jsonl"),
     (fig_attention, "attention-*.jsonl"),
-    (fig_split, "tune-*roundrobin.jsonl"),
+    (fig_split, "tune-llama3-70b-tp2-H200-warm-profile.jsonl"),
     (fig_overhead, "overhead-*.jsonl"),
     (fig_split_mlp, "split-*.jsonl"),
     (fig_timeline, "traces-H200x2/trace-*tokenweave*.csv"),

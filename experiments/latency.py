@@ -12,7 +12,7 @@ Rows go to a JSON-lines file with the run's metadata.
 Columns: median_ms (one forward pass of --layers layers; min_ms, max_ms too), per_layer_ms,
 speedup_vs_nccl (nccl median / this median), rel_err (||out - ref|| / ||ref||, with --check), correct
 (rel_err <= the dtype's tolerance), split_at (tokenweave: first token of half B) and split_source
-(tuned / wave / naive, see --split), ctas_attn / ctas_mlp (tokenweave's CTA budgets), gemm_tflops (layer 0's
+(tuned / tuned-unsplit / wave / naive, see --split), ctas_attn / ctas_mlp (tokenweave's CTA budgets), gemm_tflops (layer 0's
 four GEMMs alone at this token count: the compute ceiling the strategies share).
 """
 from __future__ import annotations
@@ -79,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=("tuned", "wave", "naive"), default="tuned",
                    help="tokenweave split point: tuned = the best point of experiments/tune.py's end-to-end "
                         "search when experiments/tuned/ has this token count, else wave; wave = the wave-aware "
-                        "rule (from a measured GEMM profile); naive = half the tokens. Rows record split_source")
+                        "rule (from a measured GEMM profile); naive = half the tokens. Rows record split_source. "
+                        "Where tune.py found splitting slower than the unsplit fused kernel, tuned runs unsplit")
     p.add_argument("--min-split-tokens", type=int, default=1024,
                    help="tokenweave does not split smaller batches (runs fused alone)")
     p.add_argument("--shard-as-tp", type=int, default=None,
@@ -187,9 +188,11 @@ def main(argv=None):
                 use_tuned = args.ctas is None and tokens in tuned
                 strat.ctas_attn = tuned[tokens]["ctas_attn"] if use_tuned else args.ctas
                 strat.ctas_mlp = tuned[tokens]["ctas_mlp"] if use_tuned else (args.ctas_mlp or args.ctas)
-                best = tuned.get(tokens, {}).get("best_split") if args.split == "tuned" else None
-                split_source = "tuned" if best is not None else rule
-                plan = strat.prepare(batch, ids, best)
+                choice = tuned.get(tokens, {}) if args.split == "tuned" else {}
+                best = choice.get("best_split")
+                unsplit = not choice.get("split", True)
+                split_source = "tuned-unsplit" if unsplit else "tuned" if best is not None else rule
+                plan = strat.prepare(batch, ids, best, unsplit=unsplit)
             else:
                 plan = strat.prepare(batch, ids)
 
@@ -204,7 +207,7 @@ def main(argv=None):
             strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
             row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs),
                    "split_at": plan.parts[1].offset if len(plan.parts) == 2 else None,
-                   "split_source": split_source if len(plan.parts) == 2 else None,
+                   "split_source": split_source if len(plan.parts) == 2 or split_source == "tuned-unsplit" else None,
                    "transport": getattr(strat.comm, "name", type(strat.comm).__name__),
                    "ctas": getattr(strat, "ctas", None), "ctas_attn": getattr(strat, "ctas_attn", None),
                    "ctas_mlp": getattr(strat, "ctas_mlp", None)}

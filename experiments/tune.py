@@ -12,7 +12,10 @@ For each token count T:
    with the winning CTAs; reports best_split, its time, and wave_vs_best = t(s_wave) / t(best);
 4. the shortlist: the rule's --shortlist best-predicted points, timed end to end in the same rounds;
    shortlist_vs_best = t(fastest of them) / t(best). With --no-exhaustive only the shortlist (and
-   T/2) is timed and its fastest point becomes best_split: a tune in a few points instead of ~13.
+   T/2) is timed and its fastest point becomes best_split: a tune in a few points instead of ~13;
+5. not splitting at all (the fused kernel on every SM, nothing overlapped), in the same rounds:
+   split = best_split beats it. latency.py runs tokenweave unsplit where split is false (on 2xH200 the
+   split lost to the unsplit fused path at 1K-2K tokens: experiments/NOTES.md).
 Configurations are timed round-robin, --repeats rounds, median round: on the lab machine the same
 configuration timed twice in sequence differed by up to 5%, more than the effects being compared.
 Rank 0's timings decide (the timings are already the slowest rank's); the choice is broadcast through
@@ -62,6 +65,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+UNSPLIT = 0  # the split "point" that stands for not splitting (tokenweave = the fused kernel, every SM)
+
+
 def save_choice(tag: str, gpu: str, cfg, tp: int, tokens: int, entry: dict):
     """Merge one token count's choice into experiments/tuned/tokenweave-<tag>.json (what latency reads)."""
     path = splitting.TUNED_DIR / f"tokenweave-{tag}.json"
@@ -94,7 +100,7 @@ def main(argv=None):
 
     def graph_of(batch, ids, split_at, ctas_attn, ctas_mlp):
         tw.ctas_attn, tw.ctas_mlp = ctas_attn, ctas_mlp
-        plan = tw.prepare(batch, ids, split_at)
+        plan = tw.prepare(batch, ids, split_at or None, unsplit=split_at == UNSPLIT)
         run = lambda: tw.forward(plan, stream)  # noqa: E731
         return graph.Graph(run, stream) if world.is_gpu else run
 
@@ -126,7 +132,9 @@ def main(argv=None):
         # Every split point (the shortlist and naive included) measured in the same round-robin.
         points = sorted({splitting.naive(tokens), *shortlist} | (set() if args.no_exhaustive else
                                                                set(splitting.candidates(tokens, args.step, args.window))))
-        split_times = {c[0]: ms for c, ms in timed_all(batch, ids, [(s, ca, cm) for s in points]).items()}
+        split_times = {c[0]: ms for c, ms in timed_all(batch, ids, [(s, ca, cm) for s in points + [UNSPLIT]]).items()}
+        unsplit_ms = split_times.pop(UNSPLIT)
+        writer.write({"tokens": tokens, "kind": "unsplit", "split_at": None, "median_ms": unsplit_ms})
         for s, ms in split_times.items():
             writer.write({"tokens": tokens, "kind": "split", "split_at": s, "ctas_attn": ca, "ctas_mlp": cm,
                           "median_ms": ms, "wave_split": s == wave, "shortlisted": s in shortlist})
@@ -137,7 +145,8 @@ def main(argv=None):
                  "naive_split_ms": split_times[splitting.naive(tokens)], "shortlist": shortlist,
                  "shortlist_best": short, "shortlist_ms": split_times[short],
                  "search": "shortlist" if args.no_exhaustive else "exhaustive",
-                 "best_split": best_s, "best_split_ms": split_times[best_s]}
+                 "best_split": best_s, "best_split_ms": split_times[best_s],
+                 "unsplit_ms": unsplit_ms, "split": split_times[best_s] < unsplit_ms}
         if not args.no_exhaustive:
             entry.update(wave_vs_best=wave_ms / split_times[best_s],
                          shortlist_vs_best=split_times[short] / split_times[best_s])
@@ -150,7 +159,8 @@ def main(argv=None):
                      f"{entry['naive_split_ms']:.3f} ms; best of the rule's top {len(shortlist)} {short} "
                      f"{entry['shortlist_ms']:.3f} ms" + (f"; exhaustive best {best_s} {entry['best_split_ms']:.3f} ms, "
                      f"wave/best {entry['wave_vs_best']:.4f}, shortlist/best {entry['shortlist_vs_best']:.4f}"
-                     if not args.no_exhaustive else "") + f"  ({time.perf_counter() - t0:.0f} s)")
+                     if not args.no_exhaustive else "") + f"; unsplit (fused, every SM) {unsplit_ms:.3f} ms"
+                     + ("" if entry["split"] else " -> do not split") + f"  ({time.perf_counter() - t0:.0f} s)")
     world.print0(f"wrote {writer.path}" + ("" if profile else " (CPU: nothing saved to experiments/tuned/)"))
     return 0
 

@@ -70,6 +70,9 @@ def test_tune_procedure_runs_on_cpu(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
     assert kinds.count("ctas") == 4 and "choice" in kinds and kinds.count("split") >= 3
+    assert kinds.count("unsplit") == 1  # not splitting is measured beside the split points
+    choice = next(r for r in rows if r["kind"] == "choice")
+    assert choice["split"] == (choice["best_split_ms"] < choice["unsplit_ms"])
 
 
 def test_mixed_prefill_decode_batches_match_reference():

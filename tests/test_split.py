@@ -77,3 +77,15 @@ def test_tuned_choices_are_keyed_by_emulated_shard_size():
     assert plain == "llama3-70b-tp2-NVIDIA_H200"
     assert split.tuned_tag("llama3-70b", 2, "NVIDIA H200", 2) == plain      # shard size = TP: not emulated
     assert split.tuned_tag("llama3-70b", 2, "NVIDIA H200", 8) == "llama3-70b-tp2-shard8-NVIDIA_H200"
+
+
+def test_tokenweave_unsplit_on_request_and_below_the_threshold():
+    from tw.schedules import TokenWeave
+    tw = TokenWeave.__new__(TokenWeave)  # split_point only needs the rule and the threshold
+    tw.split_fn, tw.min_tokens = split.naive, 1024
+    assert tw.split_point(4096) == 2048
+    assert tw.split_point(4096, 1792) == 1792
+    assert tw.split_point(4096, 1792, unsplit=True) is None
+    assert tw.split_point(512) is None
+    with pytest.raises(ValueError, match="strictly inside"):
+        tw.split_point(4096, 4096)

@@ -186,25 +186,26 @@ class TokenWeave:
     """
 
     def __init__(self, model: Model, comm, world, split_fn, ctas_attn=None, ctas_mlp=None,
-                 min_tokens: int = 1024):
+                 min_tokens: int = 1024, unsplit_ctas: int | None = None):
         self.name, self.model, self.comm = "tokenweave", model, comm
         self.split_fn, self.ctas_attn, self.ctas_mlp, self.min_tokens = split_fn, ctas_attn, ctas_mlp, min_tokens
         self.streams = _Streams(world)
-        self.unsplit = Sequential("fused", model, comm, sharded=True, ctas=ctas_mlp)
+        # Unsplit, nothing overlaps the comm: it may use every SM, as the fused strategy does.
+        self.unsplit = Sequential("fused", model, comm, sharded=True, ctas=unsplit_ctas)
 
-    def split_point(self, num_tokens: int, split_at: int | None = None) -> int | None:
+    def split_point(self, num_tokens: int, split_at: int | None = None, unsplit: bool = False) -> int | None:
         """Where half B starts: `split_at` if given (e.g. a tuned point), else split_fn's choice; None
-        (no split) below min_tokens."""
-        if num_tokens < self.min_tokens:
+        (no split) below min_tokens or when `unsplit` (tune.py found splitting slower here)."""
+        if unsplit or num_tokens < self.min_tokens:
             return None
         s = int(self.split_fn(num_tokens) if split_at is None else split_at)
         if not 0 < s < num_tokens:
             raise ValueError(f"split point {s} for {num_tokens} tokens must lie strictly inside the batch")
         return s
 
-    def prepare(self, batch: Batch, ids=None, split_at: int | None = None) -> Plan:
+    def prepare(self, batch: Batch, ids=None, split_at: int | None = None, unsplit: bool = False) -> Plan:
         self.model.load_prefix(batch)
-        s = self.split_point(batch.num_tokens, split_at)
+        s = self.split_point(batch.num_tokens, split_at, unsplit)
         if s is None:
             return Plan(batch, [self.model.part(batch, ids)])
         a, b = batch.split(s)
@@ -266,11 +267,12 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
         return Sequential(name, model, make_comm("nccl", model, world), sharded=False)
     if name == "nocomm":
         return Sequential(name, model, make_comm("none", model, world), sharded=False)
+    every_sm = None
+    if world.is_gpu and name in ("fused", "tokenweave"):  # nothing to overlap with: every SM
+        from .results import gpu_info
+        every_sm = gpu_info()["sm_count"]
     if name == "fused":
-        if ctas is None and world.is_gpu:  # nothing to overlap with: the kernel may use every SM
-            from .results import gpu_info
-            ctas = gpu_info()["sm_count"]
-        return Sequential(name, model, make_comm(transport, model, world), sharded=True, ctas=ctas)
+        return Sequential(name, model, make_comm(transport, model, world), sharded=True, ctas=ctas or every_sm)
     if name.startswith("finegrained"):
         k = int(name[len("finegrained"):] or k)
         return FineGrained(model, make_comm("nccl", model, world), k, world)
@@ -278,5 +280,5 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
         from . import split as splitting
         split_fn = splitting.split_function(split, model, world, profile)
         return TokenWeave(model, make_comm(transport, model, world), world, split_fn, ctas, ctas_mlp or ctas,
-                          min_split_tokens)
+                          min_split_tokens, unsplit_ctas=every_sm)
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES} (finegrained2/4/8 for k chunks)")
