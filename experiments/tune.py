@@ -164,5 +164,6 @@ def main(argv=None):
     world.print0(f"wrote {writer.path}" + ("" if profile else " (CPU: nothing saved to experiments/tuned/)"))
     return 0
 
+
 if __name__ == "__main__":
     dist.shutdown(main())
