@@ -100,7 +100,7 @@ def main(argv=None):
 
     def graph_of(batch, ids, split_at, ctas_attn, ctas_mlp):
         tw.ctas_attn, tw.ctas_mlp = ctas_attn, ctas_mlp
-        plan = tw.prepare(batch, ids, split_at or None, unsplit=split_at == UNSPLIT)
+        plan = tw.prepare(batch, ids, split_at, unsplit=split_at == UNSPLIT)  # unsplit ignores split_at
         run = lambda: tw.forward(plan, stream)  # noqa: E731
         return graph.Graph(run, stream) if world.is_gpu else run
 

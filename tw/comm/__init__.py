@@ -50,3 +50,18 @@ def check_range(start, end, max_tokens: int) -> None:
     if end > max_tokens:
         raise ValueError(f"row range [{start}, {end}) ends past the communication buffer "
                          f"(max_tokens={max_tokens}); build the transport with a larger max_tokens")
+
+
+class BufferComm:
+    """What the transports whose staging buffer is one plain array `self.buf` of `self.max_tokens` rows
+    share (cpu, nccl, nocomm): the staging view, the row-range check, and a no-op check(). Subclasses
+    set self.buf and self.max_tokens in __init__."""
+
+    def check(self) -> None:
+        """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
+
+    def staging(self, num_tokens: int):
+        return self.buf[:num_tokens]
+
+    def _range(self, start, end) -> None:
+        check_range(start, end, self.max_tokens)

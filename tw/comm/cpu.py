@@ -8,10 +8,10 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import ops
-from . import check_range, owned_rows
+from . import BufferComm, owned_rows
 
 
-class CpuComm:
+class CpuComm(BufferComm):
     name = "cpu"
 
     def __init__(self, world, hidden: int, max_tokens: int, dtype=np.float32):
@@ -19,15 +19,6 @@ class CpuComm:
         self.tp, self.rank = world.tp_size, world.tp_rank
         self.hidden, self.max_tokens = hidden, max_tokens
         self.buf = np.zeros((max_tokens, hidden), dtype=dtype)  # [max_tokens, hidden]
-
-    def check(self) -> None:
-        """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
-
-    def staging(self, num_tokens: int):
-        return self.buf[:num_tokens]
-
-    def _range(self, start, end):
-        check_range(start, end, self.max_tokens)
 
     def all_reduce(self, start, end, stream=None, ctas=None):
         self._range(start, end)

@@ -10,10 +10,10 @@ import cupy as cp
 from cupy.cuda import nccl
 
 from .. import ops
-from . import check_range, owned_rows
+from . import BufferComm, owned_rows
 
 
-class NcclComm:
+class NcclComm(BufferComm):
     name = "nccl"
 
     def __init__(self, world, hidden: int, max_tokens: int, dtype=ops.BF16):
@@ -27,15 +27,6 @@ class NcclComm:
         self.rs_out = cp.empty((-(-max_tokens // self.tp), hidden), dtype=dtype)  # [ceil(max/tp), hidden]
         self.ag_out = cp.empty((max_tokens + self.tp, hidden), dtype=dtype)    # [max_tokens + tp, hidden]
         self.max_tokens = max_tokens
-
-    def check(self) -> None:
-        """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
-
-    def staging(self, num_tokens: int):
-        return self.buf[:num_tokens]
-
-    def _range(self, start, end):
-        check_range(start, end, self.max_tokens)
 
     def all_reduce(self, start, end, stream=None, ctas=None):
         self._range(start, end)

@@ -5,20 +5,16 @@ Its output is NOT the model's output (partial sums are never reduced), so correc
 from __future__ import annotations
 
 from .. import ops
+from . import BufferComm
 
 
-class NoComm:
+class NoComm(BufferComm):
     name = "nocomm"
 
     def __init__(self, world, hidden: int, max_tokens: int, dtype):
         xp = _xp(world)
         self.buf = xp.empty((max_tokens, hidden), dtype=dtype)  # [max_tokens, hidden]
-
-    def check(self) -> None:
-        """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
-
-    def staging(self, num_tokens: int):
-        return self.buf[:num_tokens]
+        self.max_tokens = max_tokens
 
     def all_reduce(self, start, end, stream=None, ctas=None):
         pass
