@@ -12,28 +12,16 @@ torch is optional: without it the torch rows are skipped (with a message) and ra
 """
 from __future__ import annotations
 
-import argparse
-import re
-
 import numpy as np
 
-from tw import bench, results
+from experiments import common
+from tw import bench, dist
+from tw.arrays import bf16_from_f32, f32_from_bf16
 from tw.attention import BF16, attention_cuda, attention_meta
 
 HEADS = ((32, 4), (64, 8))  # Llama-70B / Qwen-72B at TP=2, and unsharded
 HEAD_DIM = 128
 VARIANTS = {"wgmma": ("wgmma", 128), "mma128": ("mma", 128), "mma64": ("mma", 64)}  # name -> (kernel, block_m)
-
-
-def to_bf16(x):
-    """cupy float32 -> bf16 by truncating the mantissa (bit ops only; fine for random test data)."""
-    import cupy as cp
-    return (x.view(cp.uint32) >> 16).astype(cp.uint16).view(BF16)
-
-
-def to_f32(x):
-    import cupy as cp
-    return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
 
 
 def causal_flops(seqlens, num_heads, head_dim) -> float:
@@ -63,7 +51,7 @@ def run_case(num_seqs, num_tokens, num_heads, num_kv_heads, args, stream, torch,
     scale = 1.0 / np.sqrt(HEAD_DIM)
     rng = cp.random.default_rng(0)
     with stream:
-        qkv = to_bf16(rng.standard_normal((num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM),
+        qkv = bf16_from_f32(rng.standard_normal((num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM),
                                           dtype=cp.float32))  # [T, (H + 2 Hkv) * D]
         q = qkv[:, :num_heads * HEAD_DIM].reshape(num_tokens, num_heads, HEAD_DIM)
         k = qkv[:, num_heads * HEAD_DIM:(num_heads + num_kv_heads) * HEAD_DIM]
@@ -112,7 +100,7 @@ def run_case(num_seqs, num_tokens, num_heads, num_kv_heads, args, stream, torch,
         stream.synchronize()
         err = None
         if ref is not None:
-            got = to_f32(out)
+            got = f32_from_bf16(out)
             err = float(cp.linalg.norm(got - ref) / cp.linalg.norm(ref))
         times = bench.time_gpu(fn, iters=args.iters, warmup=args.warmup, stream=stream)
         rows.append(dict(impl=f"tw_{variant}", **case, time_ms=float(np.median(times)),
@@ -140,22 +128,24 @@ def torch_stream(cp, torch):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("attention", __doc__)
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384],
-                   help="total new tokens per batch (default: 4096 8192 16384)")
+                   help="total new tokens per batch")
     p.add_argument("--seqs", type=int, nargs="+", default=[1, 4],
-                   help="number of equal-length sequences the tokens are split into (default: 1 4)")
+                   help="number of equal-length sequences the tokens are split into")
     p.add_argument("--heads", type=str, nargs="+", default=[f"{h}/{kv}" for h, kv in HEADS],
-                   help="num_heads/num_kv_heads pairs (default: 32/4 64/8)")
+                   help="num_heads/num_kv_heads pairs")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="tw kernels to time: wgmma (Hopper, 128 rows/CTA), mma128 / mma64 (mma.sync, "
-                        "128 or 64 rows/CTA) (default: all)")
+                        "128 or 64 rows/CTA)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations per case (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
     p.add_argument("--no-torch", action="store_true", help="do not time torch SDPA even if importable")
-    p.add_argument("--out", type=str, default=None,
-                   help="results file (default: experiments/results/attention-<gpu>-<stamp>.jsonl)")
+    common.add_run_flags(p, tp=False)
     args = p.parse_args(argv)
+    world = common.init(args, gpu_only="it times CUDA attention kernels against torch SDPA")
+    if world.size > 1:
+        raise dist.UsageError("experiments.attention runs on one GPU: start it without mpirun")
 
     import cupy as cp
     torch = None
@@ -167,12 +157,9 @@ def main(argv=None):
             torch = None
             print(f"torch not usable ({type(e).__name__}: {e}); torch rows skipped")
     stream = torch_stream(cp, torch) if torch is not None else cp.cuda.Stream(non_blocking=True)
-    meta = results.metadata(None, experiment="attention", iters=args.iters, warmup=args.warmup,
-                            torch=getattr(torch, "__version__", None))
-    gpu_tag = re.sub(r"[^A-Za-z0-9]+", "", meta["gpu"].replace("NVIDIA", "")) or "gpu"
-    path = args.out or results.default_path("attention", gpu_tag)
-    writer = results.Writer(path, meta)
-    print(f"{meta['gpu']}, torch {meta['torch']}; results -> {path}")
+    writer = common.writer(args, world, "attention", torch=getattr(torch, "__version__", None))
+    path = writer.path
+    print(f"{world.gpu_name}, torch {writer.meta['torch']}; results -> {path}")
     print(f"{'impl':>12} {'seqs':>4} {'tokens':>6} {'heads':>6} {'time_ms':>9} {'TFLOP/s':>8} {'vs_tor':>6} "
           f"{'err':>8}")
     table = []
@@ -186,3 +173,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    dist.shutdown(0)

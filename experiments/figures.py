@@ -1,16 +1,21 @@
 """Regenerate every figure from the result files in experiments/results/ (and nothing else).
 
-    python -m experiments.figures            # -> experiments/figures/*.png and *.pdf
+    python -m experiments.figures                       # -> experiments/figures/*.png and *.pdf
+    python -m experiments.figures --out-dir /tmp/f --only kernels split
 
-Each figure names the result file it reads and the hardware in its title. Where the paper states a
+Each figure reads only the committed result file(s) FIGURE_FILES names for it (never the newest file
+matching a pattern: a CPU run must not replace a figure's numbers), drops CPU-fallback rows (`device`
+"cpu" or `gpu` "none ..."), and names its file and the hardware in its title. Where the paper states a
 number for the same quantity, it is drawn beside ours from PAPER below (typed in with its source);
 the paper's plots are not digitized, so most figures carry only its stated headline numbers.
-A figure whose result file is missing is skipped with a message (e.g. no 8-GPU results yet).
+A figure whose file is missing, empty or CPU-only, or that fails to draw, is reported by name and
+makes main() return 1 (the other figures are still drawn).
 """
 from __future__ import annotations
 
 import argparse
-import glob
+import json
+import sys
 from pathlib import Path
 
 from tw.results import RESULTS_DIR, read
@@ -26,9 +31,45 @@ PAPER = {
 }
 
 
-def latest(pattern: str) -> Path | None:
-    files = sorted(glob.glob(str(RESULTS_DIR / pattern)))
-    return Path(files[-1]) if files else None
+def is_cpu_row(r: dict) -> bool:
+    """A CPU-fallback measurement (timings say nothing about GPUs): never drawn or quoted."""
+    return r.get("device") == "cpu" or str(r.get("gpu", "")).startswith("none")
+
+
+def _check_file(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"result file {path} is missing")
+    if path.stat().st_size == 0:
+        raise ValueError(f"result file {path} is empty")
+    return path
+
+
+def load(path) -> list[dict]:
+    """The GPU rows of a result file; raises (naming the file) if it is missing, empty or CPU-only."""
+    rows = read(_check_file(path))
+    keep = [r for r in rows if not is_cpu_row(r)]
+    if not keep:
+        raise ValueError(f"result file {path} is empty" if not rows else
+                         f"result file {path} has only CPU-fallback rows ({len(rows)} ignored)")
+    return keep
+
+
+def trace_meta(csv_path) -> dict:
+    """The run metadata stored beside a trace CSV (`otherData` of its Chrome-trace .json), or {}."""
+    js = Path(csv_path).with_suffix(".json")
+    return json.loads(js.read_text()).get("otherData", {}) if js.is_file() else {}
+
+
+def load_trace(csv_path) -> list[dict]:
+    """A trace CSV's rows; raises if it is missing, empty or from a CPU-fallback run."""
+    from tw.trace import read_csv
+    if is_cpu_row(trace_meta(_check_file(csv_path))):
+        raise ValueError(f"trace {csv_path} comes from a CPU-fallback run")
+    rows = read_csv(csv_path)
+    if not rows:
+        raise ValueError(f"trace {csv_path} is empty")
+    return rows
 
 
 def _plt():
@@ -50,7 +91,7 @@ def _save(fig, name: str, out_dir: Path) -> list[Path]:
 def fig_latency(path: Path, out_dir: Path, name: str = "latency_speedup"):
     """Paper Fig. 11 analogue: end-to-end speedup over nccl per strategy and token count."""
     plt = _plt()
-    rows = read(path)
+    rows = load(path)
     strategies = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != "nccl"]
     tokens = sorted({r["tokens"] for r in rows})
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -79,7 +120,7 @@ def fig_latency(path: Path, out_dir: Path, name: str = "latency_speedup"):
 def fig_kernels(path: Path, out_dir: Path):
     """Paper Table 1 / Fig. 4-7 analogue: time of each AR(+norm) variant vs tokens, and the CTA sweep."""
     plt = _plt()
-    rows = [r for r in read(path) if r.get("hidden") == 8192]
+    rows = [r for r in load(path) if r.get("hidden") == 8192]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     main_ctas = {r["ctas"] for r in rows if r["kernel"] == "p2p_fused"}
     ctas = 8 if 8 in main_ctas else min(main_ctas)
@@ -112,7 +153,7 @@ def fig_kernels(path: Path, out_dir: Path):
 def fig_attention(path: Path, out_dir: Path):
     """Our attention kernels vs torch SDPA (not a paper figure; issue-2 target)."""
     plt = _plt()
-    rows = read(path)
+    rows = load(path)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     keys = sorted({(r["seqs"], r["num_heads"], r["num_kv_heads"]) for r in rows})
     for impl in dict.fromkeys(r["impl"] for r in rows):
@@ -134,7 +175,7 @@ def fig_split(path: Path, out_dir: Path):
     """Paper Fig. 9 analogue: end-to-end tokenweave time vs split point (relative to the searched best),
     one panel per token count, the wave rule's pick, the naive T/2 and the search's best marked."""
     plt = _plt()
-    rows = read(path)
+    rows = load(path)
     tokens = [t for t in sorted({r["tokens"] for r in rows})
               if any(r["tokens"] == t and r["kind"] == "split" for r in rows)]
     fig, axes = plt.subplots(1, len(tokens), figsize=(3.6 * len(tokens), 3.3), sharey=True, squeeze=False)
@@ -167,7 +208,7 @@ def fig_interference(path: Path, out_dir: Path, name: str = "interference"):
     """What the fused kernel's CTAs cost the GEMMs they overlap (experiments/interference.py): the
     pair's extra time over the GEMMs alone (exposed), against the SM-share bound and the comm alone."""
     plt = _plt()
-    rows = read(path)
+    rows = load(path)
     tokens = sorted({r["tokens"] for r in rows})
     ctas = sorted({r["ctas"] for r in rows})
     fig, axes = plt.subplots(1, len(tokens), figsize=(3.2 * len(tokens), 3.2), sharey=True, squeeze=False)
@@ -194,7 +235,7 @@ def fig_interference(path: Path, out_dir: Path, name: str = "interference"):
 def fig_overhead(path: Path, out_dir: Path):
     """Paper Fig. 1 / 3 analogue: share of the forward pass spent in all-reduce and in add + RMSNorm."""
     plt = _plt()
-    rows = sorted(read(path), key=lambda r: r["tokens"])
+    rows = sorted(load(path), key=lambda r: r["tokens"])
     fig, ax = plt.subplots(figsize=(7, 3.6))
     x = range(len(rows))
     for i, (key, label) in enumerate((("comm_share", "all-reduce (ablation: 1 - nocomm/nccl)"),
@@ -214,7 +255,7 @@ def fig_overhead(path: Path, out_dir: Path):
 def fig_split_mlp(path: Path, out_dir: Path):
     """Paper Fig. 9 analogue: an MLP block split in two, relative to unsplit."""
     plt = _plt()
-    rows = read(path)
+    rows = load(path)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for kind in ("equal", "wave"):
         pts = sorted((r["tokens"], r["vs_unsplit"]) for r in rows if r["kind"] == kind)
@@ -235,16 +276,15 @@ KERNEL_HISTORY = [  # the same benchmark after each change to cuda/ar_norm_p2p.c
 ]
 
 
-def fig_kernel_history(path: Path, out_dir: Path):
-    """Fused P2P kernel at 8 CTAs (hidden 8192) after each change, as a multiple of NCCL all-reduce's
-    time measured in the same run."""
+def fig_kernel_history(paths: list[Path], out_dir: Path):
+    """Fused P2P kernel at 8 CTAs (hidden 8192) after each change (one kernels-*.jsonl per version, in
+    order; labelled from KERNEL_HISTORY), as a multiple of NCCL all-reduce's time in the same run."""
     plt = _plt()
+    labels = {name: label for label, name in KERNEL_HISTORY}
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for label, name in KERNEL_HISTORY:
-        f = RESULTS_DIR / name
-        if not f.exists():
-            continue
-        rows = [r for r in read(f) if r.get("hidden") == 8192]
+    for f in map(Path, paths):
+        label, name = labels.get(f.name, f.stem), f.name
+        rows = [r for r in load(f) if r.get("hidden") == 8192]
         nccl = {r["tokens"]: r["time_us"] for r in rows if r["kernel"] == "nccl_ar"}
         pts = sorted((r["tokens"], r["time_us"] / nccl[r["tokens"]]) for r in rows
                      if r["kernel"] == "p2p_fused" and r["ctas"] == 8 and r["tokens"] in nccl)
@@ -260,16 +300,15 @@ def fig_kernel_history(path: Path, out_dir: Path):
     return _save(fig, "kernel_history", out_dir)
 
 
-def fig_timeline(path: Path, out_dir: Path):
-    """One layer of a traced forward pass (rank 0): compute and comm lanes, per strategy."""
-    from tw.trace import read_csv
+def fig_timeline(paths: list[Path], out_dir: Path):
+    """One layer of a traced forward pass (rank 0): compute and comm lanes, one panel per trace CSV."""
     plt = _plt()
-    traces = sorted(path.parent.glob("trace-*.csv"))
+    traces = [Path(p) for p in paths]
     colors = {"attn": "tab:blue", "mlp": "tab:green", "comm": "tab:orange"}  # by the trace's block column
     lanes = {"compute": 1, "comm": 0}
     fig, axes = plt.subplots(len(traces), 1, figsize=(10, 1.3 * len(traces) + 0.6), squeeze=False)
     for ax, f in zip(axes[:, 0], traces):
-        rows = [r for r in read_csv(f) if r["rank"] == 0 and r["layer"] == 1]
+        rows = [r for r in load_trace(f) if r["rank"] == 0 and r["layer"] == 1]
         t0 = min(r["start_us"] for r in rows)
         for r in rows:
             ax.broken_barh([((r["start_us"] - t0) / 1e3, r["dur_us"] / 1e3)], (lanes[r["lane"]] - 0.4, 0.8),
@@ -278,38 +317,76 @@ def fig_timeline(path: Path, out_dir: Path):
         ax.set_title(f.stem, fontsize=8)
     axes[-1, 0].set_xlabel("ms from layer 1's first op (rank 0; eager pass with per-op events)")
     fig.suptitle("layer 1 timelines: blue attention, green MLP, orange communication (+ norm when fused), gray standalone norm "
-                 f"({path.parent.name})", fontsize=9)
+                 f"({traces[0].parent.name})", fontsize=9)
     fig.tight_layout()
     return _save(fig, "timeline", out_dir)
 
 
-FIGURES = [
-    (fig_latency, "latency-llama3-70b-tp2-H200-e2e-tuned.jsonl"),
-    (lambda p, d: fig_latency(p, d, "latency_speedup_qwen"), "latency-qwen2.5-72b-tp2-H200-e2e-warp-per-row.jsonl"),
-    (lambda p, d: fig_latency(p, d, "latency_speedup_shard8"), "latency-*shard-as-tp8*tuned.jsonl"),
-    (fig_interference, "interference-llama3-70b-tp2-H200.jsonl"),
-    (lambda p, d: fig_interference(p, d, "interference_shard8"), "interference-*shard-as-tp8*.jsonl"),
-    (fig_kernels, "kernels-H200x2-warp-per-row.jsonl"),
-    (fig_kernel_history, "kernels-H200x2-warp-per-row.jsonl"),
-    (fig_attention, "attention-*.jsonl"),
-    (fig_split, "tune-llama3-70b-tp2-H200-warm-profile.jsonl"),
-    (fig_overhead, "overhead-*.jsonl"),
-    (fig_split_mlp, "split-*.jsonl"),
-    (fig_timeline, "traces-H200x2/trace-*tokenweave*.csv"),
-]
+FIGURE_FILES = {  # figure -> the committed result file(s) under experiments/results/ it draws, and only those
+    "latency_speedup": ("latency-llama3-70b-tp2-H200-e2e-tuned.jsonl",),
+    "latency_speedup_qwen": ("latency-qwen2.5-72b-tp2-H200-e2e-warp-per-row.jsonl",),
+    "latency_speedup_shard8": ("latency-llama3-70b-shard-as-tp8-on-tp2-H200-tuned.jsonl",),
+    "interference": ("interference-llama3-70b-tp2-H200.jsonl",),
+    "interference_shard8": ("interference-llama3-70b-shard-as-tp8-on-tp2-H200.jsonl",),
+    "kernels": ("kernels-H200x2-warp-per-row.jsonl",),
+    "kernel_history": tuple(name for _, name in KERNEL_HISTORY),
+    "attention": ("attention-H200-20261121-230856.jsonl",),
+    "split": ("tune-llama3-70b-tp2-H200-warm-profile.jsonl",),
+    "overhead": ("overhead-llama3-70b-tp2-H200.jsonl",),
+    "split_mlp": ("split-tp2-H200.jsonl",),
+    "timeline": tuple(f"traces-H200x2/trace-llama3-70b-tp2-{s}-4096.csv"
+                      for s in ("finegrained4", "nccl", "tokenweave")),
+}
+
+
+def _one(fn, **kw):
+    return lambda paths, out_dir: fn(paths[0], out_dir, **kw)
+
+
+DRAW = {  # figure -> fn(paths of its FIGURE_FILES, out_dir) -> the files written
+    "latency_speedup": _one(fig_latency),
+    "latency_speedup_qwen": _one(fig_latency, name="latency_speedup_qwen"),
+    "latency_speedup_shard8": _one(fig_latency, name="latency_speedup_shard8"),
+    "interference": _one(fig_interference),
+    "interference_shard8": _one(fig_interference, name="interference_shard8"),
+    "kernels": _one(fig_kernels),
+    "kernel_history": fig_kernel_history,
+    "attention": _one(fig_attention),
+    "split": _one(fig_split),
+    "overhead": _one(fig_overhead),
+    "split_mlp": _one(fig_split_mlp),
+    "timeline": fig_timeline,
+}
+
+
+def result_paths(name: str) -> list[Path]:
+    return [RESULTS_DIR / f for f in FIGURE_FILES[name]]
+
+
+def draw(name: str, out_dir) -> list[Path]:
+    """Draw one figure from its named files; raises (naming the file) if one is missing/empty/CPU-only."""
+    return DRAW[name]([_check_file(p) for p in result_paths(name)], Path(out_dir))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(FIG_DIR), help="directory for the PNG and PDF files")
+    p.add_argument("--out-dir", "--out", dest="out_dir", default=str(FIG_DIR),
+                   help="directory for the PNG and PDF files (default experiments/figures/)")
+    p.add_argument("--only", nargs="+", choices=list(FIGURE_FILES), metavar="FIGURE",
+                   help=f"draw only these ({', '.join(FIGURE_FILES)})")
     args = p.parse_args(argv)
-    for fn, pattern in FIGURES:
-        path = latest(pattern)
-        if path is None:
-            print(f"skipped: no result file matches experiments/results/{pattern}")
-            continue
-        for out in fn(path, Path(args.out)):
-            print(f"wrote {out}  (from {path.name})")
+    failed = []
+    for name in args.only or FIGURE_FILES:
+        try:
+            for out in draw(name, args.out_dir):
+                print(f"wrote {out}  (from {', '.join(FIGURE_FILES[name])})")
+        except Exception as e:  # report every figure that did not draw, then fail
+            _plt().close("all")
+            failed.append(name)
+            print(f"FAILED {name}: {type(e).__name__}: {e}", file=sys.stderr)
+    if failed:
+        print(f"figures not drawn: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

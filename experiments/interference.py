@@ -16,7 +16,7 @@ while it runs); hidden = (comm_ms + gemm_ms - wall_ms) / comm_ms (the share of t
 disappeared under the GEMMs). steal_ms above sm_bound_ms means contention beyond the SMs (HBM, L2,
 CTA scheduling); below it, the comm hides in the GEMMs' wave tails.
 All three configurations (GEMMs alone, comm alone, overlapped) are measured the same way, round-robin
-in rotating order: each sample starts after a device sync and an MPI barrier (both ranks' comm kernels
+in rotating order (tw/bench.py round_robin, --iters rounds of one sample each): each sample starts after a device sync and an MPI barrier (both ranks' comm kernels
 start together) with every launch queued behind a 1 ms hold kernel (no host gaps inside the timing).
 Slowest rank's median of --iters. (The first version timed the alone cases back to back and only the
 overlapped one after a sync: host launch gaps and clock drift then dominated the differences.)
@@ -26,47 +26,38 @@ sm_bound_ms, hidden.
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from tw import bench, config, dist, results, schedules
+from experiments import common
+from tw import bench, dist, schedules
 from tw.layers import layer_gemms
-from tw.model import Model
-from tw.split import fill_random
+from tw.profile import fill_random
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="mpirun -n <TP> python -m experiments.interference", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama3-70b", help=f"model preset, from {sorted(config.PRESETS)}")
-    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192],
-                   help="rows M of the GEMMs and of the comm (tokenweave's half-batch sizes)")
+    p = common.parser("interference", __doc__)
+    common.add_model_flags(p, layers=False)
+    common.add_tokens_flag(p, gpu=[2048, 4096, 8192], cpu=[64],
+                           help="rows M of the GEMMs and of the comm (tokenweave's half-batch sizes)")
     p.add_argument("--ctas", type=int, nargs="+", default=[8, 16, 32], help="CTA budgets of the fused kernel")
-    p.add_argument("--shard-as-tp", type=int, default=None, help="weight shards sized as at this TP degree")
     p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed samples first")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="auto: GPU if usable")
-    p.add_argument("--out", default=None, help="result file (JSON lines)")
+    common.add_run_flags(p, tp=False)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    world = dist.init(None, args.device)
-    if not world.is_gpu:
-        world.print0("experiments.interference needs GPUs: it overlaps two CUDA streams, which the CPU "
-                     "fallback does not have. Run it with one MPI rank per GPU.")
-        return 2
+    world = common.init(args, gpu_only="it overlaps two CUDA streams, which the CPU fallback does not have")
     import cupy as cp
-    cfg = config.get(args.model, 1)
-    model = Model(cfg, world, max(args.tokens), seed=0, shard_as_tp=args.shard_as_tp)
-    from tw.comm.p2p import P2PComm
-    comm = schedules.make_comm("p2p", model, world)
-    if not isinstance(comm, P2PComm):
+    args.layers = 1
+    cfg = common.model_config(args, world)
+    model = common.build_model(args, world, cfg, max(args.tokens))
+    comm = schedules.transport_for("p2p", model, world, sharded=True)
+    if comm.name != "p2p":
         world.print0("P2P is unavailable here (see the warning above): nothing to measure")
         return 2
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    sms = world.sm_count
     compute = world.new_stream()
     side = cp.cuda.Stream(non_blocking=True, priority=-100)  # clamped to the highest priority
     fill_random(model.ws, ("x", "attn", "act"))
@@ -77,16 +68,10 @@ def main(argv=None):
     weight = model.layers[0].post_norm
     out = comm.output(m_max)
     cp.cuda.Device().synchronize()
-    writer = results.Writer(args.out or results.default_path("interference", f"{cfg.name}-tp{world.tp_size}"),
-                            results.metadata(world, model=cfg.name, shard_as_tp=args.shard_as_tp,
-                                             iters=args.iters, warmup=args.warmup, experiment="interference"),
-                            world.rank)
+    writer = common.writer(args, world, "interference", cfg)
 
-    def slowest_median(samples) -> float:
-        return bench.summarize(np.asarray(samples), world.comm)["median_ms"]
-
-    world.print0(f"{'tokens':>7} {'ctas':>4} {'gemm ms':>8} {'comm ms':>8} {'gemm ov':>8} {'comm ov':>8} "
-                 f"{'wall':>8} {'steal':>7} {'exposed':>7} {'SM-bound':>8} {'hidden':>6}")
+    world.print0(f"{'tokens':>7} {'ctas':>4} {'gemm_ms':>8} {'comm_ms':>8} {'gemm_ov':>8} {'comm_ov':>8} "
+                 f"{'wall_ms':>8} {'steal':>7} {'exposed':>7} {'sm_bound':>8} {'hidden':>6}   (ms; see --help)")
 
     def sample(gemms, fused, run_gemm: bool, run_comm: bool):
         """One measured sample (GEMM ms, comm ms, wall ms; 0 for a part not run). Both ranks start
@@ -119,17 +104,15 @@ def main(argv=None):
             def fused(k=k, m=m):
                 comm.ar_add_norm(0, m, residual, weight, cfg.eps, out, stream=side, ctas=k)
 
-            samples = {c: [] for c in configs}
-            for i in range(args.warmup + args.iters):
-                for j in range(len(configs)):  # round-robin, rotated each round: drift hits all alike
-                    c = configs[(i + j) % len(configs)]
-                    t = sample(gemms, fused, *c)
-                    if i >= args.warmup:
-                        samples[c].append(t)
+            with dist.step(f"interference M={m} ctas={k}"):
+                if args.warmup:  # discarded: the same rotation, untimed
+                    bench.round_robin(configs, lambda c: [sample(gemms, fused, *c)], args.warmup)
+                samples = bench.round_robin(configs, lambda c: [sample(gemms, fused, *c)], args.iters)
             comm.check()
             alone_g, alone_c, both = (np.asarray(samples[c]) for c in configs)
-            gemm_ms, comm_ms = slowest_median(alone_g[:, 0]), slowest_median(alone_c[:, 1])
-            gemm_ov, comm_ov, wall = (slowest_median(both[:, j]) for j in range(3))
+            gemm_ms = bench.slowest_median(alone_g[:, 0], world.comm)
+            comm_ms = bench.slowest_median(alone_c[:, 1], world.comm)
+            gemm_ov, comm_ov, wall = (bench.slowest_median(both[:, j], world.comm) for j in range(3))
             row = {"tokens": m, "ctas": k, "sms": sms, "gemm_ms": gemm_ms, "comm_ms": comm_ms,
                    "gemm_ov_ms": gemm_ov, "comm_ov_ms": comm_ov, "wall_ms": wall, "steal_ms": gemm_ov - gemm_ms,
                    "exposed_ms": wall - gemm_ms, "sm_bound_ms": comm_ov * k / sms,

@@ -29,21 +29,20 @@ reference on 256 sampled rows. Relative norm error <= 1e-2 (bf16 output rounding
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from tw import bench, dist, graph, results
+from experiments import common
+from tw import bench, dist, graph
+from tw.arrays import bf16_from_f32, f32_from_bf16
 
 TOL = 1e-2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="mpirun -n 2 python -m experiments.kernels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("kernels", __doc__)
     p.add_argument("--hidden", type=int, nargs="+", default=[8192, 6144], help="row widths (bf16 elements)")
     p.add_argument("--tokens", type=int, nargs="+", default=[2 ** k for k in range(6, 16)],
-                   help="token counts (default 64 .. 32768)")
+                   help="token counts (64 .. 32768)")
     p.add_argument("--ctas", type=int, default=8, help="CTA budget of the P2P kernels in the main table")
     p.add_argument("--sweep-ctas", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 132],
                    help="CTA counts of the sweep")
@@ -54,25 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed graph replays")
     p.add_argument("--reps", type=int, default=10, help="ops captured back-to-back per graph")
     p.add_argument("--quick", action="store_true", help="a short run: fewer sizes, CTA counts, iterations")
-    p.add_argument("--out", default=None, help="JSON-lines result file (default experiments/results/kernels-<gpu>-<time>.jsonl)")
+    common.add_run_flags(p, tp=False)
     a = p.parse_args(argv)
     if a.quick:
         a.hidden, a.tokens = a.hidden[:1], [64, 1024, 8192]
         a.sweep_ctas, a.sweep_tokens, a.iters = [2, 8, 32], [1024], 10
     return a
-
-
-# bf16 <-> fp32 with integer ops only (round to nearest even; inputs here are finite).
-def f32_from_bf16(x):
-    import cupy as cp
-    return (x.view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32)
-
-
-def bf16_from_f32(x):
-    import cupy as cp
-    bits = x.view(cp.uint32)
-    bits = bits + (0x7FFF + ((bits >> 16) & 1))
-    return (bits >> 16).astype(cp.uint16).view(cp.dtype("bfloat16"))
 
 
 def randn_bf16(seed, shape):
@@ -187,17 +173,18 @@ def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
 
 def main(argv=None):
     a = parse_args(argv)
-    world = dist.init(device="gpu")
+    world = common.init(a, gpu_only="it times the P2P and NCCL kernels")
+    if world.tp_size < 2:
+        raise dist.UsageError("experiments.kernels measures communication: start one rank per GPU, at least 2 "
+                              "(mpirun -n 2 python -m experiments.kernels)")
     import cupy as cp
     from tw.comm.nccl import NcclComm
     from tw.comm.p2p import P2PComm
     say = world.print0
-    gpu = results.gpu_info()["gpu"]
-    tag = f"{gpu.replace('NVIDIA ', '').replace(' ', '')}x{world.tp_size}"
-    path = a.out or results.default_path("kernels", tag)
-    writer = results.Writer(path, results.metadata(world, experiment="kernels", oneshot_max_tokens=a.oneshot_max_tokens,
-                                                   reps_per_graph=a.reps, iters=a.iters), rank=world.rank)
-    say(f"kernels: TP={world.tp_size} on {gpu}; hidden {a.hidden}; tokens {a.tokens}; P2P ctas {a.ctas}; -> {path}")
+    writer = common.writer(a, world, "kernels", reps_per_graph=a.reps)
+    path = writer.path
+    say(f"kernels: TP={world.tp_size} on {world.gpu_name}; hidden {a.hidden}; tokens {a.tokens}; P2P ctas {a.ctas}; "
+        f"-> {path}")
     rows = []
     main_v = ["nccl_ar", "nccl_ar_norm", "nccl_rs_norm_ag", "p2p_ar", "p2p_fused", "p2p_fused_copy", "p2p_fused_simple"]
     for hidden in a.hidden:

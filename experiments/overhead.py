@@ -11,56 +11,42 @@ Rows: tokens, nccl_ms, nocomm_ms, comm_share, allreduce_ms, allreduce_share, nor
 """
 from __future__ import annotations
 
-import argparse
-
+from experiments import common
 from tw import batch as batching
-from tw import bench, config, dist, ops, results, schedules
-from tw.model import Model
+from tw import bench, dist, graph, ops, schedules
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="mpirun -n <TP> python -m experiments.overhead", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model preset (default: llama3-70b on GPU, tiny on CPU)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers per forward pass")
-    p.add_argument("--tokens", type=int, nargs="+", default=None,
-                   help="token counts (default: 1024 2048 4096 8192 16384 on GPU, 64 256 on CPU)")
+    p = common.parser("overhead", __doc__)
+    common.add_model_flags(p)
+    common.add_tokens_flag(p, gpu=[1024, 2048, 4096, 8192, 16384], cpu=[64, 256])
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence")
-    p.add_argument("--shard-as-tp", type=int, default=None, help="weight shards sized as at this TP degree")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="auto: GPU if usable")
-    p.add_argument("--iters", type=int, default=20, help="timed repetitions per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed repetitions first")
-    p.add_argument("--out", default=None, help="result file (JSON lines)")
+    common.add_timing_flags(p, iters=20, warmup=5, repeats=3)
+    common.add_run_flags(p, tp=False)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    world = dist.init(None, args.device)
-    gpu = world.is_gpu
-    cfg = config.get(args.model or ("llama3-70b" if gpu else "tiny"), args.layers)
-    tokens_list = args.tokens or ([1024, 2048, 4096, 8192, 16384] if gpu else [64, 256])
-    if not gpu:
-        world.print0("NO GPU: CPU fallback, the shares below mean nothing for GPUs")
+    world = common.init(args)
+    cfg = common.model_config(args, world)
     stream = world.new_stream()
-    model = Model(cfg, world, max(tokens_list), seed=0, shard_as_tp=args.shard_as_tp)
+    model = common.build_model(args, world, cfg, max(args.tokens), transports=2)
     nccl, nocomm = (schedules.make(s, model, world) for s in ("nccl", "nocomm"))
-    writer = results.Writer(args.out or results.default_path("overhead", f"{cfg.name}-tp{world.tp_size}"),
-                            results.metadata(world, model=cfg.name, layers=cfg.num_layers,
-                                             shard_as_tp=args.shard_as_tp, iters=args.iters), world.rank)
+    writer = common.writer(args, world, "overhead", cfg)
 
-    def timed(fn):
-        return bench.median_ms(fn, world, stream, args.iters, args.warmup)
+    def graphed(fn):
+        return graph.Graph(fn, stream) if world.is_gpu else fn
 
-    world.print0(f"{'tokens':>7} {'nccl ms':>9} {'nocomm ms':>9} {'comm share':>10} {'AR alone':>9} "
-                 f"{'norm alone':>10}")
-    for tokens in tokens_list:
+    world.print0(f"{'tokens':>7} {'nccl_ms':>9} {'nocomm_ms':>9} {'comm_share':>10} {'allreduce_share':>15} "
+                 f"{'norm_share':>10}")
+    for tokens in args.tokens:
         batch = batching.prefill(tokens, args.seq_len)
         ids = batching.token_ids(tokens, cfg.vocab, 0)
-        t = {}
+        fns = {}
         for strat in (nccl, nocomm):
             plan = strat.prepare(batch, ids)
-            t[strat.name] = timed(lambda strat=strat, plan=plan: strat.forward(plan, stream))
+            fns[strat.name] = graphed(lambda strat=strat, plan=plan: strat.forward(plan, stream))
         n_ops = 2 * cfg.num_layers
         ws, w = model.ws, model.layers[0]
 
@@ -73,14 +59,17 @@ def main(argv=None):
                 # in place into x: each thread reads its vectors of x before writing them
                 ops.add_rmsnorm(ws.x[:tokens], ws.residual[:tokens], w.post_norm, cfg.eps, ws.x[:tokens], stream)
 
+        fns.update(allreduce=graphed(allreduces), norm=graphed(norms))
+        with dist.step(f"overhead tokens={tokens}"):
+            t = {k: v["median_ms"] for k, v in bench.timed(fns, world, stream, args.iters, args.warmup,
+                                                             args.repeats).items()}
         row = {"tokens": tokens, "nccl_ms": t["nccl"], "nocomm_ms": t["nocomm"],
-               "comm_share": 1 - t["nocomm"] / t["nccl"], "allreduce_ms": timed(allreduces),
-               "norm_ms": timed(norms)}
+               "comm_share": 1 - t["nocomm"] / t["nccl"], "allreduce_ms": t["allreduce"], "norm_ms": t["norm"]}
         row["allreduce_share"] = row["allreduce_ms"] / t["nccl"]
         row["norm_share"] = row["norm_ms"] / t["nccl"]
         writer.write(row)
         world.print0(f"{tokens:>7} {t['nccl']:>9.3f} {t['nocomm']:>9.3f} {row['comm_share']:>10.1%} "
-                     f"{row['allreduce_share']:>9.1%} {row['norm_share']:>10.1%}")
+                     f"{row['allreduce_share']:>15.1%} {row['norm_share']:>10.1%}")
     world.print0(f"wrote {writer.path}")
     return 0
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from tw import batch as batching
 from tw import config, dist, reference, schedules
+from tw import comm as transports
 from tw.comm import owned_rows
 from tw.model import Model
 
@@ -66,17 +67,12 @@ def check_comm_exact(world, kind):
     (<= 56 for 8 ranks), exact in bf16 (8 significant bits) and fp32, in any reduction order.
     """
     hidden, max_tokens = 64, 37
-    model_like = type("M", (), {})()
-    cfg = config.ModelConfig("enc", hidden=hidden, num_heads=world.tp_size, num_kv_heads=world.tp_size,
-                             head_dim=8, ffn=8 * world.tp_size, num_layers=1, vocab=8, rope_theta=1e4, eps=1e-5)
-    model_like.cfg, model_like.max_tokens = cfg, max_tokens
     xp = np
     dtype = np.dtype(np.float32)
     if world.is_gpu:
         import cupy as xp
         from tw.ops import BF16 as dtype
-    model_like.dtype = dtype
-    comm = schedules.make_comm(kind, model_like, world)
+    comm = transports.make(kind, world, hidden, max_tokens, dtype)
     r, n = world.tp_rank, world.tp_size
     for start, end in ((0, max_tokens), (5, 6), (3, 30), (11, 37)):
         rows, cols = np.arange(max_tokens)[:, None], np.arange(hidden)[None, :]

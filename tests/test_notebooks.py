@@ -1,4 +1,5 @@
 """The notebooks and the figure script run on the committed result files (CI executes them)."""
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,23 @@ from conftest import ROOT
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("matplotlib")
+
+
+# A measured quantity typed into prose: a speedup/ratio (1.05x), a share (7%), a time (0.13 ms), a decimal
+# (1.092) or a range of them (1.08-1.09). Targets and the paper's stated numbers are not measurements.
+RESULT_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:\s*-\s*\d+(?:\.\d+)?)?\s*(?:x\b|%|ms\b|us\b)|\b\d+\.\d+\b")
+NOT_RESULTS = {"1.30x", "2%"}  # the project's speedup target and the split search's 2% target
+
+
+@pytest.mark.parametrize("name", ["figures", "traces"])
+def test_markdown_quotes_no_result_numbers(name):
+    """Numbers from the result files are printed by code cells, never restated by hand in markdown."""
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            prose = re.sub(r"`[^`]*`", "", c.source)  # file names and code may hold digits
+            typed = [m.group(0) for m in RESULT_NUMBER.finditer(prose) if m.group(0) not in NOT_RESULTS]
+            assert not typed, f"hand-typed result numbers {typed} in: {c.source[:80]!r}"
 
 
 @pytest.mark.parametrize("name", ["figures", "traces"])
@@ -22,7 +40,7 @@ def test_notebook_executes(name):
 
 def test_figures_from_result_files(tmp_path):
     from experiments import figures
-    assert figures.main(["--out", str(tmp_path)]) == 0
+    assert figures.main(["--out-dir", str(tmp_path)]) == 0
     made = sorted(p.name for p in Path(tmp_path).iterdir())
     for name in ("latency_speedup", "kernels", "split", "attention"):
         assert f"{name}.png" in made and f"{name}.pdf" in made

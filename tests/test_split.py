@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from tw import split
+from tw import profile, split
 
 
 def staircase(wave_rows: int, per_wave_ms: float = 1.0):
@@ -29,7 +29,7 @@ def test_smooth_cost_gives_the_middle():
     assert split.choose(4096, lambda m: 0.01 * m) == 2048
 
 
-class DriftingProfile(split.GemmProfile):
+class DriftingProfile(profile.GemmProfile):
     """A GemmProfile whose 'GPU' slows down the longer it runs (clocks falling under load): each timing
     costs 1% more than the one before. The true cost is linear in M, so the true best split is T/2."""
 
@@ -70,22 +70,3 @@ def test_ranked_orders_by_predicted_cost_and_shortlist_starts_with_the_rule():
     assert len(top) == 3 and top[0] == split.wave_split(4096, p)
     with pytest.raises(ValueError, match="at least 1"):
         split.wave_shortlist(4096, p, 0)
-
-
-def test_tuned_choices_are_keyed_by_emulated_shard_size():
-    plain = split.tuned_tag("llama3-70b", 2, "NVIDIA H200")
-    assert plain == "llama3-70b-tp2-NVIDIA_H200"
-    assert split.tuned_tag("llama3-70b", 2, "NVIDIA H200", 2) == plain      # shard size = TP: not emulated
-    assert split.tuned_tag("llama3-70b", 2, "NVIDIA H200", 8) == "llama3-70b-tp2-shard8-NVIDIA_H200"
-
-
-def test_tokenweave_unsplit_on_request_and_below_the_threshold():
-    from tw.schedules import TokenWeave
-    tw = TokenWeave.__new__(TokenWeave)  # split_point only needs the rule and the threshold
-    tw.split_fn, tw.min_tokens = split.naive, 1024
-    assert tw.split_point(4096) == 2048
-    assert tw.split_point(4096, 1792) == 1792
-    assert tw.split_point(4096, 1792, unsplit=True) is None
-    assert tw.split_point(512) is None
-    with pytest.raises(ValueError, match="strictly inside"):
-        tw.split_point(4096, 4096)

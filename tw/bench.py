@@ -1,9 +1,14 @@
 """The one timing utility.
 
 GPU: a CUDA event pair around every iteration on the given stream, after `warmup` untimed calls;
-the per-iteration times are returned so callers can report median, min and max. Across ranks the
-reported number is the slowest rank's median (a TP step is as slow as its slowest GPU).
-CPU: perf_counter around each call (correctness runs only; CPU timings mean nothing for GPUs).
+the per-iteration times are returned so callers can report median, min and max. CPU: perf_counter
+around each call (correctness runs only; CPU timings mean nothing for GPUs).
+
+One rule for every experiment (`round_robin` + `summarize`): configurations are timed in rounds, each
+round measuring every configuration once, in an order rotated by one each round, so slow drifts of
+the machine (clocks, temperature) hit every configuration alike instead of favouring the ones measured
+first; a configuration's number is the median of all its samples over all rounds on each rank, and
+the slowest rank's median is reported (a TP step is as slow as its slowest GPU).
 """
 from __future__ import annotations
 
@@ -54,10 +59,35 @@ def summarize(times_ms: np.ndarray, comm=None) -> dict:
     return {"median_ms": float(stats[0]), "min_ms": float(stats[1]), "max_ms": float(stats[2])}
 
 
-def median_ms(fn, world, stream=None, iters: int = 20, warmup: int = 5) -> float:
-    """The slowest rank's median time of fn(): a CUDA graph of it replayed under events on the GPU,
-    perf_counter on the CPU (a couple of calls: correctness runs only)."""
+def passes(fn, world, stream=None, iters: int = 20, warmup: int = 5) -> np.ndarray:
+    """ms of each of `iters` calls of fn() after `warmup`: CUDA events on the GPU, perf_counter on the
+    CPU (where callers pass small counts: correctness runs only)."""
     if world.is_gpu:
-        from .graph import Graph
-        return summarize(time_gpu(Graph(fn, stream), iters, warmup, stream), world.comm)["median_ms"]
-    return summarize(time_cpu(fn, 2, 1), world.comm)["median_ms"]
+        return time_gpu(fn, iters, warmup, stream)
+    return time_cpu(fn, iters, warmup)
+
+
+def round_robin(configs, measure, rounds: int) -> dict:
+    """{config: all samples} from `rounds` rounds; round r measures every config once, starting at
+    config r mod n (rotated order). measure(config) returns an array of samples (ms), 1-D, or 2-D
+    [samples, k] for k quantities measured together; samples of all rounds are concatenated."""
+    configs = list(configs)
+    if rounds < 1:
+        raise ValueError(f"round_robin needs >= 1 round, got {rounds}")
+    samples = {c: [] for c in configs}
+    for r in range(rounds):
+        for j in range(len(configs)):
+            c = configs[(r + j) % len(configs)]
+            samples[c].append(np.asarray(measure(c), dtype=np.float64))
+    return {c: np.concatenate(s) for c, s in samples.items()}
+
+
+def slowest_median(samples, comm=None) -> float:
+    """The one median rule: median of this rank's samples, then the maximum over `comm`'s ranks."""
+    return summarize(np.asarray(samples), comm)["median_ms"]
+
+
+def timed(fns: dict, world, stream=None, iters: int = 20, warmup: int = 5, rounds: int = 3) -> dict:
+    """{name: summarize(...)} of each callable in `fns` timed round-robin (`passes` per round)."""
+    samples = round_robin(fns, lambda name: passes(fns[name], world, stream, iters, warmup), rounds)
+    return {name: summarize(s, world.comm) for name, s in samples.items()}

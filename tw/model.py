@@ -128,3 +128,30 @@ class Model:
             ops.embedding(part.ids, self.embedding, self.ws.residual[r], stream)
             ops.add_rmsnorm(None, self.ws.residual[r], self.layers[0].input_norm, self.cfg.eps, self.ws.x[r],
                             stream)
+
+
+def memory_estimate(cfg: ModelConfig, shard: ShardConfig, max_tokens: int, kv_capacity: int, dtype_bytes: int,
+                    transports: int = 1, reference_tokens: int = 0, seq_len: int = 0) -> dict:
+    """Bytes one rank will hold, by part, before anything is built (a size check, not an exact count).
+
+    weights: this rank's shards of every layer, the replicated embedding and norms, plus one unsharded
+    float32 layer alive while it is sharded (tw/weights.py). kv: the KV caches. workspace: the
+    activation buffers and `transports` communication buffers (~3 [max_tokens, hidden] arrays each).
+    reference: the float64 reference for `reference_tokens` tokens (one full float32 layer, its largest
+    matrix in float64 twice, the float32 embedding, float64 activations and KV, one sequence's scores).
+    """
+    h, hd, layers = cfg.hidden, cfg.head_dim, cfg.num_layers
+    full_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd * h + h * cfg.num_heads * hd + 3 * cfg.ffn * h
+    shard_layer = shard.qkv_dim * h + h * shard.q_dim + 3 * shard.ffn * h + 2 * h
+    est = {"weights": layers * shard_layer * dtype_bytes + (cfg.vocab * h + h) * dtype_bytes + full_layer * 4,
+           "kv": 2 * layers * kv_capacity * shard.num_kv_heads * hd * dtype_bytes,
+           "workspace": max_tokens * (2 * h + shard.qkv_dim + shard.q_dim + 3 * shard.ffn) * dtype_bytes
+           + transports * 3 * max_tokens * h * dtype_bytes}
+    if reference_tokens:
+        t = reference_tokens
+        biggest = 2 * cfg.ffn * h
+        est["reference"] = (full_layer * 4 + 2 * biggest * 8 + cfg.vocab * h * 4
+                            + t * (4 * h + (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 3 * cfg.ffn) * 8
+                            + 2 * kv_capacity * cfg.num_kv_heads * hd * 8 + cfg.num_heads * seq_len ** 2 * 8)
+    est["total"] = sum(est.values())
+    return est

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import weights
+from .arrays import xp_of as _xp
 from .batch import Batch
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
@@ -113,8 +114,15 @@ def forward(cfg, batch: Batch, ids, seed: int, xp, dtype):
     return x
 
 
-def _xp(a):
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
+def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype):
+    """forward() computed once, on world rank 0, and broadcast: [T, H] float64 on every rank, in xp.
+    (Every rank computing its own copy cost the CPU path ~40 s per rank-count at 5K tokens.)"""
+    import numpy
+    ref = None
+    if world.rank == 0:
+        ref = forward(cfg, batch, ids, seed, xp, dtype)
+        ref = ref.get() if hasattr(ref, "get") else numpy.ascontiguousarray(ref)
+    else:
+        ref = numpy.empty((batch.num_tokens, cfg.hidden), dtype=numpy.float64)
+    world.comm.Bcast(ref, root=0)
+    return xp.asarray(ref)

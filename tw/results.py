@@ -32,24 +32,22 @@ def git_commit() -> str:
         return "unknown"
 
 
-def gpu_info() -> dict:
-    try:
-        import cupy as cp
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        name = props["name"]
-        return {"gpu": name.decode() if isinstance(name, bytes) else str(name),
-                "sm_count": int(props["multiProcessorCount"]),
-                "gpu_mem_gib": round(props["totalGlobalMem"] / 2**30, 1)}
-    except Exception:
-        return {"gpu": "none", "sm_count": 0}
-
-
 def metadata(world=None, **extra) -> dict:
     """What a number depends on: hardware, versions, commit, world shape, plus `extra`."""
     meta = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "host": socket.gethostname(), "commit": git_commit(), **dist.versions()}
-    if world is None or world.is_gpu:
-        meta.update(gpu_info())
+    if world is None:
+        count = dist.gpu_count()
+        if count:
+            import cupy as cp
+            name, sms = dist.gpu_facts(cp.cuda.Device().id)
+            meta.update(gpu=name, sm_count=sms)
+        else:
+            meta.update(gpu="none", sm_count=0)
+    elif world.is_gpu:
+        import cupy as cp
+        meta.update(gpu=world.gpu_name, sm_count=world.sm_count,
+                    gpu_mem_gib=round(cp.cuda.Device().mem_info[1] / 2**30, 1))
     else:
         meta.update({"gpu": "none (CPU fallback: timings not meaningful)", "sm_count": 0})
     if world is not None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import comm as transports
 from .batch import Batch
-from .comm.nocomm import NoComm
 from .layers import attention_block, mlp_block
 from .model import Model
 from .trace import span
@@ -29,40 +29,45 @@ from .trace import span
 STRATEGIES = ("nccl", "nocomm", "fused", "finegrained", "tokenweave")
 
 
-def make_comm(kind: str, model: Model, world):
-    """A transport for the model's hidden size and max tokens: 'nccl', 'p2p' or 'none'."""
-    hidden, max_tokens = model.cfg.hidden, model.max_tokens
-    if kind == "none":
-        return NoComm(world, hidden, max_tokens, model.dtype)
-    if not world.is_gpu:
-        from .comm.cpu import CpuComm
-        return CpuComm(world, hidden, max_tokens, model.dtype)
-    if kind == "nccl":
-        from .comm.nccl import NcclComm
-        return NcclComm(world, hidden, max_tokens, model.dtype)
-    if kind == "p2p":
-        from .comm.p2p import make_p2p_or_nccl
-        # Two-shot only: at 64-256 rows the one-shot path measured slower at 8 CTAs and equal at
-        # 64-132 (experiments/results/kernels-H200x2-run14.jsonl).
-        return make_p2p_or_nccl(world, hidden, max_tokens, oneshot_max_tokens=0)
-    raise ValueError(f"unknown transport {kind!r}; expected nccl, p2p or none")
+def transport_for(kind: str, model: Model, world, sharded: bool):
+    """The strategy's transport, sized for the model (tw/comm.make). p2p runs two-shot only: at 64-256
+    rows the one-shot path measured slower at 8 CTAs and equal at 64-132
+    (experiments/results/kernels-H200x2-run14.jsonl)."""
+    options = {"oneshot_max_tokens": 0} if kind == "p2p" and world.is_gpu else {}
+    return transports.make(kind, world, model.cfg.hidden, model.max_tokens, model.dtype, sharded=sharded, **options)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """Everything one forward pass depends on, fixed before it runs (forward is a function of the plan).
+
+    parts: the device-side Parts (one, or tokenweave's halves A and B). ctas: CTA budget of the fused
+    kernel for every comm step of a one-part plan (None: the transport's default or not applicable);
+    ctas_attn / ctas_mlp: tokenweave's budgets for the comm that overlaps attention / the MLP.
+    split_source: how tokenweave's split was decided (tuned, tuned-unsplit, wave, naive, forced,
+    below-threshold); None for the other strategies."""
     batch: Batch
-    parts: list  # device-side Parts (one for sequential schedules)
+    parts: tuple
+    ctas: int | None = None
+    ctas_attn: int | None = None
+    ctas_mlp: int | None = None
+    split_source: str | None = None
+
+    @property
+    def split_at(self) -> int | None:
+        return self.parts[1].offset if len(self.parts) == 2 else None
 
 
 class Sequential:
-    """Layer after layer on one stream; each row-parallel GEMM feeds comm.ar_add_norm."""
+    """Layer after layer on one stream; each row-parallel GEMM feeds comm.ar_add_norm in the
+    transport's order (nccl, nocomm: unsharded; fused: sharded). ctas: the fused kernel's budget."""
 
-    def __init__(self, name: str, model: Model, comm, sharded: bool, ctas: int | None = None):
-        self.name, self.model, self.comm, self.sharded, self.ctas = name, model, comm, sharded, ctas
+    def __init__(self, name: str, model: Model, comm, ctas: int | None = None):
+        self.name, self.model, self.comm, self.ctas = name, model, comm, ctas
 
     def prepare(self, batch: Batch, ids=None) -> Plan:
         self.model.load_prefix(batch)
-        return Plan(batch, [self.model.part(batch, ids)])
+        return Plan(batch, (self.model.part(batch, ids),), ctas=self.ctas)
 
     def forward(self, plan: Plan, stream=None):
         m, comm, (part,) = self.model, self.comm, plan.parts
@@ -73,11 +78,10 @@ class Sequential:
             y = comm.staging(part.offset + part.num_tokens)[r]
             attention_block(m, w, x[r], part, y, stream)
             with span(f"L{i}.comm.{part.label}.post_attn_norm", stream):
-                comm.ar_add_norm(r.start, r.stop, residual, w.post_norm, eps, x, stream, self.sharded, self.ctas)
+                comm.ar_add_norm(r.start, r.stop, residual, w.post_norm, eps, x, stream, ctas=plan.ctas)
             mlp_block(m, w, x[r], part, y, stream)
             with span(f"L{i}.comm.{part.label}.{_next_norm(m, i)}", stream):
-                comm.ar_add_norm(r.start, r.stop, residual, m.norm_weight_after(i), eps, x, stream, self.sharded,
-                                 self.ctas)
+                comm.ar_add_norm(r.start, r.stop, residual, m.norm_weight_after(i), eps, x, stream, ctas=plan.ctas)
         return x[r]
 
 
@@ -123,7 +127,7 @@ class FineGrained:
     def __init__(self, model: Model, comm, k: int, world):
         if k < 1:
             raise ValueError(f"finegrained needs k >= 1 chunks, got {k}")
-        self.name, self.model, self.comm, self.k = f"finegrained{k}", model, comm, k
+        self.name, self.model, self.comm, self.k, self.ctas = f"finegrained{k}", model, comm, k, None
         self.streams = _Streams(world)
 
     prepare = Sequential.prepare
@@ -169,7 +173,7 @@ class FineGrained:
 
 
 class TokenWeave:
-    """The 8-step overlap schedule of DESIGN.md 2(c) over halves A = [0, s) and B = [s, T).
+    """The 8-step overlap schedule (docs/design.md#schedule) over halves A = [0, s) and B = [s, T).
 
     Compute stream: attn(A), attn(B), mlp(A), mlp(B) per layer. Comm stream (high priority): the fused
     AR + add + RMSNorm of the half that just finished, while the other half computes. Each step waits
@@ -181,35 +185,44 @@ class TokenWeave:
     The staging rows of a half are rewritten only after the comm step that read them has finished
     (the compute step that rewrites them waits for it), and halves use disjoint workspace rows.
     ctas_attn: CTAs for the comm steps that overlap attention (norm(B, MLP), norm(A, attn));
-    ctas_mlp: for those that overlap the MLP (norm(B, attn), norm(A, MLP)).
-    Batches with fewer than `min_tokens` tokens are not split (the fused strategy alone).
+    ctas_mlp: for those that overlap the MLP (norm(B, attn), norm(A, MLP)). Batches with fewer than
+    `min_tokens` tokens, or a tuned choice that says so, run unsplit: the fused strategy alone, with
+    `unsplit_ctas` (every SM: nothing overlaps the comm then).
     """
 
     def __init__(self, model: Model, comm, world, split_fn, ctas_attn=None, ctas_mlp=None,
                  min_tokens: int = 1024, unsplit_ctas: int | None = None):
         self.name, self.model, self.comm = "tokenweave", model, comm
-        self.split_fn, self.ctas_attn, self.ctas_mlp, self.min_tokens = split_fn, ctas_attn, ctas_mlp, min_tokens
+        self.split_fn, self.min_tokens, self.unsplit_ctas = split_fn, min_tokens, unsplit_ctas
+        default = getattr(comm, "ctas", None)  # the transport's own default budget (p2p: 8)
+        self.ctas_attn = ctas_attn or default
+        self.ctas_mlp = ctas_mlp or self.ctas_attn
         self.streams = _Streams(world)
-        # Unsplit, nothing overlaps the comm: it may use every SM, as the fused strategy does.
-        self.unsplit = Sequential("fused", model, comm, sharded=True, ctas=unsplit_ctas)
+        self.unsplit = Sequential("fused", model, comm)
 
-    def split_point(self, num_tokens: int, split_at: int | None = None, unsplit: bool = False) -> int | None:
-        """Where half B starts: `split_at` if given (e.g. a tuned point), else split_fn's choice; None
-        (no split) below min_tokens or when `unsplit` (tune.py found splitting slower here)."""
-        if unsplit or num_tokens < self.min_tokens:
-            return None
-        s = int(self.split_fn(num_tokens) if split_at is None else split_at)
-        if not 0 < s < num_tokens:
-            raise ValueError(f"split point {s} for {num_tokens} tokens must lie strictly inside the batch")
-        return s
-
-    def prepare(self, batch: Batch, ids=None, split_at: int | None = None, unsplit: bool = False) -> Plan:
+    def prepare(self, batch: Batch, ids=None, choice=None) -> Plan:
+        """The plan for `batch`. choice (a tw.tuned.TunedChoice, from tune.py or built by a script to
+        force a setting): its split point, or no split, and its CTA budgets; else the split rule and
+        the budgets given at construction."""
         self.model.load_prefix(batch)
-        s = self.split_point(batch.num_tokens, split_at, unsplit)
+        n = batch.num_tokens
+        if choice is not None and not choice.split:
+            s, source = None, "tuned-unsplit"
+        elif n < self.min_tokens and choice is None:
+            s, source = None, "below-threshold"
+        elif choice is not None:
+            s, source = int(choice.split_at), choice.extra.get("source", "tuned")
+        else:
+            s, source = int(self.split_fn(n)), getattr(self.split_fn, "source", "rule")
         if s is None:
-            return Plan(batch, [self.model.part(batch, ids)])
+            return Plan(batch, (self.model.part(batch, ids),), ctas=self.unsplit_ctas, split_source=source)
+        if not 0 < s < n:
+            raise ValueError(f"split point {s} for {n} tokens must lie strictly inside the batch")
         a, b = batch.split(s)
-        return Plan(batch, [self.model.part(a, ids, "A"), self.model.part(b, ids, "B")])
+        ca = choice.ctas_attn if choice is not None else self.ctas_attn
+        cm = choice.ctas_mlp if choice is not None else self.ctas_mlp
+        return Plan(batch, (self.model.part(a, ids, "A"), self.model.part(b, ids, "B")), ctas_attn=ca,
+                    ctas_mlp=cm, split_source=source)
 
     def forward(self, plan: Plan, stream=None):
         if len(plan.parts) == 1:
@@ -227,58 +240,67 @@ class TokenWeave:
         def norm(name, part, weight, ctas, after, done):
             st.wait(cs, after)
             with span(name, cs, "comm"):
-                comm.ar_add_norm(part.rows.start, part.rows.stop, res, weight, eps, x, cs, True, ctas)
+                comm.ar_add_norm(part.rows.start, part.rows.stop, res, weight, eps, x, cs, sharded=True, ctas=ctas)
             st.signal(done, cs)
 
+        ca, cm = plan.ctas_attn, plan.ctas_mlp
         for i, w in enumerate(m.layers):
             nxt = _next_norm(m, i)
             st.wait(stream, "normA_mlp")
             attention_block(m, w, x[a.rows], a, y[a.rows], stream)
             st.signal("attnA", stream)
-            norm(f"L{i}.comm.A.post_attn_norm", a, w.post_norm, self.ctas_attn, "attnA", "normA_attn")
+            norm(f"L{i}.comm.A.post_attn_norm", a, w.post_norm, ca, "attnA", "normA_attn")
             st.wait(stream, "normB_mlp")
             attention_block(m, w, x[b.rows], b, y[b.rows], stream)
             st.signal("attnB", stream)
-            norm(f"L{i}.comm.B.post_attn_norm", b, w.post_norm, self.ctas_mlp, "attnB", "normB_attn")
+            norm(f"L{i}.comm.B.post_attn_norm", b, w.post_norm, cm, "attnB", "normB_attn")
             st.wait(stream, "normA_attn")
             mlp_block(m, w, x[a.rows], a, y[a.rows], stream)
             st.signal("mlpA", stream)
-            norm(f"L{i}.comm.A.{nxt}", a, m.norm_weight_after(i), self.ctas_mlp, "mlpA", "normA_mlp")
+            norm(f"L{i}.comm.A.{nxt}", a, m.norm_weight_after(i), cm, "mlpA", "normA_mlp")
             st.wait(stream, "normB_attn")
             mlp_block(m, w, x[b.rows], b, y[b.rows], stream)
             st.signal("mlpB", stream)
-            norm(f"L{i}.comm.B.{nxt}", b, m.norm_weight_after(i), self.ctas_attn, "mlpB", "normB_mlp")
+            norm(f"L{i}.comm.B.{nxt}", b, m.norm_weight_after(i), ca, "mlpB", "normB_mlp")
         st.wait(stream, "normA_mlp")                # join: the caller's stream sees both halves done
         st.wait(stream, "normB_mlp")
         return x[a.offset:b.offset + b.num_tokens]
 
 
+def finegrained_k(name: str, default: int = 4) -> int | None:
+    """k of 'finegrained<k>' (bare 'finegrained' means k = default = 4); None if not finegrained."""
+    if not name.startswith("finegrained"):
+        return None
+    tail = name[len("finegrained"):]
+    if tail and not tail.isdigit():
+        return None
+    return int(tail) if tail else default
+
+
 def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | None = None,
-         split: str = "wave", k: int = 4, ctas_mlp: int | None = None, profile=None,
-         min_split_tokens: int = 1024):
+         split: str = "wave", ctas_mlp: int | None = None, profile=None, min_split_tokens: int = 1024):
     """Build strategy `name` for `model`.
 
     transport: what fused/tokenweave communicate with (p2p, or nccl = reduce-scatter + norm + all-gather).
-    ctas / ctas_mlp: CTA budgets of the fused kernel (tokenweave: comm overlapping attention / MLP).
-    split: tokenweave's split point, "naive" (half, rounded to 64) or "wave" (from the GEMM profile).
-    k: chunks of finegrained. min_split_tokens: smaller batches run tokenweave unsplit (fused alone).
+    ctas / ctas_mlp: CTA budgets of the fused kernel (fused: default every SM, nothing to overlap;
+    tokenweave: the comm overlapping attention / the MLP, default the transport's own, 8 for p2p).
+    split: tokenweave's split rule, "naive" (T // 2) or "wave" (from the GEMM profile, tw/split.py).
+    finegrained<k>: k chunks (bare finegrained: k = 4). min_split_tokens: tokenweave does not split
+    smaller batches (runs fused alone).
     """
+    every_sm = world.sm_count or None  # None on the CPU, where CTAs mean nothing
     if name == "nccl":
-        return Sequential(name, model, make_comm("nccl", model, world), sharded=False)
+        return Sequential(name, model, transport_for("nccl", model, world, sharded=False))
     if name == "nocomm":
-        return Sequential(name, model, make_comm("none", model, world), sharded=False)
-    every_sm = None
-    if world.is_gpu and name in ("fused", "tokenweave"):  # nothing to overlap with: every SM
-        from .results import gpu_info
-        every_sm = gpu_info()["sm_count"]
+        return Sequential(name, model, transport_for("none", model, world, sharded=False))
     if name == "fused":
-        return Sequential(name, model, make_comm(transport, model, world), sharded=True, ctas=ctas or every_sm)
-    if name.startswith("finegrained"):
-        k = int(name[len("finegrained"):] or k)
-        return FineGrained(model, make_comm("nccl", model, world), k, world)
+        return Sequential(name, model, transport_for(transport, model, world, sharded=True), ctas=ctas or every_sm)
+    k = finegrained_k(name)
+    if k is not None:
+        return FineGrained(model, transport_for("nccl", model, world, sharded=False), k, world)
     if name == "tokenweave":
         from . import split as splitting
         split_fn = splitting.split_function(split, model, world, profile)
-        return TokenWeave(model, make_comm(transport, model, world), world, split_fn, ctas, ctas_mlp or ctas,
-                          min_split_tokens, unsplit_ctas=every_sm)
-    raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES} (finegrained2/4/8 for k chunks)")
+        return TokenWeave(model, transport_for(transport, model, world, sharded=True), world, split_fn, ctas,
+                          ctas_mlp or ctas, min_split_tokens, unsplit_ctas=every_sm)
+    raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES} (finegrained<k> for k chunks)")

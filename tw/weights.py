@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from .arrays import xp_of
 from .config import ModelConfig, ShardConfig
 
 
@@ -75,7 +76,7 @@ def shard_layer(full: dict, shard: ShardConfig) -> dict:
     v_rows = slice(v0 + r * shard.kv_dim, v0 + (r + 1) * shard.kv_dim)
     f_rows = slice(r * shard.ffn, (r + 1) * shard.ffn)
     up_rows = slice(m.ffn + r * shard.ffn, m.ffn + (r + 1) * shard.ffn)
-    xp = _xp_of(full["wqkv"])
+    xp = xp_of(full["wqkv"])
     out = {
         "input_norm": full["input_norm"], "post_norm": full["post_norm"],
         "wqkv": xp.concatenate([full["wqkv"][q_rows], full["wqkv"][k_rows], full["wqkv"][v_rows]]),
@@ -92,10 +93,3 @@ def shard_layer(full: dict, shard: ShardConfig) -> dict:
 def shard_kv(kv, shard: ShardConfig):
     """This rank's KV heads of a full-heads cache tensor [capacity, kv_heads, head_dim]."""
     return kv[:, shard.rank * shard.num_kv_heads:(shard.rank + 1) * shard.num_kv_heads]
-
-
-def _xp_of(a):
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy

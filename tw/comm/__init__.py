@@ -1,34 +1,98 @@
 """Transports for the tensor-parallel all-reduce and the fused AllReduce + residual-add + RMSNorm.
 
-Every transport has the same contract (`nccl.py`, `p2p.py`, `cpu.py`; `multimem.py` is compiled but
-refuses to run on the lab machines):
+One interface (`Transport`), one factory (`make`), one constructor shape:
 
+    comm = make(kind, world, hidden, max_tokens, dtype, sharded=True, **options)
+
+| kind       | module        | what moves the bytes                                                  |
+|------------|---------------|-----------------------------------------------------------------------|
+| `nccl`     | `nccl.py`     | NCCL all-reduce (unsharded) or reduce-scatter + norm + all-gather     |
+| `p2p`      | `p2p.py`      | our push kernels over CUDA-IPC peer pointers (cuda/ar_norm_p2p.cu)    |
+| `none`     | `nocomm.py`   | nothing: the "communication is free" bound (output not the model's)   |
+| `multimem` | `multimem.py` | NVLS multicast; compiled, refuses to run on the lab machines (Rule 1) |
+| (cpu)      | `cpu.py`      | NumPy + MPI collectives: what `nccl` and `p2p` become on a CPU world  |
+
+The contract (docs/design.md#transports):
+
+    comm.name      "nccl", "p2p", "none", "multimem" or "cpu": what result rows record as `transport`
+    comm.sharded   the order ar_add_norm uses unless a call says otherwise (see below)
     comm.staging(num_tokens) -> [num_tokens, hidden] array
         Where a row-parallel GEMM writes its partial output. For P2P this is the registered (IPC)
         buffer itself, so the GEMM output needs no extra copy.
-
-    comm.all_reduce(start, end, stream)
+    comm.all_reduce(start, end, stream=None, ctas=None)
         staging[start:end] <- sum over TP ranks of staging[start:end], on every rank.
-
-    comm.ar_add_norm(start, end, residual, weight, eps, out, stream, sharded)
+    comm.ar_add_norm(start, end, residual, weight, eps, out, stream=None, sharded=None, ctas=None)
         For the token rows [start, end):
             h = sum over ranks of staging[rows] + residual[rows]
-            residual[rows] <- h            (sharded=True: only the rows this rank owns, see owned_rows)
+            residual[rows] <- h            (sharded: only the rows this rank owns, see owned_rows)
             out[rows] <- RMSNorm(h) * weight   (every row, on every rank)
         sharded=False is the baseline order (AllReduce, then add + norm on every token);
         sharded=True is TokenWeave's order (ReduceScatter, add + norm on 1/TP of the tokens,
-        AllGather). With sharded=True the residual rows a rank does not own are stale; that is fine
-        because the same row ranges are used for every call of one forward pass.
-
+        AllGather); None means comm.sharded. With sharded=True the residual rows a rank does not own
+        are stale; that is fine because the same row ranges are used for every call of one pass.
     comm.check()
         Raise if a transport call failed without raising at its launch (P2P: a peer that never
         arrived); synchronizes the device. A no-op for transports that fail where they fail.
+    comm.close()
+        Release what the transport holds beyond Python objects (P2P: the peers' IPC mappings).
 
 `owned_rows` is the single definition of which rows a rank owns; kernels and CPU code follow it.
 """
 from __future__ import annotations
 
+import warnings
+from typing import Protocol
+
 import numpy as np
+
+KINDS = ("nccl", "p2p", "none", "multimem")
+
+
+class Transport(Protocol):
+    name: str
+    sharded: bool
+    max_tokens: int
+
+    def staging(self, num_tokens: int): ...
+
+    def all_reduce(self, start: int, end: int, stream=None, ctas=None) -> None: ...
+
+    def ar_add_norm(self, start: int, end: int, residual, weight, eps: float, out, stream=None,
+                    sharded: bool | None = None, ctas=None) -> None: ...
+
+    def check(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool = True, **options) -> Transport:
+    """A transport of `kind` for rows of `hidden` elements, up to `max_tokens` rows.
+
+    On a CPU world `nccl` and `p2p` become the `cpu` transport (MPI collectives). `p2p` falls back to
+    `nccl` with one warning when peer access between the TP ranks does not work; the returned
+    transport's `name` then says `nccl`. options go to the transport (p2p: ctas, timeout_s,
+    oneshot_max_tokens; multimem: ctas, timeout_s)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown transport {kind!r}; expected one of {KINDS}")
+    if kind == "none":
+        from .nocomm import NoComm
+        return NoComm(world, hidden, max_tokens, dtype, sharded=sharded)
+    if kind == "multimem":
+        from .multimem import MultimemComm  # refuses before touching the driver unless allowed
+        return MultimemComm(world, hidden, max_tokens, dtype, sharded=sharded, **options)
+    if not world.is_gpu:
+        from .cpu import CpuComm
+        return CpuComm(world, hidden, max_tokens, dtype, sharded=sharded)
+    from .nccl import NcclComm
+    if kind == "nccl":
+        return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
+    from .p2p import P2PComm, P2PUnavailable
+    try:
+        return P2PComm(world, hidden, max_tokens, dtype, sharded=sharded, **options)
+    except P2PUnavailable as e:
+        if world.rank == 0:
+            warnings.warn(f"P2P transport unavailable, falling back to NCCL: {e}", RuntimeWarning, stacklevel=2)
+        return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
 
 
 def owned_rows(start: int, end: int, rank: int, tp: int) -> tuple[int, int]:
@@ -54,11 +118,17 @@ def check_range(start, end, max_tokens: int) -> None:
 
 class BufferComm:
     """What the transports whose staging buffer is one plain array `self.buf` of `self.max_tokens` rows
-    share (cpu, nccl, nocomm): the staging view, the row-range check, and a no-op check(). Subclasses
-    set self.buf and self.max_tokens in __init__."""
+    share (cpu, nccl, nocomm): the staging view, the row-range check, no-op check() and close().
+    Subclasses set self.buf, self.max_tokens and self.sharded in __init__."""
 
     def check(self) -> None:
         """Nothing to check: failures of this transport raise where they happen (see P2PComm.check)."""
+
+    def close(self) -> None:
+        """Nothing to release: the buffers are plain arrays."""
+
+    def _sharded(self, sharded: bool | None) -> bool:
+        return self.sharded if sharded is None else bool(sharded)
 
     def staging(self, num_tokens: int):
         return self.buf[:num_tokens]

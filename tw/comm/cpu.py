@@ -14,7 +14,8 @@ from . import BufferComm, owned_rows
 class CpuComm(BufferComm):
     name = "cpu"
 
-    def __init__(self, world, hidden: int, max_tokens: int, dtype=np.float32):
+    def __init__(self, world, hidden: int, max_tokens: int, dtype=np.float32, *, sharded: bool = True):
+        self.sharded = bool(sharded)
         self.comm = world.tp_comm
         self.tp, self.rank = world.tp_size, world.tp_rank
         self.hidden, self.max_tokens = hidden, max_tokens
@@ -24,9 +25,9 @@ class CpuComm(BufferComm):
         self._range(start, end)
         self.comm.Allreduce(MPI.IN_PLACE, self.buf[start:end], op=MPI.SUM)
 
-    def ar_add_norm(self, start, end, residual, weight, eps, out, stream=None, sharded=False, ctas=None):
+    def ar_add_norm(self, start, end, residual, weight, eps, out, stream=None, sharded=None, ctas=None):
         self._range(start, end)
-        if not sharded:
+        if not self._sharded(sharded):
             self.all_reduce(start, end)
             ops.add_rmsnorm(self.buf[start:end], residual[start:end], weight, eps, out[start:end])
             return

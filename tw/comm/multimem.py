@@ -77,9 +77,14 @@ def _pidfd_getfd(pid: int, fd: int) -> int:
 class MultimemComm:
     """ar_add_norm over a multicast-bound staging buffer (sharded order only). Refuses unless allowed."""
 
-    def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *, ctas: int = 8,
-                 timeout_s: float = 10.0):
+    name = "multimem"
+
+    def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *, sharded: bool = True,
+                 ctas: int = 8, timeout_s: float = 10.0):
         check_multicast_allowed()  # FIRST: before any import of cuda-bindings/CuPy or driver call
+        if not sharded:
+            raise ValueError("MultimemComm implements the sharded order only (sharded=True)")
+        self.sharded = True
         import cupy as cp
         from cuda.bindings import driver as drv
         if str(dtype) != "bfloat16" or hidden % 8 or hidden > 16384:
@@ -153,12 +158,12 @@ class MultimemComm:
         mem = cp.cuda.UnownedMemory(int(self.uc), self.size, self)
         return cp.ndarray((num_tokens, self.hidden), self.dtype, cp.cuda.MemoryPointer(mem, self._off_out))
 
-    def ar_add_norm(self, start, end, residual, weight, eps, out=None, stream=None, sharded=True, ctas=None):
+    def ar_add_norm(self, start, end, residual, weight, eps, out=None, stream=None, sharded=None, ctas=None):
         """The sharded fused kernel; the result lands in self.output(end) on every rank (out must be
         that buffer or None). ctas must equal the constructor's (the signal pads count per CTA)."""
         import numpy as np
         from .. import kernels
-        if not sharded:
+        if sharded is False:
             raise ValueError("MultimemComm implements the sharded order only")
         if ctas not in (None, self.ctas):
             raise ValueError(f"MultimemComm uses a fixed CTA count ({self.ctas}) for all its calls")
@@ -180,3 +185,6 @@ class MultimemComm:
         if st[2]:
             raise RuntimeError(f"a peer did not arrive within {self.timeout_s:g} s at the multimem barrier "
                                f"(CTA {st[4]}, phase {st[5] + 1}); this MultimemComm is unusable now")
+
+    def close(self) -> None:
+        """The multicast mappings live until the process ends (never created on the lab machines)."""

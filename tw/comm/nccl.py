@@ -16,9 +16,10 @@ from . import BufferComm, owned_rows
 class NcclComm(BufferComm):
     name = "nccl"
 
-    def __init__(self, world, hidden: int, max_tokens: int, dtype=ops.BF16):
+    def __init__(self, world, hidden: int, max_tokens: int, dtype=ops.BF16, *, sharded: bool = True):
         if dtype != ops.BF16:
             raise TypeError(f"NcclComm moves bfloat16, got {dtype}")
+        self.sharded = bool(sharded)
         self.nccl = world.nccl
         self.tp, self.rank = world.tp_size, world.tp_rank
         self.hidden = hidden
@@ -42,11 +43,11 @@ class NcclComm(BufferComm):
         self.nccl.reduceScatter(self.buf[start].data.ptr, self.rs_out.data.ptr, chunk * self.hidden,
                                 nccl.NCCL_BFLOAT16, nccl.NCCL_SUM, stream.ptr)
 
-    def ar_add_norm(self, start, end, residual, weight, eps, out, stream=None, sharded=False, ctas=None):
+    def ar_add_norm(self, start, end, residual, weight, eps, out, stream=None, sharded=None, ctas=None):
         stream = stream or cp.cuda.get_current_stream()
         if end == start:
             return
-        if not sharded:
+        if not self._sharded(sharded):
             self.all_reduce(start, end, stream)
             ops.add_rmsnorm(self.buf[start:end], residual[start:end], weight, eps, out[start:end], stream)
             return

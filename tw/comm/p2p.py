@@ -61,7 +61,9 @@ class P2PComm:
     timeout_s: how long a kernel waits for a peer before it gives up and flags an error.
     """
 
-    def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *,
+    name = "p2p"
+
+    def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *, sharded: bool = True,
                  ctas: int | None = None, oneshot_max_tokens: int = DEFAULT_ONESHOT_MAX_TOKENS,
                  timeout_s: float = 10.0):
         import cupy as cp
@@ -76,6 +78,7 @@ class P2PComm:
         if world.tp_size > MAX_TP:
             raise ValueError(f"P2PComm supports TP <= {MAX_TP}, got {world.tp_size}")
         self.world, self.hidden, self.max_tokens = world, hidden, max_tokens
+        self.sharded = bool(sharded)
         self.dtype = cp.dtype("bfloat16")
         self.rank, self.tp = world.tp_rank, world.tp_size
         self.num_sms = cp.cuda.Device().attributes["MultiProcessorCount"]
@@ -299,7 +302,7 @@ class P2PComm:
             self._launch("all_gather", start, end, stream, ctas)
 
     def ar_add_norm(self, start: int, end: int, residual, weight, eps: float, out, stream=None,
-                    sharded: bool = True, ctas=None, *, oneshot=None, sync_all: bool = False) -> None:
+                    sharded: bool | None = None, ctas=None, *, oneshot=None, sync_all: bool = False) -> None:
         """For rows [start, end): h = sum over ranks of staging + residual; residual <- h (sharded:
         the rows this rank owns; the one-shot path and sharded=False: every row); out <- RMSNorm(h) *
         weight on every rank. residual, out: bf16 [>= end, hidden] C-contiguous, indexed by absolute
@@ -324,7 +327,7 @@ class P2PComm:
             return
         if self._oneshot(start, end, oneshot):
             op = "oneshot_ar_norm"
-        elif sharded:
+        elif self.sharded if sharded is None else sharded:
             op = "ar_norm"
         else:
             op = "ar_norm_replicated"
@@ -350,14 +353,3 @@ class P2PComm:
                 f"rank {e['peer']} did not arrive within {self.timeout_s:g} s (TP rank {self.rank}, CTA {e['cta']}, "
                 f"phase {e['phase'] + 1} of a P2P kernel): the ranks' call sequences differ (a skipped call, "
                 "another CTA count or row range) or that rank died. This P2PComm is unusable now; make a new one.")
-
-
-def make_p2p_or_nccl(world, hidden: int, max_tokens: int, **kwargs):
-    """A P2PComm, or, when P2P between the TP ranks does not work, an NcclComm with one warning."""
-    try:
-        return P2PComm(world, hidden, max_tokens, **kwargs)
-    except P2PUnavailable as e:
-        if world.rank == 0:
-            warnings.warn(f"P2P transport unavailable, falling back to NCCL: {e}", RuntimeWarning, stacklevel=2)
-        from .nccl import NcclComm
-        return NcclComm(world, hidden, max_tokens)

@@ -1,0 +1,210 @@
+"""What every experiment shares: its flags, its set-up, the CPU banner and its result file.
+
+    p = common.parser("latency", __doc__)
+    common.add_model_flags(p); common.add_tokens_flag(p, gpu=[1024, 4096], cpu=[64, 200])
+    common.add_timing_flags(p); common.add_run_flags(p)
+    args = p.parse_args(argv)
+    world = common.init(args)                              # MPI, device, banner
+    cfg = common.model_config(args, world)                 # no silent substitutions
+    model = common.build_model(args, world, cfg, max_tokens, kv_capacity)   # size check first
+    writer = common.writer(args, world, "latency", cfg, **fields)
+
+User mistakes raise tw.dist.UsageError: printed once by rank 0, no traceback, exit 2.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from tw import config, dist, results
+from tw.model import Model, memory_estimate
+
+CPU_MODELS = ("tiny", "tiny-qwen", "tiny-tp8", "small")
+DEFAULT_MODEL = {"gpu": "llama3-70b", "cpu": "tiny"}
+CPU_ITERS, CPU_WARMUP = 3, 1     # the CPU path checks correctness; more passes would only cost time
+BANNER = ("=" * 78 + "\n  NO GPU: running the CPU fallback (NumPy + MPI, float32, model {model}).\n"
+          "  This checks correctness only: the timings below mean nothing for GPUs.\n" + "=" * 78)
+
+
+def parser(module: str, doc: str):
+    """An argument parser whose help shows every default and prints on rank 0 only."""
+    return dist.ArgumentParser(prog=f"python -m experiments.{module}", description=doc)
+
+
+def add_model_flags(p, layers: bool = True, shard: bool = True) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"model preset, one of {sorted(config.PRESETS)} (default: {DEFAULT_MODEL['gpu']} on a GPU, "
+                        f"{DEFAULT_MODEL['cpu']} on the CPU, where only {', '.join(CPU_MODELS)} fit)")
+    if layers:
+        p.add_argument("--layers", type=int, default=None,
+                       help="decoder layers per forward pass (default: 4 on a GPU, the preset's count on the CPU)")
+    if shard:
+        p.add_argument("--shard-as-tp", type=int, default=None, metavar="N",
+                       help="hold weight shards sized as at TP=N (a multiple of the real TP) while communicating "
+                            "over the real TP group: the paper's TP=8 compute/comm ratio on 2 GPUs; outputs are "
+                            "then not the model's (default: the real TP)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
+
+
+def add_tokens_flag(p, gpu, cpu, help: str = "batch sizes in tokens") -> None:
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help=f"{help} (default: {' '.join(map(str, gpu))} on a GPU, {' '.join(map(str, cpu))} on the CPU)")
+    p.set_defaults(_tokens_defaults=(list(gpu), list(cpu)))
+
+
+def add_timing_flags(p, iters: int = 20, warmup: int = 5, repeats: int | None = 3) -> None:
+    p.add_argument("--iters", type=int, default=iters,
+                   help=f"timed passes per configuration and round (the CPU path runs at most {CPU_ITERS})")
+    p.add_argument("--warmup", type=int, default=warmup,
+                   help=f"untimed passes before each timing (the CPU path runs at most {CPU_WARMUP})")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats,
+                       help="rounds over all configurations, each timing --iters passes of every configuration "
+                            "in a rotated order (tw/bench.py); the median of all samples counts (1 on the CPU)")
+
+
+def add_transport_flag(p) -> None:
+    p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p",
+                   help="what fused and tokenweave communicate with: p2p (our fused kernel over CUDA IPC) or nccl "
+                        "(NCCL reduce-scatter + norm + NCCL all-gather); the CPU path uses MPI for both")
+
+
+def add_run_flags(p, tp: bool = True) -> None:
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="auto: a GPU if one is usable, else the CPU fallback")
+    if tp:
+        p.add_argument("--tp", type=int, default=None,
+                       help="tensor-parallel degree (default: every rank of the node in one TP group)")
+    p.add_argument("--out", default=None,
+                   help="result file, JSON lines (default: experiments/results/<experiment>-<model>-tp<TP>-<gpu>-<time>.jsonl)")
+
+
+def init(args, gpu_only: str | None = None):
+    """The MPI world and this rank's device; the CPU banner; CPU-sized defaults filled into `args`.
+    gpu_only: why this experiment needs a GPU (then the CPU path is refused in one line)."""
+    if getattr(args, "tp", None) is not None and args.tp < 1:
+        raise dist.UsageError(f"--tp must be >= 1, got {args.tp}")
+    if gpu_only and args.device == "cpu":
+        raise dist.UsageError(f"this experiment needs a GPU ({gpu_only}); it has no CPU path")
+    if gpu_only and dist.gpu_count() == 0:
+        raise dist.UsageError(f"this experiment needs a GPU ({gpu_only}); none is usable here")
+    world = dist.init(getattr(args, "tp", None), args.device)
+    gpu = world.is_gpu
+    if hasattr(args, "_tokens_defaults"):
+        args.tokens = args.tokens or args._tokens_defaults[0 if gpu else 1]
+        bad = [t for t in args.tokens if t < world.tp_size]
+        if bad:
+            raise dist.UsageError(f"--tokens {bad}: every batch needs at least as many tokens as TP ranks "
+                                  f"({world.tp_size})")
+    if hasattr(args, "layers") and args.layers is not None and args.layers < 1:
+        raise dist.UsageError(f"--layers must be >= 1, got {args.layers}")
+    if getattr(args, "shard_as_tp", None) is not None and (args.shard_as_tp < 1 or args.shard_as_tp % world.tp_size):
+        raise dist.UsageError(f"--shard-as-tp {args.shard_as_tp} must be a positive multiple of the TP degree "
+                              f"({world.tp_size})")
+    for name in ("iters", "repeats"):
+        if getattr(args, name, 1) < 1:
+            raise dist.UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "warmup", 0) < 0:
+        raise dist.UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if not gpu:
+        if hasattr(args, "iters"):  # rows record what actually ran
+            args.iters, args.warmup = min(args.iters, CPU_ITERS), min(args.warmup, CPU_WARMUP)
+        if hasattr(args, "repeats"):
+            args.repeats = 1
+    return world
+
+
+def model_config(args, world, gpu_layers: int = 4):
+    """The preset named by --model, with --layers. Unknown or unimplemented models are errors; a model
+    too large for the CPU path is an error unless it is the default (then `tiny` runs, announced)."""
+    name = args.model
+    if name is not None and name not in config.PRESETS:
+        raise dist.UsageError(f"unknown model {name!r}; choose one of {sorted(config.PRESETS)}")
+    if name is not None and config.PRESETS[name].num_experts:
+        raise dist.UsageError(f"{name} is a mixture-of-experts model and MoE layers are not implemented yet; "
+                              f"dense presets: {sorted(k for k, v in config.PRESETS.items() if not v.num_experts)}")
+    if not world.is_gpu:
+        if name is not None and name not in CPU_MODELS:
+            raise dist.UsageError(f"--model {name} is too large for the CPU path (no GPU here); use one of "
+                                  f"{CPU_MODELS} or run on a GPU machine")
+        if name is None:
+            world.print0(f"(no GPU: the default model is {DEFAULT_MODEL['cpu']}, not {DEFAULT_MODEL['gpu']})")
+        args.model = name or DEFAULT_MODEL["cpu"]
+        world.print0(BANNER.format(model=args.model))
+    args.model = args.model or DEFAULT_MODEL["gpu"]
+    layers = getattr(args, "layers", None)
+    if layers is None and world.is_gpu and hasattr(args, "layers"):
+        layers = args.layers = gpu_layers
+    cfg = config.get(args.model, layers)
+    try:
+        config.ShardConfig(cfg, getattr(args, "shard_as_tp", None) or world.tp_size, 0)
+    except ValueError as e:
+        raise dist.UsageError(str(e)) from None
+    if hasattr(args, "layers"):
+        args.layers = cfg.num_layers
+    return cfg
+
+
+def _available_bytes(world) -> tuple[int, str]:
+    """(bytes this rank may use, where the number comes from)."""
+    if world.is_gpu:
+        import cupy as cp
+        free, _ = cp.cuda.Device().mem_info
+        ranks_on_gpu = 1
+        return free // ranks_on_gpu, "free GPU memory"
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return avail // world.local_size, f"available host memory / {world.local_size} ranks"
+
+
+def build_model(args, world, cfg, max_tokens: int, kv_capacity: int | None = None, transports: int = 1,
+                reference_tokens: int = 0, seq_len: int = 0) -> Model:
+    """Check the memory estimate against what this rank has, then build the model (with progress)."""
+    shard_tp = getattr(args, "shard_as_tp", None) or world.tp_size
+    shard = config.ShardConfig(cfg, shard_tp, world.tp_rank)
+    dtype_bytes = 2 if world.is_gpu else 4
+    est = memory_estimate(cfg, shard, max_tokens, kv_capacity or max_tokens, dtype_bytes, transports,
+                          reference_tokens if world.rank == 0 else 0, seq_len)
+    limit, source = _available_bytes(world)
+    need = world.comm.allreduce(est["total"], op=_max())
+    if need > 0.9 * limit:
+        parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
+        raise dist.UsageError(f"{cfg.name} with {max_tokens} tokens needs ~{need / 2**30:.1f} GiB per rank "
+                              f"({parts} GiB) but {limit / 2**30:.1f} GiB is free ({source}); use fewer --tokens, "
+                              f"--layers or a smaller --model")
+    world.print0(f"building {cfg.name}: {cfg.num_layers} layers, TP={world.tp_size}, DP={world.dp_size}, up to "
+                 f"{max_tokens} tokens, device={world.device} (~{need / 2**30:.1f} GiB per rank)")
+    t0 = time.perf_counter()
+    with dist.step(f"building {cfg.name}"):
+        model = Model(cfg, world, max_tokens, kv_capacity, seed=getattr(args, "seed", 0),
+                      shard_as_tp=getattr(args, "shard_as_tp", None))
+    if model.emulated:
+        world.print0(f"EMULATED: weight shards sized as at TP={args.shard_as_tp}, communication over "
+                     f"TP={world.tp_size}; outputs are not the model's")
+    world.print0(f"built in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def tag(world, cfg, shard_as_tp=None) -> str:
+    """<model>-tp<TP>[-shard-as-tp<N>]-<gpu tag or cpu>: result file names (CPU files carry `-cpu-`,
+    which .gitignore keeps out of experiments/results/)."""
+    shard = f"-shard-as-tp{shard_as_tp}" if shard_as_tp and shard_as_tp != world.tp_size else ""
+    return f"{cfg.name}-tp{world.tp_size}{shard}-{world.gpu_tag}"
+
+
+def writer(args, world, experiment: str, cfg=None, **fields) -> results.Writer:
+    """The result writer: --out or experiments/results/<experiment>-<tag>-<time>.jsonl, every row
+    carrying the run's metadata, the flags' values and `fields`."""
+    name = tag(world, cfg, getattr(args, "shard_as_tp", None)) if cfg else f"tp{world.tp_size}-{world.gpu_tag}"
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("out",)}
+    model = {"model": cfg.name, "layers": cfg.num_layers} if cfg else {}
+    meta = results.metadata(world, **{**flags, **model, "experiment": experiment, **fields})
+    return results.Writer(args.out or results.default_path(experiment, name), meta, world.rank)
+
+
+def _max():
+    from mpi4py import MPI
+    return MPI.MAX

@@ -1,0 +1,42 @@
+"""experiments/sm_rate.py: a clear exit without a GPU, its derived columns, and its kernel compiling.
+
+(tests/test_compile.py compiles cuda/copy_rate.cu with every other kernel; the GPU run itself is
+`python -m experiments.sm_rate` on a GPU machine.)
+"""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, gpus
+from experiments import sm_rate
+
+
+@pytest.mark.skipif(gpus() > 0, reason="a GPU is present: the module would measure instead of exiting")
+def test_needs_a_gpu():
+    proc = subprocess.run([sys.executable, "-m", "experiments.sm_rate"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "experiments.sm_rate needs a GPU" in proc.stdout + proc.stderr
+
+
+def test_rates():
+    # 2 GiB moved in 20 ms by 4 CTAs: 107.4 GB/s, 26.8 GB/s per SM
+    r = sm_rate.rates(2 * 2**30, 20.0, 4, 132)
+    assert r["sms"] == 4
+    assert r["gbps"] == pytest.approx(2 * 2**30 / 0.02 / 1e9)
+    assert r["gbps_per_sm"] == pytest.approx(r["gbps"] / 4)
+    assert sm_rate.rates(2 * 2**30, 1.0, 264, 132)["sms"] == 132   # more CTAs than SMs: every SM busy
+
+
+def test_one_cta_per_sm_shared_memory():
+    # H100/H200: 228 KiB per SM, 227 KiB opt-in per block -> more than half the SM, at most the opt-in
+    attrs = {"MaxSharedMemoryPerMultiprocessor": 233472, "MaxSharedMemoryPerBlockOptin": 232448}
+    smem = sm_rate.one_per_sm_smem(attrs)
+    assert 233472 // 2 < smem <= 232448
+
+
+def test_help_names_the_columns():
+    text = sm_rate.__doc__
+    for col in ("ctas", "bytes", "ms", "gbps", "gbps_per_sm"):
+        assert f"\n  {col} " in text
