@@ -1,6 +1,6 @@
 // Fused AllReduce + residual-add + RMSNorm with NVLS multimem instructions (TokenWeave's kernel for
 // Hopper/Blackwell with NVSwitch). COMPILED AND PTX-CHECKED ONLY: never run it on the lab machines
-// (DESIGN.md rule 1); tw/comm/multimem.py refuses to set it up unless explicitly allowed.
+// (docs/design.md#rules, Rule 1); tw/comm/multimem.py refuses to set it up unless explicitly allowed.
 //
 // WHAT IT COMPUTES. Staging buffers S_r [max_tokens, H] bf16 of all TP ranks are bound to one
 // multicast object; `mc_stage` is this rank's multicast address of the staging rows, `mc_out` that of
@@ -26,21 +26,14 @@
 // Pads are counters that only grow (epoch * tp); the epoch is a device counter bumped by the last CTA.
 // Slot c counts one arrival per rank per call, so a MultimemComm uses ONE CTA count for all its calls.
 // Spins are bounded by timeout_ns (globaltimer); on timeout state[2] is set and the kernel returns.
+// The acquire load, the bounded spin (tw::sync::wait_flag, polling every spin here), the error record
+// and the call epoch (read_call_epoch / finish_call) are shared with the P2P kernel in
+// cuda/peer_sync.cuh, whose header comment gives their ordering argument; only the multimem
+// instructions are defined in this file.
 #include "common.cuh"
+#include "peer_sync.cuh"
 
 namespace {
-
-TW_DEVICE unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-TW_DEVICE unsigned int ld_acquire_sys(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
 
 TW_DEVICE void multimem_red_release_add(unsigned int* mc, unsigned int v) {
   asm volatile("multimem.red.release.sys.global.add.u32 [%0], %1;" ::"l"(mc), "r"(v) : "memory");
@@ -71,16 +64,13 @@ TW_DEVICE bool barrier(unsigned int* mc_pad, unsigned int* local_pad, unsigned i
   if (threadIdx.x == 0) {
     s_fail = 0;
     multimem_red_release_add(mc_pad, 1u);
-    const unsigned long long t0 = globaltimer();
-    while (static_cast<int>(ld_acquire_sys(local_pad) - target) < 0) {
-      if (*reinterpret_cast<volatile unsigned int*>(state + 2) != 0 || globaltimer() - t0 > timeout_ns) {
-        if (atomicCAS(state + 2, 0u, 1u) == 0u) {
-          state[4] = blockIdx.x;
-          state[5] = phase;
-        }
-        s_fail = 1;
-        break;
+    // Aborted (another CTA failed) or timed out: one handling for both (the claim fails when aborted).
+    if (!tw::sync::wait_flag<1>(local_pad, target, timeout_ns, state)) {
+      if (tw::sync::claim_error(state)) {
+        state[tw::sync::kStateCta] = blockIdx.x;
+        state[tw::sync::kStatePhase] = phase;
       }
+      s_fail = 1;
     }
   }
   __syncthreads();
@@ -94,9 +84,7 @@ __device__ void run(__nv_bfloat16* mc_stage, __nv_bfloat16* mc_out, unsigned int
                     unsigned long long timeout_ns, unsigned int* state) {
   __shared__ float scratch[32];
   __shared__ unsigned int s_epoch;
-  if (threadIdx.x == 0) s_epoch = *reinterpret_cast<volatile unsigned int*>(state) + 1u;
-  __syncthreads();
-  const unsigned int epoch = s_epoch;
+  const unsigned int epoch = tw::sync::read_call_epoch(state, s_epoch);
   const int c = blockIdx.x, H8 = hidden / 8;
   if (!barrier(mc_signal + c, local_signal + c, epoch * tp, timeout_ns, state, 0)) return;
 
@@ -135,15 +123,7 @@ __device__ void run(__nv_bfloat16* mc_stage, __nv_bfloat16* mc_out, unsigned int
     }
   }
   if (!barrier(mc_signal + gridDim.x + c, local_signal + gridDim.x + c, epoch * tp, timeout_ns, state, 1)) return;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(state + 1, 1u) == gridDim.x - 1) {
-      state[1] = 0;
-      __threadfence();
-      atomicExch(state, epoch);
-    }
-  }
+  tw::sync::finish_call(state, epoch);
 }
 
 }  // namespace

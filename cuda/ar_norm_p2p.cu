@@ -27,13 +27,15 @@
 // to the sentinel after every use (triple buffering) and a float value reserved as "empty"; flags
 // keep the receive path a plain load and cost one 4-byte release store per (CTA, peer).
 //
-// LAUNCH SHAPE. grid = ctas (1..SM count; the CTA budget), the SAME on every rank; block = kThreads
-// (512: 16 warps, one row per warp at a time in phase 2; any hidden % 8 == 0 fits).
+// LAUNCH SHAPE. grid = ctas (1..SM count, <= kMaxCtas; the CTA budget), the SAME on every rank;
+// block = kThreads (512: 16 warps, one row per warp at a time in phase 2; any hidden % 8 == 0 fits).
 // CTA c of every rank handles slice c of every owner's chunk (rows split evenly over the CTAs), so CTA c
 // only ever talks to CTA c of the other ranks ("CTA pairs"); nothing waits on a grid-wide barrier
 // (sync_all=1 turns the waits into "every CTA of every peer": the simple three-phase fusion).
 //
-// BUFFERS (per rank, one cudaMalloc shared by CUDA IPC; table[r*8 + k] = rank r's pointer k):
+// BUFFERS (per rank, one cudaMalloc shared by CUDA IPC; table[r*kSlots + k] = rank r's pointer k).
+// The slot indices kSlot*, kSlots, kMaxCtas, kMaxTp and kThreads are defined once, in
+// cuda/peer_sync.cuh (namespace tw::p2p), which tw/comm/p2p.py reads for its MAX_* / THREADS / SLOT_NAMES:
 //   k=0 staging [max_tokens, H]              row-parallel GEMMs write their partial output here
 //   k=1 recv    [tp][chunk_max, H]           recv[src][row - chunk_lo]: src's partial of my rows
 //   k=2 out     [max_tokens, H]              registered output (out_kind 2 pushes results here)
@@ -41,14 +43,15 @@
 //   k=4 ores    [2][oneshot_max, H]          one-shot residual rows, sent by their owner
 //   k=5 flags   [2 phases][kMaxCtas][kMaxTp] uint32 arrival epochs, written by peers
 //   state (local device memory, not shared): [0] epoch [1] CTAs done [2] error [3] peer [4] cta [5] phase
+//   (tw::sync::kState* in cuda/peer_sync.cuh)
 //
-// MEMORY ORDERING. A "signal" is: every thread's data stores (weak st.global, to a peer over NVLink),
-// then __syncthreads(), then thread j stores the call's epoch to peer j's flag with st.release.sys.
-// The barrier orders the block's stores before thread j's release, and release is cumulative, so a
-// reader that observes the flag with ld.acquire.sys (then __syncthreads() for the rest of its block)
-// observes the data. The epoch is a per-rank device counter bumped once per call by the last CTA to
-// finish (all CTAs read it before any bumps it), so it is identical on every rank as long as every
-// rank makes the same sequence of calls, and no host state changes per call (CUDA graphs replay).
+// MEMORY ORDERING. The helpers (st_release_sys / ld_acquire_sys, the bounded wait_flag, the call
+// epoch read_call_epoch / finish_call) live in cuda/peer_sync.cuh, shared with the multimem kernel;
+// its header comment gives their ordering argument (release cumulativity, acquire + __syncthreads(),
+// why every rank uses the same epoch for the same call). On top of them, here: a "signal" is every
+// thread's data stores (weak st.global, to a peer over NVLink), then __syncthreads(), then thread j
+// stores the call's epoch to peer j's flag with st_release_sys; a wait is ld_acquire_sys on my flags
+// until they reach the epoch, then __syncthreads(), after which the whole block observes the data.
 // Reuse safety, without a barrier at the end of two-shot calls:
 //  - recv: peer q writes my recv in call k+1 only after finishing call k, i.e. after receiving the
 //    phase-2 signal of every one of my CTAs for call k, each sent after that CTA's last recv read.
@@ -62,10 +65,12 @@
 // the all-gather alone starts with an empty phase-1 signal so it never writes into a peer's staging
 // rows before that peer has reached the call.
 //
-// FAILURE. Each wait spins at most timeout_ns (globaltimer); on timeout it records (peer, cta, phase)
-// in state[2..5] and the kernel returns; other CTAs see state[2] != 0 and return too. The Python side
-// (P2PComm.check) raises "rank R did not arrive within N s". After that the object is unusable.
+// FAILURE. Each wait spins at most timeout_ns (globaltimer, tw::sync::wait_flag polling every 1024
+// spins); on timeout it records (peer, cta, phase) in state[2..5] and the kernel returns; other CTAs
+// see state[2] != 0 and return too. The Python side (P2PComm.check) raises "rank R did not arrive
+// within N s". After that the object is unusable.
 #include "common.cuh"
+#include "peer_sync.cuh"
 
 // TW_TP: the TP degree as a compile-time constant (tw/comm/p2p.py compiles with -DTW_TP=<tp>), so
 // the loops over ranks unroll and peer pointers stay in registers; 0 = read it from the arguments at
@@ -78,10 +83,20 @@
 
 namespace {
 
-constexpr int kMaxTp = 8;
-constexpr int kMaxCtas = 256;
-constexpr int kSlots = 8;
-constexpr int kThreads = 512;  // must match THREADS in tw/comm/p2p.py
+// The layout constants (one definition, cuda/peer_sync.cuh; tw/comm/p2p.py reads the same lines).
+using tw::p2p::kMaxCtas;
+using tw::p2p::kMaxTp;
+using tw::p2p::kSlotFlags;
+using tw::p2p::kSlotOres;
+using tw::p2p::kSlotOsum;
+using tw::p2p::kSlotOut;
+using tw::p2p::kSlotRecv;
+using tw::p2p::kSlots;
+using tw::p2p::kSlotStaging;
+using tw::p2p::kThreads;
+using tw::sync::kStateCta;
+using tw::sync::kStatePeer;
+using tw::sync::kStatePhase;
 
 enum Mode {
   kAllReduce = 0,
@@ -105,22 +120,6 @@ struct Args {
   unsigned long long timeout_ns;
   unsigned int* state;
 };
-
-TW_DEVICE unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-TW_DEVICE void st_release_sys(unsigned int* p, unsigned int v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-TW_DEVICE unsigned int ld_acquire_sys(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
 
 template <typename T>
 TW_DEVICE T* ptr(const Args& a, int rank, int slot) {
@@ -164,7 +163,8 @@ TW_DEVICE void copy_vec(uint4* dst, const uint4* src, long long n) {
 TW_DEVICE void signal(const Args& a, int phase, unsigned int epoch) {
   __syncthreads();
   const int j = threadIdx.x;
-  if (j < TP_OF(a) && j != a.rank) st_release_sys(flag(ptr<unsigned int>(a, j, 5), phase, blockIdx.x, a.rank), epoch);
+  if (j < TP_OF(a) && j != a.rank)
+    tw::sync::st_release_sys(flag(ptr<unsigned int>(a, j, kSlotFlags), phase, blockIdx.x, a.rank), epoch);
 }
 
 // Wait until the peers' CTA `cta` (or all their CTAs with sync_all) signalled `phase` of this call.
@@ -173,32 +173,22 @@ TW_DEVICE bool wait(const Args& a, int phase, unsigned int epoch) {
   __shared__ int s_fail;
   if (threadIdx.x == 0) s_fail = 0;
   __syncthreads();
-  unsigned int* flags = ptr<unsigned int>(a, a.rank, 5);
+  unsigned int* flags = ptr<unsigned int>(a, a.rank, kSlotFlags);
   const int num_ctas = a.sync_all ? gridDim.x : 1;
   for (int t = threadIdx.x; t < num_ctas * TP_OF(a); t += blockDim.x) {
     const int src = t % TP_OF(a), cta = a.sync_all ? t / TP_OF(a) : blockIdx.x;
     if (src == a.rank) continue;
-    const unsigned int* f = flag(flags, phase, cta, src);
-    const unsigned long long t0 = globaltimer();
-    int spins = 0;
-    while (static_cast<int>(ld_acquire_sys(f) - epoch) < 0) {
-      if ((++spins & 1023) == 0) {
-        if (*reinterpret_cast<volatile unsigned int*>(a.state + 2) != 0) {
-          s_fail = 1;
-          break;
-        }
-        if (globaltimer() - t0 > a.timeout_ns) {
-          if (atomicCAS(a.state + 2, 0u, 1u) == 0u) {
-            a.state[3] = src;
-            a.state[4] = blockIdx.x;
-            a.state[5] = phase;
-            __threadfence_system();
-          }
-          s_fail = 1;
-          break;
-        }
+    // Poll the error word and the clock every 1024 spins; the first CTA to time out records where.
+    // After a failure the thread goes on to its next flag (whose wait then ends at its first poll).
+    tw::sync::wait_flag<1024>(flag(flags, phase, cta, src), epoch, a.timeout_ns, a.state, [&](bool timed_out) {
+      if (timed_out && tw::sync::claim_error(a.state)) {
+        a.state[kStatePeer] = src;
+        a.state[kStateCta] = blockIdx.x;
+        a.state[kStatePhase] = phase;
+        __threadfence_system();
       }
-    }
+      s_fail = 1;
+    });
   }
   __syncthreads();
   return s_fail == 0;
@@ -213,11 +203,12 @@ TW_DEVICE const uint4* source_row(const Args& a, int k, int row, int chunk_lo, u
   const long long H = a.hidden;
   const __nv_bfloat16* p;
   if (MODE == kArNormReplicated || k == a.rank) {
-    p = ptr<__nv_bfloat16>(a, a.rank, 0) + row * H;
+    p = ptr<__nv_bfloat16>(a, a.rank, kSlotStaging) + row * H;
   } else if (oneshot) {
-    p = ptr<__nv_bfloat16>(a, a.rank, 3) + (((long long)parity * TP_OF(a) + k) * a.oneshot_max + (row - a.start)) * H;
+    p = ptr<__nv_bfloat16>(a, a.rank, kSlotOsum) +
+        (((long long)parity * TP_OF(a) + k) * a.oneshot_max + (row - a.start)) * H;
   } else {
-    p = ptr<__nv_bfloat16>(a, a.rank, 1) + ((long long)k * a.chunk_max + (row - chunk_lo)) * H;
+    p = ptr<__nv_bfloat16>(a, a.rank, kSlotRecv) + ((long long)k * a.chunk_max + (row - chunk_lo)) * H;
   }
   return reinterpret_cast<const uint4*>(p);
 }
@@ -324,7 +315,7 @@ TW_DEVICE void warp_rows(const Args& a, int a_row, int b_row, int chunk_lo, unsi
   const long long H = a.hidden;
   const int num_src = MODE == kArNormReplicated ? 1 : TP_OF(a);
   const int num_peers = MODE == kAllReduce || MODE == kArNorm ? TP_OF(a) - 1 : 0;  // who gets pushed results
-  const int slot = MODE == kArNorm && a.out_kind == 2 ? 2 : 0;  // into their staging, or registered out
+  const int slot = MODE == kArNorm && a.out_kind == 2 ? kSlotOut : kSlotStaging;  // their staging, or registered out
   const uint4* w_vec = reinterpret_cast<const uint4*>(a.weight);
   int own_lo, own_hi;
   owned(a.start, a.end, me, TP_OF(a), own_lo, own_hi);
@@ -333,11 +324,11 @@ TW_DEVICE void warp_rows(const Args& a, int a_row, int b_row, int chunk_lo, unsi
     const uint4* src[kSources];
 #pragma unroll
     for (int k = 0; k < kSources; ++k) src[k] = k < num_src ? source_row<MODE>(a, k, row, chunk_lo, parity) : nullptr;
-    uint4* stage_row = reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, me, 0) + row * H);
+    uint4* stage_row = reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, me, kSlotStaging) + row * H);
     uint4* res_row = reinterpret_cast<uint4*>(a.residual + row * H);
     const uint4* res_in = res_row;
     if (MODE == kOneshotArNorm && (row < own_lo || row >= own_hi))  // only the owner has this row's residual
-      res_in = reinterpret_cast<const uint4*>(ptr<__nv_bfloat16>(a, me, 4) +
+      res_in = reinterpret_cast<const uint4*>(ptr<__nv_bfloat16>(a, me, kSlotOres) +
                                               ((long long)parity * a.oneshot_max + (row - a.start)) * H);
     // Where results are pushed: the peers' staging rows (all-reduce) or output rows (fused), peers in the
     // order me+1, me+2, ... so the loop has no "skip myself" branch.
@@ -363,11 +354,9 @@ template <int MODE>
 __device__ void run(const Args& a) {
   __shared__ unsigned int s_epoch;
   const int me = a.rank, c = blockIdx.x, ctas = gridDim.x, H = a.hidden;
-  if (threadIdx.x == 0) s_epoch = *reinterpret_cast<volatile unsigned int*>(a.state) + 1u;
-  __syncthreads();
-  const unsigned int epoch = s_epoch, parity = epoch & 1u;
+  const unsigned int epoch = tw::sync::read_call_epoch(a.state, s_epoch), parity = epoch & 1u;
   const bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
-  __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, 0);
+  __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, kSlotStaging);
 
   // ---- Phase 1: push partials to their reducer(s), then signal. ----
   if (oneshot) {
@@ -378,12 +367,12 @@ __device__ void run(const Args& a) {
     const int oa = max(ra, own_lo), ob = min(rb, own_hi);
     for (int k = 1; k < TP_OF(a); ++k) {
       const int j = (me + k) % TP_OF(a);
-      __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, 3) +
+      __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, kSlotOsum) +
                            (((long long)parity * TP_OF(a) + me) * a.oneshot_max + (ra - a.start)) * H;
       copy_vec(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(stage_me + (long long)ra * H),
                (long long)(rb - ra) * H / 8);
       if (MODE == kOneshotArNorm && oa < ob) {
-        __nv_bfloat16* rdst = ptr<__nv_bfloat16>(a, j, 4) +
+        __nv_bfloat16* rdst = ptr<__nv_bfloat16>(a, j, kSlotOres) +
                               ((long long)parity * a.oneshot_max + (oa - a.start)) * H;
         copy_vec(reinterpret_cast<uint4*>(rdst), reinterpret_cast<const uint4*>(a.residual + (long long)oa * H),
                  (long long)(ob - oa) * H / 8);
@@ -395,7 +384,7 @@ __device__ void run(const Args& a) {
       int lo, hi, ra, rb;
       owned(a.start, a.end, j, TP_OF(a), lo, hi);
       split(lo, hi, ctas, c, ra, rb);
-      __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, 1) + ((long long)me * a.chunk_max + (ra - lo)) * H;
+      __nv_bfloat16* dst = ptr<__nv_bfloat16>(a, j, kSlotRecv) + ((long long)me * a.chunk_max + (ra - lo)) * H;
       copy_vec(reinterpret_cast<uint4*>(dst), reinterpret_cast<const uint4*>(stage_me + (long long)ra * H),
                (long long)(rb - ra) * H / 8);
     }
@@ -415,7 +404,7 @@ __device__ void run(const Args& a) {
   if (MODE == kAllGather) {
     for (int k = 1; k < TP_OF(a); ++k) {
       const int j = (me + k) % TP_OF(a);
-      copy_vec(reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, 0) + (long long)ra * H),
+      copy_vec(reinterpret_cast<uint4*>(ptr<__nv_bfloat16>(a, j, kSlotStaging) + (long long)ra * H),
                reinterpret_cast<const uint4*>(stage_me + (long long)ra * H), (long long)(rb - ra) * H / 8);
     }
   } else if (MODE == kArNormReplicated) {
@@ -452,15 +441,7 @@ __device__ void run(const Args& a) {
   }
 
   // ---- Epoch bump: the last CTA to get here advances the per-rank call counter. ----
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(a.state + 1, 1u) == gridDim.x - 1) {
-      a.state[1] = 0;
-      __threadfence();
-      atomicExch(a.state, epoch);
-    }
-  }
+  tw::sync::finish_call(a.state, epoch);
 }
 
 }  // namespace
@@ -486,5 +467,5 @@ TW_P2P_KERNELS(p2p_oneshot_ar_norm, kOneshotArNorm)
 
 // The start-up probe: one thread stores `value` into a peer's memory with a system-scope release.
 extern "C" __global__ void p2p_probe(unsigned int* remote, unsigned int value) {
-  if (threadIdx.x == 0 && blockIdx.x == 0) st_release_sys(remote, value);
+  if (threadIdx.x == 0 && blockIdx.x == 0) tw::sync::st_release_sys(remote, value);
 }

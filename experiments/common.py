@@ -28,7 +28,9 @@ BANNER = ("=" * 78 + "\n  NO GPU: running the CPU fallback (NumPy + MPI, float32
 
 def parser(module: str, doc: str):
     """An argument parser whose help shows every default and prints on rank 0 only."""
-    return dist.ArgumentParser(prog=f"python -m experiments.{module}", description=doc)
+    p = dist.ArgumentParser(prog=f"python -m experiments.{module}", description=doc)
+    p.set_defaults(_module=f"experiments.{module}")
+    return p
 
 
 def add_model_flags(p, layers: bool = True, shard: bool = True) -> None:
@@ -84,10 +86,11 @@ def init(args, gpu_only: str | None = None):
     gpu_only: why this experiment needs a GPU (then the CPU path is refused in one line)."""
     if getattr(args, "tp", None) is not None and args.tp < 1:
         raise dist.UsageError(f"--tp must be >= 1, got {args.tp}")
+    module = getattr(args, "_module", "this experiment")
     if gpu_only and args.device == "cpu":
-        raise dist.UsageError(f"this experiment needs a GPU ({gpu_only}); it has no CPU path")
+        raise dist.UsageError(f"{module} needs a GPU: {gpu_only}; it has no CPU path (--device cpu)")
     if gpu_only and dist.gpu_count() == 0:
-        raise dist.UsageError(f"this experiment needs a GPU ({gpu_only}); none is usable here")
+        raise dist.UsageError(f"{module} needs a GPU: {gpu_only}; no CUDA GPU is usable here")
     world = dist.init(getattr(args, "tp", None), args.device)
     gpu = world.is_gpu
     if hasattr(args, "_tokens_defaults"):
@@ -160,9 +163,10 @@ def _available_bytes(world) -> tuple[int, str]:
     return avail // world.local_size, f"available host memory / {world.local_size} ranks"
 
 
-def build_model(args, world, cfg, max_tokens: int, kv_capacity: int | None = None, transports: int = 1,
-                reference_tokens: int = 0, seq_len: int = 0) -> Model:
-    """Check the memory estimate against what this rank has, then build the model (with progress)."""
+def check_memory(args, world, cfg, max_tokens: int, kv_capacity: int | None = None, transports: int = 1,
+                 reference_tokens: int = 0, seq_len: int = 0) -> int:
+    """Refuse (UsageError) when the memory estimate exceeds what this rank has; returns the estimate.
+    Call it before building anything sized by the token counts (batches, model)."""
     shard_tp = getattr(args, "shard_as_tp", None) or world.tp_size
     shard = config.ShardConfig(cfg, shard_tp, world.tp_rank)
     dtype_bytes = 2 if world.is_gpu else 4
@@ -175,6 +179,13 @@ def build_model(args, world, cfg, max_tokens: int, kv_capacity: int | None = Non
         raise dist.UsageError(f"{cfg.name} with {max_tokens} tokens needs ~{need / 2**30:.1f} GiB per rank "
                               f"({parts} GiB) but {limit / 2**30:.1f} GiB is free ({source}); use fewer --tokens, "
                               f"--layers or a smaller --model")
+    return need
+
+
+def build_model(args, world, cfg, max_tokens: int, kv_capacity: int | None = None, transports: int = 1,
+                reference_tokens: int = 0, seq_len: int = 0) -> Model:
+    """Check the memory estimate against what this rank has, then build the model (with progress)."""
+    need = check_memory(args, world, cfg, max_tokens, kv_capacity, transports, reference_tokens, seq_len)
     world.print0(f"building {cfg.name}: {cfg.num_layers} layers, TP={world.tp_size}, DP={world.dp_size}, up to "
                  f"{max_tokens} tokens, device={world.device} (~{need / 2**30:.1f} GiB per rank)")
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ GEMMs alone at this token count (the compute ceiling all strategies share); per_
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from experiments import common
@@ -110,7 +111,7 @@ def validate(args, world):
         from pathlib import Path
         try:
             Path(args.trace).mkdir(parents=True, exist_ok=True)
-            probe = Path(args.trace) / ".tw-write-test"
+            probe = Path(args.trace) / f".tw-write-test-{os.getpid()}"  # one per rank: ranks check at once
             probe.write_text("")
             probe.unlink()
         except OSError as e:
@@ -133,6 +134,10 @@ def main(argv=None):
         world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
                      "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")
     stream = world.new_stream()
+    tokens = max(args.tokens)  # an upper bound of the KV slots, before any batch is built
+    kv_bound = tokens + (tokens // args.seq_len + 1) * args.prefix + args.decode * args.decode_context
+    common.check_memory(args, world, cfg, tokens, kv_bound, len(args.strategies), tokens if args.check else 0,
+                        args.seq_len)
     batches = {t: batching.workload(t, args.seq_len, args.prefix, args.decode, args.decode_context)
                for t in args.tokens}
     capacity = max(b.kv_capacity for b in batches.values())

@@ -26,23 +26,16 @@ Columns (one JSON-lines row per CTA count, with the run's metadata):
 """
 from __future__ import annotations
 
-import argparse
-import sys
-
 import numpy as np
 
-from tw import bench, dist, kernels, results
+from experiments import common
+from tw import bench, dist, kernels
 
 THREADS = 512  # kThreads in cuda/copy_rate.cu
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default and keeps the docstring's layout."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.sm_rate", description=__doc__,
-                                formatter_class=_Formatter)
+    p = common.parser("sm_rate", __doc__)
     p.add_argument("--ctas", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 132],
                    help="CTA counts to time (grid sizes)")
     p.add_argument("--mib", type=int, default=1024, help="size of the copied buffer in MiB (read once, written once)")
@@ -51,8 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the CTA counts")
     p.add_argument("--shared-ctas", action="store_true",
                    help="do not force one CTA per SM (the block scheduler may then put several CTAs on one SM)")
-    p.add_argument("--device-id", type=int, default=0, help="CUDA device to measure")
-    p.add_argument("--out", default=None, help="result file (JSON lines); default experiments/results/sm_rate-<gpu>-<time>.jsonl")
+    common.add_run_flags(p, tp=False)
     return p.parse_args(argv)
 
 
@@ -72,14 +64,12 @@ def one_per_sm_smem(attrs: dict) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if dist.gpu_count() <= 0:
-        print("experiments.sm_rate needs a GPU: it times a CUDA copy kernel, and no CUDA device is visible here.")
-        return 2
     bad = [k for k in args.ctas if k < 1]
     if bad or args.mib < 1 or args.iters < 1 or args.rounds < 1 or args.warmup < 0:
-        raise SystemExit(f"--ctas values, --mib, --iters and --rounds must be >= 1 and --warmup >= 0 (got ctas {args.ctas})")
+        raise dist.UsageError(f"--ctas values, --mib, --iters and --rounds must be >= 1 and --warmup >= 0 "
+                              f"(got ctas {args.ctas})")
+    world = common.init(args, gpu_only="it times a CUDA copy kernel")
     import cupy as cp
-    cp.cuda.Device(args.device_id).use()
     attrs = cp.cuda.Device().attributes
     num_sms = int(attrs["MultiProcessorCount"])
     smem = 0 if args.shared_ctas else one_per_sm_smem(attrs)
@@ -95,19 +85,11 @@ def main(argv=None) -> int:
     def copy(k: int):
         kernels.launch(fn, k, THREADS, (src, dst, np.uint64(n)), shared_mem=smem, stream=stream)
 
-    info = results.gpu_info()
-    tag = info["gpu"].replace("NVIDIA ", "").replace(" ", "_")
-    writer = results.Writer(args.out or results.default_path("sm_rate", tag),
-                            results.metadata(None, experiment="sm_rate", mib=args.mib, iters=args.iters,
-                                             warmup=args.warmup, rounds=args.rounds, threads=THREADS,
-                                             device_id=args.device_id))
-    samples = {k: [] for k in args.ctas}
-    for r in range(args.rounds):
-        order = args.ctas[r % len(args.ctas):] + args.ctas[:r % len(args.ctas)]
-        for k in order:
-            samples[k].extend(bench.time_gpu(lambda k=k: copy(k), args.iters, args.warmup, stream))
+    writer = common.writer(args, world, "sm_rate", threads=THREADS)
+    samples = bench.round_robin(args.ctas, lambda k: bench.time_gpu(lambda: copy(k), args.iters, args.warmup, stream),
+                                args.rounds)
 
-    print(f"{info['gpu']}, {num_sms} SMs, {args.mib} MiB copied ({2 * args.mib} MiB moved per call), "
+    print(f"{world.gpu_name}, {num_sms} SMs, {args.mib} MiB copied ({2 * args.mib} MiB moved per call), "
           f"{'one CTA per SM' if smem else 'CTAs packed by the scheduler'}")
     print(f"{'ctas':>5} {'sms':>4} {'ms':>9} {'GB/s':>9} {'GB/s/SM':>8} {'ok':>3}")
     all_correct = True
@@ -131,4 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.shutdown(main())

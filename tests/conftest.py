@@ -44,5 +44,12 @@ def gpus() -> int:
     return gpu_count()
 
 
-requires_gpu = pytest.mark.skipif(gpus() < 1, reason="needs a CUDA GPU")
-requires_2gpu = pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs")
+def requires_gpus(n: int = 1):
+    """The one way GPU tests are marked: `gpu` (select with -m gpu) and skipped with fewer than n GPUs."""
+    def mark(test):
+        test = pytest.mark.gpu(test)
+        return pytest.mark.skipif(gpus() < n, reason=f"needs {n} CUDA GPU{'s' if n > 1 else ''}")(test)
+    return mark
+
+
+requires_gpu = requires_gpus(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import requires_gpu
 from tw import dist
 from tw.attention import BF16, attention_numpy, work_items
 
@@ -143,7 +144,6 @@ def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, st
     return rel
 
 
-gpu = pytest.mark.skipif(not HAS_GPU, reason="needs cupy and a CUDA GPU")
 
 
 def kernels_here():
@@ -161,8 +161,7 @@ def skip_unless_here(kernel, block_m):
         pytest.skip(f"{kernel} kernel not available on this GPU")
 
 
-@pytest.mark.gpu
-@gpu
+@requires_gpu
 @pytest.mark.parametrize("kernel,block_m", VARIANTS)
 def test_cuda_mixed_batch(kernel, block_m):
     # Long prefill (not a multiple of 64 or 128), short prefill, decode tokens with long prefixes,
@@ -173,8 +172,7 @@ def test_cuda_mixed_batch(kernel, block_m):
     run_gpu_case(new, prefix, num_heads=8, num_kv_heads=2, head_dim=128, block_m=block_m, kernel=kernel)
 
 
-@pytest.mark.gpu
-@gpu
+@requires_gpu
 @pytest.mark.parametrize("kernel,block_m", VARIANTS)
 def test_cuda_gqa_64_8(kernel, block_m):
     skip_unless_here(kernel, block_m)
@@ -182,24 +180,21 @@ def test_cuda_gqa_64_8(kernel, block_m):
                  block_m=block_m, kernel=kernel)
 
 
-@pytest.mark.gpu
-@gpu
+@requires_gpu
 @pytest.mark.parametrize("kernel,block_m", VARIANTS)
 def test_cuda_one_long_prefill(kernel, block_m):
     skip_unless_here(kernel, block_m)
     run_gpu_case([2000], [0], num_heads=4, num_kv_heads=1, head_dim=128, seed=6, block_m=block_m, kernel=kernel)
 
 
-@pytest.mark.gpu
-@gpu
+@requires_gpu
 @pytest.mark.parametrize("block_m", [128, 64])
 def test_cuda_head_dim_64(block_m):
     run_gpu_case([200, 1, 65], [0, 300, 10], num_heads=4, num_kv_heads=4, head_dim=64, block_m=block_m,
                  strided_q=False, seed=2)
 
 
-@pytest.mark.gpu
-@gpu
+@requires_gpu
 @pytest.mark.parametrize("kernel,block_m", VARIANTS)
 def test_cuda_decode_only_and_single_token(kernel, block_m):
     skip_unless_here(kernel, block_m)
@@ -208,8 +203,7 @@ def test_cuda_decode_only_and_single_token(kernel, block_m):
     run_gpu_case([1], [0], num_heads=2, num_kv_heads=1, head_dim=128, seed=4, block_m=block_m, kernel=kernel)
 
 
-@pytest.mark.gpu
-@gpu
+@requires_gpu
 def test_cuda_graph_capture():
     """attention_cuda does no sync and no allocation: it replays from a CUDA graph."""
     import cupy as cp
@@ -231,8 +225,7 @@ def test_cuda_graph_capture():
     assert rel <= 1e-2, report
 
 
-@pytest.mark.gpu
-@gpu
+@requires_gpu
 def test_cuda_rejects_bad_input():
     import cupy as cp
     from tw.attention import attention_cuda, attention_meta

@@ -1,6 +1,6 @@
 """The multimem transport: its run-time guard (CPU only) and a PTX check of its kernel (nvcc only).
 
-The guard is DESIGN.md rule 1 in code: on the lab's shared NVSwitch hosts an NVLink multicast object
+The guard is docs/design.md#rules, Rule 1 in code: on the lab's shared NVSwitch hosts an NVLink multicast object
 must never be created, so MultimemComm must refuse before it touches cuda-bindings or a driver.
 Nothing here creates a multicast object or runs a multimem kernel.
 """
@@ -74,5 +74,8 @@ def test_multimem_kernel_ptx_has_multimem_instructions():
     assert "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2" in ptx
     assert "multimem.st.relaxed.sys.global.v4.f32" in ptx
     assert "multimem.red.release.sys.global.add.u32" in ptx
+    # the bounded acquire spin of the barriers (tw::sync::wait_flag from cuda/peer_sync.cuh)
+    assert "ld.acquire.sys.global.u32" in ptx
+    assert "%globaltimer" in ptx
     # and ptxas accepts it for sm_90a (a cubin is produced)
     assert kernels.compile("ar_norm_multimem", "sm_90a").stat().st_size > 0

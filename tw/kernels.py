@@ -143,6 +143,15 @@ def function(name: str, kernel: str, defines: dict | None = None):
     return load(name, defines).get_function(kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def device_facts(device_id: int) -> tuple[str, int]:
+    """(name, SM count) of CUDA device `device_id`: the one place that asks the driver for them."""
+    import cupy as cp
+    props = cp.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    return (name.decode() if isinstance(name, bytes) else str(name)), int(props["multiProcessorCount"])
+
+
 def launch(fn, grid, block, args, shared_mem: int = 0, stream=None) -> None:
     """Launch `fn` on `stream` (a cupy Stream; None = the current stream)."""
     import cupy as cp

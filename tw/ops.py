@@ -137,6 +137,12 @@ def add_rmsnorm(x, residual, weight, eps: float, out, stream=None):
     return out
 
 
+def _num_sms() -> int:
+    """SM count of the current GPU (grid-stride kernels launch 8 CTAs per SM at most)."""
+    import cupy as cp
+    return kernels.device_facts(cp.cuda.Device().id)[1]
+
+
 def silu_mul(gate_up, out, stream=None):
     """out[r, :] = silu(gate_up[r, :F]) * gate_up[r, F:], F = out.shape[1]."""
     rows, ffn = out.shape
@@ -150,7 +156,7 @@ def silu_mul(gate_up, out, stream=None):
     check_bf16("silu_mul out", out)
     if rows:
         fn = kernels.function("activation", "silu_mul_bf16")
-        kernels.launch(fn, min(132 * 8, -(-rows * ffn // 8 // 256)), 256,
+        kernels.launch(fn, min(_num_sms() * 8, -(-rows * ffn // 8 // 256)), 256,
                        (gate_up.data.ptr, out.data.ptr, np.int32(rows), np.int32(ffn)), stream=stream)
     return out
 

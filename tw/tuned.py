@@ -72,8 +72,8 @@ class TunedChoice:
     @classmethod
     def from_json(cls, d: dict) -> "TunedChoice":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names},
-                   extra={**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names}})
+        known = {k: v for k, v in d.items() if k in names and k != "extra"}
+        return cls(**known, extra={**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names}})
 
 
 def save(key: TuningKey, tokens: int, choice: TunedChoice) -> Path:

@@ -1,7 +1,7 @@
 """Multimem (NVLS multicast) transport: the paper's fused AllReduce + add + RMSNorm kernel
 (cuda/ar_norm_multimem.cu). WRITTEN AND COMPILED, NEVER RUN on the lab machines.
 
-DESIGN.md rule 1: creating an NVLink multicast object on the lab's shared NVSwitch hosts can take the
+docs/design.md#rules, Rule 1: creating an NVLink multicast object on the lab's shared NVSwitch hosts can take the
 host's GPUs out of service for a day. So `MultimemComm(...)` first calls `check_multicast_allowed()`,
 which refuses unless TW_ALLOW_MULTICAST=1 is set AND none of NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 is present. The check runs before this
@@ -34,7 +34,7 @@ def _vpt_threads(hidden: int) -> tuple[int, int]:
 
 
 class MulticastRefused(RuntimeError):
-    """Multicast is not allowed in this environment (see DESIGN.md rule 1)."""
+    """Multicast is not allowed in this environment (see docs/design.md#rules, Rule 1)."""
 
 
 def check_multicast_allowed(env=None) -> None:
@@ -43,7 +43,7 @@ def check_multicast_allowed(env=None) -> None:
     if env.get("TW_ALLOW_MULTICAST", "").strip() != "1":
         raise MulticastRefused(
             "MultimemComm refuses to create an NVLink multicast object: set TW_ALLOW_MULTICAST=1 to opt in, "
-            "and only on a machine you own (never on the lab's shared GPU hosts, DESIGN.md rule 1). "
+            "and only on a machine you own (never on the lab's shared GPU hosts, docs/design.md#rules, Rule 1). "
             "Use the 'p2p' or 'nccl' transport instead.")
     present = [f"{k}={env[k]}" for k, v in FORBIDDING_ENV.items() if k in env and env[k].strip() == v]
     if present:

@@ -29,11 +29,61 @@ from . import check_range
 from .. import kernels
 from ..dist import env_flag
 
-MAX_TP = 8
-MAX_CTAS = 256        # must match kMaxCtas in cuda/ar_norm_p2p.cu
-NUM_SLOTS = 8         # pointer-table entries per rank (kSlots)
-THREADS = 512         # threads per CTA: 16 warps, one row each at a time (kThreads in the kernel)
-DEFAULT_CTAS = 8      # the CTA budget when none is given (LAB.md: 8 CTAs push ~338 GB/s)
+LAYOUT_HEADER = kernels.CUDA_DIR / "peer_sync.cuh"
+
+
+def read_layout(path=LAYOUT_HEADER) -> dict[str, int]:
+    """The P2P layout constants, {'kMaxTp': 8, ...}, from the TW_P2P_LAYOUT_BEGIN/END block of
+    cuda/peer_sync.cuh. Every line there must be `constexpr int kName = <decimal>;` (a // comment may
+    follow); anything else is an error, so an edit the parser does not understand fails at import
+    instead of silently diverging from what nvcc compiles."""
+    import re
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    begin, end = "// TW_P2P_LAYOUT_BEGIN", "// TW_P2P_LAYOUT_END"
+    if lines.count(begin) != 1 or lines.count(end) != 1 or lines.index(begin) > lines.index(end):
+        raise RuntimeError(f"{path}: expected one {begin!r} line, then one {end!r} line")
+    values: dict[str, int] = {}
+    for line in lines[lines.index(begin) + 1:lines.index(end)]:
+        code = line.split("//", 1)[0].strip()
+        if not code:
+            continue
+        m = re.fullmatch(r"constexpr int (k\w+) = (\d+);", code)
+        if m is None or m.group(1) in values:
+            raise RuntimeError(f"{path}: the layout block allows only distinct `constexpr int kName = N;` "
+                               f"lines, got {line.strip()!r}")
+        values[m.group(1)] = int(m.group(2))
+    return values
+
+
+# One source for the layout the host and the kernel share: cuda/peer_sync.cuh, read here at import.
+# A header rather than -D defines passed from Python: with defines, every compile of
+# cuda/ar_norm_p2p.cu (the compile test, experiments, a plain kernels.compile(name)) would have to pass
+# them or hit an #error, and a caller that passed its own defines would silently compile another
+# layout; with the header every compile gets the one layout with no arguments, kernels.cache_key
+# already hashes it, and the strict parser above makes a layout line it cannot read an import error.
+# tests/test_compile.py checks that nvcc sees the values read here.
+_LAYOUT = read_layout()
+MAX_TP = _LAYOUT["kMaxTp"]          # TP ranks at most (flag and probe words per rank)
+MAX_CTAS = _LAYOUT["kMaxCtas"]      # CTAs per call at most (flag words per phase and rank)
+NUM_SLOTS = _LAYOUT["kSlots"]       # pointer-table entries per rank
+THREADS = _LAYOUT["kThreads"]       # threads per CTA: 16 warps, one row each at a time
+# Pointer-table slots by index (kSlotStaging = 0 -> "staging", ...): table[r * NUM_SLOTS + k] points at
+# buffer SLOT_NAMES[k] of rank r.
+_SLOTS = sorted((v, n[len("kSlot"):].lower()) for n, v in _LAYOUT.items() if n.startswith("kSlot") and n != "kSlots")
+SLOT_NAMES = tuple(name for _, name in _SLOTS)
+if [v for v, _ in _SLOTS] != list(range(len(_SLOTS))) or len(_SLOTS) > NUM_SLOTS:
+    raise RuntimeError(f"{LAYOUT_HEADER}: the kSlot* indices must be 0..n-1 with n <= kSlots, got {_LAYOUT}")
+
+
+def kernel_defines(tp: int) -> dict | None:
+    """The -D defines P2PComm compiles cuda/ar_norm_p2p.cu with for TP degree `tp`: TP as a
+    compile-time constant (loops over ranks unroll), or none (TP read at run time) with
+    TW_P2P_RUNTIME_TP=1. The layout constants are not defines: they come from cuda/peer_sync.cuh."""
+    return None if env_flag("TW_P2P_RUNTIME_TP") else {"TW_TP": int(tp)}
+
+
+DEFAULT_CTAS = 8      # the CTA budget when none is given (8 CTAs push ~338 GB/s with plain stores,
+                      # the fused kernel moves 166-176 GB/s at 8 CTAs: docs/hardware.md#measured)
 DEFAULT_ONESHOT_MAX_TOKENS = 256
 _ALIGN = 256
 
@@ -81,7 +131,7 @@ class P2PComm:
         self.sharded = bool(sharded)
         self.dtype = cp.dtype("bfloat16")
         self.rank, self.tp = world.tp_rank, world.tp_size
-        self.num_sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+        self.num_sms = world.sm_count
         self.ctas = self._check_ctas(ctas or min(DEFAULT_CTAS, self.num_sms))
         self.oneshot_max_tokens = max(0, min(int(oneshot_max_tokens), max_tokens))
         self.timeout_s = float(timeout_s)
@@ -129,7 +179,7 @@ class P2PComm:
                 err = e
         self._raise_if_any(err, "opening the peers' CUDA IPC handles")
         self.peer_bases = ptrs
-        slots = ("staging", "recv", "out", "osum", "ores", "flags")
+        slots = SLOT_NAMES
         table = np.zeros(self.tp * NUM_SLOTS, dtype=np.uint64)
         for r in range(self.tp):
             for k, name in enumerate(slots):
@@ -189,8 +239,7 @@ class P2PComm:
         if name not in self._fns:
             # TP compiled in as a constant (loops over ranks unroll; see cuda/ar_norm_p2p.cu);
             # TW_P2P_RUNTIME_TP=1 builds the variant that reads TP at run time instead.
-            defines = None if env_flag("TW_P2P_RUNTIME_TP") else {"TW_TP": self.tp}
-            self._fns[name] = kernels.function("ar_norm_p2p", name, defines)
+            self._fns[name] = kernels.function("ar_norm_p2p", name, kernel_defines(self.tp))
         return self._fns[name]
 
     def _check_ctas(self, ctas) -> int:
