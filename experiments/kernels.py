@@ -18,6 +18,9 @@ and a CTA sweep (1..132) of p2p_fused and p2p_ar at a few sizes.
 Timing: each op is captured N times back-to-back in one CUDA graph (so host launch overhead is not
 timed), the graph is replayed --iters times after warm-up with CUDA events; time_us = the median
 replay / N, the slowest rank (tw.bench.summarize over the TP group).
+Floor (P2P two-shot variants): sm_bytes = bytes this rank's SMs read or write (see sm_bytes());
+floor_us = sm_bytes / (ctas x the per-SM copy rate measured by experiments.sm_rate, committed in
+experiments/results/sm_rate-H200.jsonl); vs_floor = time_us / floor_us (docs/design.md#targets: <= 1.1).
 Bandwidth (nccl-tests' definitions): bytes = tokens * hidden * 2 (the bf16 tensor being reduced);
 algbw_gbps = bytes / time; busbw_gbps = algbw * 2 (n - 1) / n for all-reduce-shaped ops (n = TP).
 For TP = 2 and the two-shot P2P kernels, each GPU sends bytes / 2 of partials and bytes / 2 of
@@ -36,6 +39,32 @@ from tw import bench, dist, graph
 from tw.arrays import bf16_from_f32, f32_from_bf16
 
 TOL = 1e-2
+SM_RATE_FILE = "sm_rate-H200.jsonl"  # experiments/results/: the measured per-SM copy rate (experiments.sm_rate)
+
+
+def sm_bytes(kernel: str, n: int, hidden: int, tp: int) -> int | None:
+    """Bytes the SMs of ONE rank read or write in a P2P variant (None for NCCL: its SM use is not ours
+    to count). Per rank, R = hidden * 2 bytes a row, n / tp owned rows: push the others' rows of my
+    staging, 2 (tp - 1) n/tp R; read my own staging rows, tp - 1 received partials and the residual,
+    (tp + 1) n/tp R; write residual and out, 2 n/tp R; push out to the tp - 1 peers, (tp - 1) n/tp R:
+    4 n R in all (64 KiB per 16 KiB row at TP=2). The all-reduce (no residual, one write) moves
+    (4 tp - 2) n/tp R; a private `out` adds the local copy of every row, 2 n R. One-shot variants are
+    not counted (None)."""
+    r = hidden * 2
+    fused = 4 * n * r
+    table = {"p2p_fused": fused, "p2p_fused_simple": fused, "p2p_fused_2shot": fused,
+             "p2p_fused_copy": fused + 2 * n * r, "p2p_ar": (4 * tp - 2) * n * r // tp}
+    return table.get(kernel)
+
+
+def per_sm_gbps() -> tuple[float | None, str]:
+    """The median GB/s per SM at 1-8 CTAs from the committed sm_rate file, and where it came from."""
+    from tw.results import RESULTS_DIR, read
+    path = RESULTS_DIR / SM_RATE_FILE
+    if not path.exists():
+        return None, "no sm_rate file"
+    rows = [r for r in read(path) if 1 <= r["ctas"] <= 8 and r.get("correct")]
+    return (float(np.median([r["gbps_per_sm"] for r in rows])), SM_RATE_FILE) if rows else (None, "empty sm_rate file")
 
 
 def parse_args(argv=None):
@@ -163,12 +192,17 @@ def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
     nbytes = n * case.hidden * 2
     algbw = nbytes / (t_us * 1e-6) / 1e9
     tp = world.tp_size
+    through = sm_bytes(kernel, n, case.hidden, tp)
+    oneshot = bool(transport == "p2p" and n <= pc.oneshot_max_tokens and "2shot" not in kernel and "simple" not in kernel)
+    rate, _ = per_sm_gbps()
+    floor_us = through / (ctas * rate * 1e9) * 1e6 if through and ctas and rate and not oneshot else None
     return {"kernel": kernel, "transport": transport, "tokens": n, "hidden": case.hidden, "bytes": nbytes,
+            "sm_bytes": through if not oneshot else None, "floor_us": floor_us,
+            "vs_floor": t_us / floor_us if floor_us else None,
             "ctas": ctas if ctas is not None else 0, "time_us": round(t_us, 2), "min_us": round(st["min_ms"] * 1e3, 2),
             "max_us": round(st["max_ms"] * 1e3, 2), "algbw_gbps": round(algbw, 1),
             "busbw_gbps": round(algbw * 2 * (tp - 1) / tp, 1), "rel_err": worst, "correct": correct,
-            "graph": graphed, "oneshot": bool(transport == "p2p" and n <= pc.oneshot_max_tokens and "2shot" not in kernel
-                                            and "simple" not in kernel)}
+            "graph": graphed, "oneshot": oneshot}
 
 
 def main(argv=None):
@@ -181,7 +215,8 @@ def main(argv=None):
     from tw.comm.nccl import NcclComm
     from tw.comm.p2p import P2PComm
     say = world.print0
-    writer = common.writer(a, world, "kernels", reps_per_graph=a.reps)
+    rate, source = per_sm_gbps()
+    writer = common.writer(a, world, "kernels", reps_per_graph=a.reps, per_sm_gbps=rate, per_sm_gbps_source=source)
     path = writer.path
     say(f"kernels: TP={world.tp_size} on {world.gpu_name}; hidden {a.hidden}; tokens {a.tokens}; P2P ctas {a.ctas}; "
         f"-> {path}")
@@ -210,7 +245,8 @@ def main(argv=None):
                 rows.append(row)
                 writer.write(row)
                 say(f"  H={hidden:5d} n={n:6d} {kernel:17s} ctas={row['ctas']:3d} {row['time_us']:9.1f} us "
-                    f"{row['algbw_gbps']:6.1f} GB/s  err={row['rel_err']:.1e} {'ok' if row['correct'] else 'WRONG'}")
+                    f"{row['algbw_gbps']:6.1f} GB/s  err={row['rel_err']:.1e} {'ok' if row['correct'] else 'WRONG'}"
+                    + (f"  vs_floor={row['vs_floor']:.2f}" if row["vs_floor"] else ""))
             del case
             cp.get_default_memory_pool().free_all_blocks()
         pc.close()

@@ -18,12 +18,14 @@ Columns (table and rows): ms = median_ms, one forward pass of --layers layers (m
 rows); vs_nccl = speedup_vs_nccl, nccl's ms / this ms; rel_err = ||out - ref|| / ||ref|| (--check);
 check = correct, rel_err <= the dtype's tolerance; split_at = tokenweave's first token of half B
 (`-`: not split) and split_source (tuned, tuned-unsplit, wave, naive, below-threshold: see --split);
-ctas, ctas_attn / ctas_mlp = the fused kernel's CTA budgets that ran; gemm_tflops = layer 0's four
+ctas, ctas_attn / ctas_mlp = the fused kernel's CTA budgets that ran; sm_target_attn / sm_target_mlp =
+the cuBLAS SM-count target of tokenweave's GEMMs beside them (--sm-target); gemm_tflops = layer 0's four
 GEMMs alone at this token count (the compute ceiling all strategies share); per_layer_ms.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -69,6 +71,10 @@ def parse_args(argv=None):
                         "experiments/tuned/ has this exact setting and token count (else wave); wave = the "
                         "wave-aware rule from a measured GEMM profile (on the CPU: naive); naive = T // 2. "
                         "Where tune.py found splitting slower than the unsplit fused kernel, tuned runs unsplit")
+    p.add_argument("--sm-target", choices=("tuned", "left", "off"), default="tuned",
+                   help="cuBLAS SM-count target of tokenweave's GEMMs that run beside a comm kernel: tuned = the "
+                        "tuned choice's (none where nothing is tuned); left = the SMs the comm leaves (SMs - CTAs); "
+                        "off = no target. Rows record sm_target_attn / sm_target_mlp")
     p.add_argument("--min-split-tokens", type=int, default=1024,
                    help="tokenweave does not split smaller batches (runs fused alone)")
     p.add_argument("--trace", default=None, metavar="DIR",
@@ -130,6 +136,15 @@ def main(argv=None):
     world = common.init(args)
     cfg = common.model_config(args, world)
     validate(args, world)
+    if world.shared_gpu:
+        if args.transport == "nccl":
+            raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
+        skipped = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
+        args.strategies = [s for s in args.strategies if s not in skipped]
+        world.print0(f"TW_SHARE_GPU=1: {skipped or 'nothing'} skipped (NCCL refuses two ranks on one GPU); the "
+                     "float64 check still applies; TIMINGS BELOW MEAN NOTHING (ranks share one GPU)")
+        if not args.strategies:
+            raise dist.UsageError("no strategy left to run with TW_SHARE_GPU=1; try --strategies fused tokenweave")
     if world.tp_size == 1:
         world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
                      "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")
@@ -145,7 +160,8 @@ def main(argv=None):
                                reference_tokens=max(args.tokens) if args.check else 0, seq_len=args.seq_len)
     rule = "wave" if args.split == "tuned" else args.split  # the rule where nothing is tuned
     strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=rule, ctas_mlp=args.ctas_mlp,
-                                 min_split_tokens=args.min_split_tokens) for s in args.strategies]
+                                 min_split_tokens=args.min_split_tokens,
+                                 sm_target="left" if args.sm_target == "left" else "off") for s in args.strategies]
     writer = common.writer(args, world, "latency", cfg, dtype=str(model.dtype),
                            check_against="nccl" if model.emulated else "float64 reference")
     choices = load_choices(args, world, cfg)
@@ -166,6 +182,10 @@ def main(argv=None):
         for strat in strategies:
             step += 1
             choice = choices.get(tokens) if strat.name == "tokenweave" else None
+            if choice is not None and args.sm_target != "tuned":  # the flag overrides the tuned targets
+                left = args.sm_target == "left"
+                choice = dataclasses.replace(choice, sm_target_attn=world.sm_count - choice.ctas_attn if left else None,
+                                             sm_target_mlp=world.sm_count - choice.ctas_mlp if left else None)
             plan = strat.prepare(batch, ids, choice) if strat.name == "tokenweave" else strat.prepare(batch, ids)
 
             def forward(strat=strat, plan=plan):
@@ -180,7 +200,8 @@ def main(argv=None):
                 strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
             row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs), "split_at": plan.split_at,
                    "split_source": plan.split_source, "transport": strat.comm.name, "ctas": plan.ctas,
-                   "ctas_attn": plan.ctas_attn, "ctas_mlp": plan.ctas_mlp}
+                   "ctas_attn": plan.ctas_attn, "ctas_mlp": plan.ctas_mlp, "sm_target_attn": plan.sm_target_attn,
+                   "sm_target_mlp": plan.sm_target_mlp}
             if args.check and model.emulated and strat.name == "nccl":
                 ref = out.astype(model.xp.float64)  # the baseline's output is the reference here
             elif ref is not None and strat.name != "nocomm":
@@ -265,7 +286,8 @@ def write_trace(args, world, cfg, strategy, tokens, forward, stream):
 def print_table(world, rows, cfg, args):
     world.print0(f"\n{cfg.name}, {cfg.num_layers} layers, TP={world.tp_size}, {world.device}"
                  f"{', CUDA graphs' if args.graph and world.is_gpu else ''}; median of {args.repeats} x "
-                 f"{args.iters} passes, slowest rank" + ("" if world.is_gpu else " (CPU: timings mean nothing)"))
+                 f"{args.iters} passes, slowest rank" + ("" if world.is_gpu else " (CPU: timings mean nothing)")
+                 + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
     head = f"{'tokens':>7} {'strategy':<12} {'ms':>9} {'vs_nccl':>8} {'rel_err':>9} {'check':>6} {'split_at':>8}"
     if world.is_gpu:
         head += f" {'gemm_tflops':>11}"

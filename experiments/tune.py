@@ -7,7 +7,9 @@ For each token count T:
 1. the wave-aware split s_wave from the GEMM profile (tw/split.py, tw/profile.py; the profile JSON is
    written to experiments/tuned/ and reused);
 2. CTA budgets (comm overlapping attention, comm overlapping MLP) from --ctas-grid, timed end to end
-   at s_wave; the fastest pair wins;
+   at s_wave; the fastest pair wins; then the cuBLAS SM-count target of the GEMMs beside each of the
+   two comm budgets, every pair of --sm-targets candidates (off: none; left: the SMs the comm leaves;
+   half: halfway between; GPU only), timed the same way; the fastest pair wins;
 3. the exhaustive search: tokenweave timed at every split point on a --step grid within --window of
    T/2, with the winning CTAs; best_split, its time, and wave_vs_best = t(s_wave) / t(best);
 4. the shortlist: the rule's --shortlist best-predicted points, timed in the same rounds;
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     common.add_transport_flag(p)
     p.add_argument("--ctas-grid", type=int, nargs="+", default=[8, 16, 32],
                    help="CTA counts tried for each of the two budgets (all pairs)")
+    p.add_argument("--sm-targets", nargs="+", choices=("off", "left", "half"), default=["off", "left", "half"],
+                   help="SM-count target candidates for the GEMMs beside a comm of k CTAs: off (none), left "
+                        "(SMs - k), half (SMs - k/2); each pair (attention, MLP) is timed")
     p.add_argument("--step", type=int, default=64, help="grid of the exhaustive split search (tokens)")
     p.add_argument("--window", type=float, default=0.10, help="exhaustive search spans T/2 +- window*T")
     common.add_timing_flags(p, iters=10, warmup=3, repeats=3)
@@ -71,9 +76,9 @@ def main(argv=None):
     writer = common.writer(args, world, "tune", cfg, tuning_key=key.tag)
 
     def runnable(batch, ids, config):
-        split_at, ca, cm = config
+        split_at, ca, cm, ta, tm = config
         choice = (tuned.TunedChoice(None, ca, cm, split=False) if split_at == UNSPLIT else
-                  tuned.TunedChoice(split_at, ca, cm, extra={"source": "forced"}))
+                  tuned.TunedChoice(split_at, ca, cm, sm_target_attn=ta, sm_target_mlp=tm, extra={"source": "forced"}))
         plan = tw.prepare(batch, ids, choice)
         run = lambda: tw.forward(plan, stream)  # noqa: E731
         return graph.Graph(run, stream) if world.is_gpu else run
@@ -85,6 +90,12 @@ def main(argv=None):
                                                                         args.warmup), args.repeats)
         return {c: bench.slowest_median(s, world.comm) for c, s in samples.items()}
 
+    def sm_targets(k):
+        """The candidate SM-count targets for GEMMs beside a comm kernel of k CTAs (None: no target)."""
+        sms = world.sm_count
+        values = {"off": None, "left": sms - k, "half": sms - k // 2}
+        return {values[c] for c in args.sm_targets}
+
     for tokens in args.tokens:
         t0 = time.perf_counter()
         batch = batching.prefill(tokens, args.seq_len)
@@ -93,17 +104,26 @@ def main(argv=None):
                      else [splitting.naive(tokens)]) if world.tp_rank == 0 else None
         shortlist = world.tp_comm.bcast(shortlist, root=0)
         wave = shortlist[0]
-        ctas_times = timed_all(batch, ids, [(wave, ca, cm) for ca in args.ctas_grid for cm in args.ctas_grid])
-        for (_, ca, cm), ms in ctas_times.items():
+        ctas_times = timed_all(batch, ids, [(wave, ca, cm, None, None) for ca in args.ctas_grid
+                                            for cm in args.ctas_grid])
+        for (_, ca, cm, _, _), ms in ctas_times.items():
             writer.write({"tokens": tokens, "kind": "ctas", "split_at": wave, "ctas_attn": ca, "ctas_mlp": cm,
                           "median_ms": ms})
-        (_, ca, cm), _ = min(ctas_times.items(), key=lambda kv: kv[1])
+        (_, ca, cm, _, _), _ = min(ctas_times.items(), key=lambda kv: kv[1])
+        ta = tm = None
+        if world.is_gpu:
+            pairs = sorted({(a, b) for a in sm_targets(ca) for b in sm_targets(cm)}, key=str)
+            target_times = timed_all(batch, ids, [(wave, ca, cm, a, b) for a, b in pairs])
+            for (_, _, _, a, b), ms in target_times.items():
+                writer.write({"tokens": tokens, "kind": "sm_target", "split_at": wave, "ctas_attn": ca,
+                              "ctas_mlp": cm, "sm_target_attn": a, "sm_target_mlp": b, "median_ms": ms})
+            (_, _, _, ta, tm), _ = min(target_times.items(), key=lambda kv: kv[1])
         # Every split point (the shortlist and naive included) and not splitting, in the same rounds.
         points = sorted({splitting.naive(tokens), *shortlist} | (set() if args.no_exhaustive else
                                                                set(splitting.candidates(tokens, args.step, args.window))))
-        times = timed_all(batch, ids, [(s, ca, cm) for s in points] + [(UNSPLIT, ca, cm)])
+        times = timed_all(batch, ids, [(s, ca, cm, ta, tm) for s in points] + [(UNSPLIT, ca, cm, None, None)])
         split_times = {c[0]: ms for c, ms in times.items() if c[0] != UNSPLIT}
-        unsplit_ms = times[(UNSPLIT, ca, cm)]
+        unsplit_ms = times[(UNSPLIT, ca, cm, None, None)]
         writer.write({"tokens": tokens, "kind": "unsplit", "split_at": None, "ctas": world.sm_count or None,
                       "median_ms": unsplit_ms})
         for s, ms in split_times.items():
@@ -117,6 +137,7 @@ def main(argv=None):
             extra.update(wave_vs_best=split_times[wave] / split_times[best],
                          shortlist_vs_best=split_times[short] / split_times[best])
         choice = tuned.TunedChoice(split_at=best, ctas_attn=ca, ctas_mlp=cm, split=split_times[best] < unsplit_ms,
+                                   sm_target_attn=ta, sm_target_mlp=tm,
                                    wave_split=wave, median_ms=split_times[best], wave_ms=split_times[wave],
                                    unsplit_ms=unsplit_ms, search="shortlist" if args.no_exhaustive else "exhaustive",
                                    extra=extra)
@@ -124,7 +145,7 @@ def main(argv=None):
         if world.rank == 0 and profile is not None:  # after every token count: a killed run keeps its work
             profile.save()
             world.print0(f"  saved to {tuned.save(key, tokens, choice)}")
-        world.print0(f"tokens={tokens}: ctas {ca}/{cm}; split {wave} (wave rule) {split_times[wave]:.3f} ms; naive "
+        world.print0(f"tokens={tokens}: ctas {ca}/{cm}; SM targets {ta}/{tm}; split {wave} (wave rule) {split_times[wave]:.3f} ms; naive "
                      f"{extra['naive_split_ms']:.3f} ms; best of the rule's top {len(shortlist)} {short} "
                      f"{extra['shortlist_ms']:.3f} ms" + (f"; exhaustive best {best} {split_times[best]:.3f} ms, "
                      f"wave/best {extra['wave_vs_best']:.4f}, shortlist/best {extra['shortlist_vs_best']:.4f}"

@@ -34,7 +34,8 @@ def run_mpi(n: int, args: list[str], timeout: float = 300, env: dict | None = No
 
 def _is_openmpi(launcher: str) -> bool:
     try:
-        return "Open MPI" in subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+        out = subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+        return "Open MPI" in out or "OpenRTE" in out
     except OSError:
         return False
 

@@ -35,13 +35,35 @@ def check_strategies(world, cfg, strategies, batches, seed=1):
         ids = batching.token_ids(b.num_tokens, cfg.vocab, seed)
         ref = reference.forward(cfg, b, ids, seed, model.xp, model.dtype)
         for strat in built:
-            out = strat.forward(strat.prepare(b, ids))
+            plan = strat.prepare(b, ids)
+            out = strat.forward(plan)
             err = reference.rel_err(out, ref)
             assert err["rel_err"] <= tol, (f"{strat.name} on {b}: rel_err {err['rel_err']:.3e} > {tol} "
                                            f"(max abs {err['max_abs_err']:.3e}, mean abs {err['mean_abs_err']:.3e})")
             world.print0(f"PASS {cfg.name} tp={world.tp_size} {strat.name:<8} {b}: rel_err {err['rel_err']:.2e}")
             outputs[(strat.name, b.num_tokens)] = to_host(out).astype(np.float64)
+            if world.is_gpu:
+                check_graph_replay(world, strat, plan, ref, tol, b)
     return outputs
+
+
+def check_graph_replay(world, strat, plan, ref, tol, b, replays=3):
+    """The strategy's forward captured once as a CUDA graph (tw/graph.py) and replayed: every replay
+    gives the reference's output (the P2P epochs live on the device, so replays stay in step)."""
+    from tw.graph import Graph
+    stream = world.new_stream()
+    m = strat.model
+    g = Graph(lambda: strat.forward(plan, stream), stream)
+    rows = slice(plan.parts[0].offset, plan.parts[-1].offset + plan.parts[-1].num_tokens)
+    for k in range(replays):
+        m.ws.x[rows] = 0  # a replay that did nothing would leave the zeros
+        stream.synchronize()
+        g()
+        stream.synchronize()
+        strat.comm.check()
+        err = reference.rel_err(m.ws.x[rows], ref)["rel_err"]
+        assert err <= tol, f"{strat.name} graph replay {k} on {b}: rel_err {err:.3e} > {tol}"
+    world.print0(f"PASS {strat.name:<8} under a CUDA graph, {replays} replays")
 
 
 def check_tp1_equals_tpn(world, cfg, b, seed=2):
@@ -50,7 +72,7 @@ def check_tp1_equals_tpn(world, cfg, b, seed=2):
     outs = []
     for w in (world, world.sub(1)):
         model = Model(cfg, w, b.num_tokens, b.kv_capacity, seed=seed)
-        strat = schedules.make("nccl", model, w)
+        strat = schedules.make("fused" if world.shared_gpu else "nccl", model, w)  # NCCL: one rank per GPU
         outs.append(to_host(strat.forward(strat.prepare(b, ids))).astype(np.float64))
         tol = reference.tolerance(model.dtype)
         del model, strat
@@ -117,10 +139,17 @@ def main():
                batching.prefill(64 + n - 1, 32)]                        # not divisible by TP
     if args.quick:
         batches = batches[:1]
-    check_comm_exact(world, "nccl")
-    check_strategies(world, cfg, args.strategies, batches)
+    strategies = args.strategies
+    if world.shared_gpu:  # NCCL refuses two ranks on one GPU: check the P2P transport instead
+        strategies = [s for s in strategies if s != "nccl" and not s.startswith("finegrained")]
+        world.print0(f"TW_SHARE_GPU=1: NCCL strategies skipped, checking {strategies}")
+    check_comm_exact(world, "p2p" if world.shared_gpu else "nccl")
+    if world.is_gpu and not world.shared_gpu and world.tp_size > 1:
+        check_comm_exact(world, "p2p")
+    check_strategies(world, cfg, strategies, batches)
     check_tp1_equals_tpn(world, cfg, batches[0])
     world.print0("ALL PASS")
+    dist.shutdown(0)
 
 
 if __name__ == "__main__":

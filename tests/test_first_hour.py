@@ -105,3 +105,15 @@ def test_cpu_result_files_carry_cpu_in_their_name():
     from tw import config
     world = SimpleNamespace(tp_size=2, gpu_tag="cpu")
     assert "-cpu" in common.tag(world, config.get("tiny"))
+
+
+def test_kernel_floor_counts_the_sm_traffic():
+    """64 KiB of SM traffic per 16 KiB row for the fused op at TP=2 (docs/design.md#targets), and the
+    per-SM rate comes from the committed sm_rate file."""
+    from experiments import kernels
+    assert kernels.sm_bytes("p2p_fused", 8192, 8192, 2) == 8192 * 4 * 16384
+    assert kernels.sm_bytes("p2p_fused_copy", 1, 8192, 2) == 6 * 16384
+    assert kernels.sm_bytes("p2p_ar", 2, 8192, 2) == 3 * 2 * 16384
+    assert kernels.sm_bytes("nccl_ar", 2, 8192, 2) is None
+    rate, source = kernels.per_sm_gbps()
+    assert source == "sm_rate-H200.jsonl" and 90 < rate < 110

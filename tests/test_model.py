@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_mpi
+from conftest import ROOT, requires_gpus, run_mpi
 
 
 def _ok(proc):
@@ -88,3 +88,19 @@ def test_mixed_prefill_decode_batches_match_reference():
                           "--strategies", "nccl", "fused", "tokenweave", "finegrained2", "--min-split-tokens",
                           "100", "--out", "/tmp/tw-test-mixed.jsonl"]))
     assert "FAIL" not in out and out.count(" ok") >= 4
+
+
+@requires_gpus(1)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_model_on_gpu_ranks_sharing_gpus(ranks):
+    """Every strategy vs the float64 reference on GPU ranks, eager and under CUDA graphs; with fewer GPUs
+    than ranks they share them (TW_SHARE_GPU=1: P2P over CUDA IPC, NCCL strategies skipped)."""
+    from conftest import gpus
+    if gpus() >= ranks:
+        env = {}
+    else:
+        env = {"TW_SHARE_GPU": "1"}
+    proc = run_mpi(ranks, ["-m", "tests.mpi_model", "--device", "gpu", "--model", "small", "--quick"], timeout=900,
+                   env=env)
+    out = _ok(proc)
+    assert "ALL PASS" in out and "under a CUDA graph" in out

@@ -7,6 +7,7 @@ storage dtype at the same points as the kernels, and are checked against tw/refe
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
@@ -64,6 +65,15 @@ class _Cublas:
                       ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                       ctypes.c_int]
         self.lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.cublasSetSmCountTarget.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.sm_target = 0  # what the handle holds now (0: cuBLAS plans for every SM)
+
+    def set_sm_target(self, n: int) -> None:
+        """cublasSetSmCountTarget: the GEMM heuristics plan for n SMs (0 = all). It is read when a GEMM is
+        issued, so under graph capture each captured GEMM keeps the target it was issued with."""
+        if n != self.sm_target:
+            self._check(self.lib.cublasSetSmCountTarget(self.handle, int(n)), f"cublasSetSmCountTarget({n})")
+            self.sm_target = n
 
     @staticmethod
     def _check(status, what):
@@ -82,6 +92,22 @@ class _Cublas:
 @functools.lru_cache(maxsize=None)
 def _cublas(device_id: int) -> _Cublas:
     return _Cublas()
+
+
+_SM_TARGET = [0]  # the SM-count target of the GEMMs issued now (0: none); see sm_target()
+
+
+@contextlib.contextmanager
+def sm_target(n: int | None):
+    """GEMMs issued inside plan for `n` SMs (cublasSetSmCountTarget); None or 0: no target. For GEMMs that
+    run beside a comm kernel holding some SMs: planned for all SMs, their last wave waits for the SMs
+    the comm holds (docs/hardware.md#measured). A no-op on the CPU."""
+    old = _SM_TARGET[0]
+    _SM_TARGET[0] = int(n or 0)
+    try:
+        yield
+    finally:
+        _SM_TARGET[0] = old
 
 
 def linear(x, w, out, stream=None):
@@ -103,8 +129,10 @@ def linear(x, w, out, stream=None):
     if m == 0:
         return out
     stream = stream or cp.cuda.get_current_stream()
+    blas = _cublas(cp.cuda.Device().id)
+    blas.set_sm_target(_SM_TARGET[0])
     # Row-major out[M,N] = x w^T is column-major out^T[N,M] = op_T(w_cm[K,N]) @ x_cm[K,M].
-    _cublas(cp.cuda.Device().id).gemm_tn(stream.ptr, n, m, k, w.data.ptr, x.data.ptr, out.data.ptr)
+    blas.gemm_tn(stream.ptr, n, m, k, w.data.ptr, x.data.ptr, out.data.ptr)
     return out
 
 

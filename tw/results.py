@@ -52,7 +52,9 @@ def metadata(world=None, **extra) -> dict:
         meta.update({"gpu": "none (CPU fallback: timings not meaningful)", "sm_count": 0})
     if world is not None:
         meta.update({"device": world.device, "world_size": world.size, "tp": world.tp_size,
-                     "dp": world.dp_size})
+                     "dp": world.dp_size, "shared_gpu": world.shared_gpu})
+        if world.shared_gpu:
+            meta["timing_note"] = "TW_SHARE_GPU=1: several ranks on one GPU, timings meaningless"
     meta.update(extra)
     return meta
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import comm as transports
+from . import ops
 from .batch import Batch
 from .layers import attention_block, mlp_block
 from .model import Model
@@ -45,13 +46,17 @@ class Plan:
     kernel for every comm step of a one-part plan (None: the transport's default or not applicable);
     ctas_attn / ctas_mlp: tokenweave's budgets for the comm that overlaps attention / the MLP.
     split_source: how tokenweave's split was decided (tuned, tuned-unsplit, wave, naive, forced,
-    below-threshold); None for the other strategies."""
+    below-threshold); None for the other strategies. sm_target_attn / sm_target_mlp: the cuBLAS SM-count
+    target of tokenweave's attention / MLP GEMMs, which run beside the ctas_attn / ctas_mlp comm (None:
+    no target)."""
     batch: Batch
     parts: tuple
     ctas: int | None = None
     ctas_attn: int | None = None
     ctas_mlp: int | None = None
     split_source: str | None = None
+    sm_target_attn: int | None = None
+    sm_target_mlp: int | None = None
 
     @property
     def split_at(self) -> int | None:
@@ -139,7 +144,6 @@ class FineGrained:
 
     def _row_parallel(self, inp, w, y_full, chunks, stream, name):
         """name: e.g. 'L3.attn.o_proj'; chunk c is traced as L3.attn.c<c>.o_proj and L3.comm.c<c>.o_proj."""
-        from . import ops
         comm_stream = self.streams.comm or stream
         layer, block, op = name.split(".")
         tag = f"{block}{op}"
@@ -154,7 +158,6 @@ class FineGrained:
         self.streams.wait(stream, f"{tag}done")
 
     def forward(self, plan: Plan, stream=None):
-        from . import ops
         m, (part,) = self.model, plan.parts
         r, eps, ws = part.rows, m.cfg.eps, m.ws
         y = self.comm.staging(part.offset + part.num_tokens)
@@ -191,8 +194,11 @@ class TokenWeave:
     """
 
     def __init__(self, model: Model, comm, world, split_fn, ctas_attn=None, ctas_mlp=None,
-                 min_tokens: int = 1024, unsplit_ctas: int | None = None):
+                 min_tokens: int = 1024, unsplit_ctas: int | None = None, sm_target: str = "off"):
+        if sm_target not in ("off", "left"):
+            raise ValueError(f"sm_target must be off or left (tuned values come with a choice), got {sm_target!r}")
         self.name, self.model, self.comm = "tokenweave", model, comm
+        self.sm_target, self.sm_count = sm_target, world.sm_count
         self.split_fn, self.min_tokens, self.unsplit_ctas = split_fn, min_tokens, unsplit_ctas
         default = getattr(comm, "ctas", None)  # the transport's own default budget (p2p: 8)
         self.ctas_attn = ctas_attn or default
@@ -221,8 +227,14 @@ class TokenWeave:
         a, b = batch.split(s)
         ca = choice.ctas_attn if choice is not None else self.ctas_attn
         cm = choice.ctas_mlp if choice is not None else self.ctas_mlp
+        if choice is not None:
+            ta, tm = choice.sm_target_attn, choice.sm_target_mlp
+        elif self.sm_target == "left" and self.sm_count and ca and cm:
+            ta, tm = self.sm_count - ca, self.sm_count - cm   # plan the GEMMs for the SMs the comm leaves
+        else:
+            ta = tm = None
         return Plan(batch, (self.model.part(a, ids, "A"), self.model.part(b, ids, "B")), ctas_attn=ca,
-                    ctas_mlp=cm, split_source=source)
+                    ctas_mlp=cm, split_source=source, sm_target_attn=ta, sm_target_mlp=tm)
 
     def forward(self, plan: Plan, stream=None):
         if len(plan.parts) == 1:
@@ -244,22 +256,32 @@ class TokenWeave:
             st.signal(done, cs)
 
         ca, cm = plan.ctas_attn, plan.ctas_mlp
+        def beside_attn():  # a fresh context each time (a generator context manager is single-use)
+            return ops.sm_target(plan.sm_target_attn)
+
+        def beside_mlp():
+            return ops.sm_target(plan.sm_target_mlp)
+
         for i, w in enumerate(m.layers):
             nxt = _next_norm(m, i)
             st.wait(stream, "normA_mlp")
-            attention_block(m, w, x[a.rows], a, y[a.rows], stream)
+            with ops.sm_target(None) if i == 0 else beside_attn():  # layer 0: no comm before attn(A)
+                attention_block(m, w, x[a.rows], a, y[a.rows], stream)
             st.signal("attnA", stream)
             norm(f"L{i}.comm.A.post_attn_norm", a, w.post_norm, ca, "attnA", "normA_attn")
             st.wait(stream, "normB_mlp")
-            attention_block(m, w, x[b.rows], b, y[b.rows], stream)
+            with beside_attn():                                # beside norm(A, attn): ctas_attn
+                attention_block(m, w, x[b.rows], b, y[b.rows], stream)
             st.signal("attnB", stream)
             norm(f"L{i}.comm.B.post_attn_norm", b, w.post_norm, cm, "attnB", "normB_attn")
             st.wait(stream, "normA_attn")
-            mlp_block(m, w, x[a.rows], a, y[a.rows], stream)
+            with beside_mlp():                                 # beside norm(B, attn): ctas_mlp
+                mlp_block(m, w, x[a.rows], a, y[a.rows], stream)
             st.signal("mlpA", stream)
             norm(f"L{i}.comm.A.{nxt}", a, m.norm_weight_after(i), cm, "mlpA", "normA_mlp")
             st.wait(stream, "normB_attn")
-            mlp_block(m, w, x[b.rows], b, y[b.rows], stream)
+            with beside_mlp():                                 # beside norm(A, MLP): ctas_mlp
+                mlp_block(m, w, x[b.rows], b, y[b.rows], stream)
             st.signal("mlpB", stream)
             norm(f"L{i}.comm.B.{nxt}", b, m.norm_weight_after(i), ca, "mlpB", "normB_mlp")
         st.wait(stream, "normA_mlp")                # join: the caller's stream sees both halves done
@@ -278,7 +300,8 @@ def finegrained_k(name: str, default: int = 4) -> int | None:
 
 
 def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | None = None,
-         split: str = "wave", ctas_mlp: int | None = None, profile=None, min_split_tokens: int = 1024):
+         split: str = "wave", ctas_mlp: int | None = None, profile=None, min_split_tokens: int = 1024,
+         sm_target: str = "off"):
     """Build strategy `name` for `model`.
 
     transport: what fused/tokenweave communicate with (p2p, or nccl = reduce-scatter + norm + all-gather).
@@ -286,7 +309,8 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
     tokenweave: the comm overlapping attention / the MLP, default the transport's own, 8 for p2p).
     split: tokenweave's split rule, "naive" (T // 2) or "wave" (from the GEMM profile, tw/split.py).
     finegrained<k>: k chunks (bare finegrained: k = 4). min_split_tokens: tokenweave does not split
-    smaller batches (runs fused alone).
+    smaller batches (runs fused alone). sm_target: tokenweave's GEMM SM-count target where no tuned
+    choice gives one, "off" or "left" (the SMs the overlapped comm leaves).
     """
     every_sm = world.sm_count or None  # None on the CPU, where CTAs mean nothing
     if name == "nccl":
@@ -302,5 +326,5 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
         from . import split as splitting
         split_fn = splitting.split_function(split, model, world, profile)
         return TokenWeave(model, transport_for(transport, model, world, sharded=True), world, split_fn, ctas,
-                          ctas_mlp or ctas, min_split_tokens, unsplit_ctas=every_sm)
+                          ctas_mlp or ctas, min_split_tokens, unsplit_ctas=every_sm, sm_target=sm_target)
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES} (finegrained<k> for k chunks)")

@@ -58,6 +58,8 @@ class TunedChoice:
     wave_ms: float | None = None         # tokenweave at wave_split
     unsplit_ms: float | None = None
     search: str = "exhaustive"           # or "shortlist"
+    sm_target_attn: int | None = None    # cuBLAS SM-count target of the GEMMs beside the ctas_attn comm
+    sm_target_mlp: int | None = None     # ... beside the ctas_mlp comm (None: no target)
     extra: dict = field(default_factory=dict)  # everything else tune.py recorded
 
     def __post_init__(self):

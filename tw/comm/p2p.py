@@ -160,7 +160,9 @@ class P2PComm:
         try:
             peer_devices = world.tp_comm.allgather(cp.cuda.Device().id)
             for r in range(self.tp):
-                if r != self.rank and not cp.cuda.runtime.deviceCanAccessPeer(cp.cuda.Device().id, peer_devices[r]):
+                same = peer_devices[r] == cp.cuda.Device().id  # TW_SHARE_GPU=1: IPC across processes, one GPU
+                if r != self.rank and not same and not cp.cuda.runtime.deviceCanAccessPeer(cp.cuda.Device().id,
+                                                                                           peer_devices[r]):
                     raise P2PUnavailable(f"GPU {cp.cuda.Device().id} cannot access GPU {peer_devices[r]} "
                                          "(cudaDeviceCanAccessPeer = 0)")
             handle = cp.cuda.runtime.ipcGetMemHandle(self.base)
