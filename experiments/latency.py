@@ -141,8 +141,9 @@ def main(argv=None):
             raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
         skipped = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
         args.strategies = [s for s in args.strategies if s not in skipped]
-        world.print0(f"TW_SHARE_GPU=1: {skipped or 'nothing'} skipped (NCCL refuses two ranks on one GPU); the "
-                     "float64 check still applies; TIMINGS BELOW MEAN NOTHING (ranks share one GPU)")
+        if skipped:
+            world.print0(f"TW_SHARE_GPU=1: {skipped} skipped: NCCL refuses two ranks on one GPU")
+        world.print0("TW_SHARE_GPU=1: the float64 check still applies; TIMINGS BELOW MEAN NOTHING (ranks share one GPU)")
         if not args.strategies:
             raise dist.UsageError("no strategy left to run with TW_SHARE_GPU=1; try --strategies fused tokenweave")
     if world.tp_size == 1:

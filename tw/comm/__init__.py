@@ -45,7 +45,7 @@ from typing import Protocol
 
 import numpy as np
 
-KINDS = ("nccl", "p2p", "none", "multimem")
+KINDS = ("nccl", "p2p", "none", "multimem", "ce")
 
 
 class Transport(Protocol):
@@ -68,10 +68,10 @@ class Transport(Protocol):
 def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool = True, **options) -> Transport:
     """A transport of `kind` for rows of `hidden` elements, up to `max_tokens` rows.
 
-    On a CPU world `nccl` and `p2p` become the `cpu` transport (MPI collectives). `p2p` falls back to
-    `nccl` with one warning when peer access between the TP ranks does not work; the returned
+    On a CPU world `nccl`, `p2p` and `ce` become the `cpu` transport (MPI collectives). `p2p` and `ce`
+    fall back to `nccl` with one warning when peer access between the TP ranks does not work; the returned
     transport's `name` then says `nccl`. options go to the transport (p2p: ctas, timeout_s,
-    oneshot_max_tokens; multimem: ctas, timeout_s)."""
+    oneshot_max_tokens; ce: ctas, chunks, timeout_s; multimem: ctas, timeout_s)."""
     if kind not in KINDS:
         raise ValueError(f"unknown transport {kind!r}; expected one of {KINDS}")
     if kind == "none":
@@ -86,6 +86,14 @@ def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool
     from .nccl import NcclComm
     if kind == "nccl":
         return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
+    if kind == "ce":
+        from .ce import CeComm, CeUnavailable
+        try:
+            return CeComm(world, hidden, max_tokens, dtype, sharded=sharded, **options)
+        except CeUnavailable as e:
+            if world.rank == 0:
+                warnings.warn(f"CE transport unavailable, falling back to NCCL: {e}", RuntimeWarning, stacklevel=2)
+            return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
     from .p2p import P2PComm, P2PUnavailable
     try:
         return P2PComm(world, hidden, max_tokens, dtype, sharded=sharded, **options)
