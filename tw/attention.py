@@ -63,14 +63,16 @@ def attention_numpy(q, k_cache, v_cache, cu_seqlens_q, kv_start, prefix_len, sca
         kv_len = prefix + (t1 - t0)
         k = np.repeat(k_cache[slot0:slot0 + kv_len].astype(dtype), group, axis=1)  # [kv_len, H, D]
         v = np.repeat(v_cache[slot0:slot0 + kv_len].astype(dtype), group, axis=1)  # [kv_len, H, D]
+        kt, vh = k.transpose(1, 2, 0), v.transpose(1, 0, 2)                          # [H, D, kv], [H, kv, D]
         for c0 in range(t0, t1, query_chunk):
             c1 = min(c0 + query_chunk, t1)
             pos = prefix + np.arange(c0 - t0, c1 - t0)                              # [n]
-            scores = np.einsum("qhd,khd->hqk", q[c0:c1].astype(dtype), k) * dtype.type(scale)
+            # batched matmuls (BLAS) rather than einsum, which would loop in C without BLAS
+            scores = np.matmul(q[c0:c1].astype(dtype).transpose(1, 0, 2), kt) * dtype.type(scale)  # [H, n, kv]
             scores = np.where(np.arange(kv_len)[None, None, :] > pos[None, :, None], -np.inf, scores)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)                             # [H, n, kv_len]
-            out[c0:c1] = np.einsum("hqk,khd->qhd", scores, v)
+            out[c0:c1] = np.matmul(scores, vh).transpose(1, 0, 2)
     return out
 
 
