@@ -12,7 +12,9 @@ For each token count T:
    half: halfway between; GPU only), timed the same way; the fastest pair wins;
 3. the exhaustive search: tokenweave timed at every split point on a --step grid within --window of
    T/2, with the winning CTAs; best_split, its time, and wave_vs_best = t(s_wave) / t(best);
-4. the shortlist: the rule's --shortlist best-predicted points, timed in the same rounds;
+4. the shortlist: the rule's --shortlist best-predicted points, timed in the same rounds, and the
+   pick of the rule on a loaded profile (GEMMs timed beside the chosen CTA budgets' SMs held, with
+   the chosen SM targets: tw/profile.py), loaded_split / loaded_vs_best (GPU only);
    shortlist_vs_best = t(fastest of them) / t(best). With --no-exhaustive only the shortlist (and
    T/2) is timed and its fastest point becomes best_split: a tune in a few points instead of ~13;
 5. not splitting at all (the fused kernel on every SM, nothing overlapped), in the same rounds.
@@ -118,8 +120,16 @@ def main(argv=None):
                 writer.write({"tokens": tokens, "kind": "sm_target", "split_at": wave, "ctas_attn": ca,
                               "ctas_mlp": cm, "sm_target_attn": a, "sm_target_mlp": b, "median_ms": ms})
             (_, _, _, ta, tm), _ = min(target_times.items(), key=lambda kv: kv[1])
-        # Every split point (the shortlist and naive included) and not splitting, in the same rounds.
-        points = sorted({splitting.naive(tokens), *shortlist} | (set() if args.no_exhaustive else
+        loaded = None
+        if world.is_gpu:  # the rule on GEMMs timed as they run in the schedule: beside the comm's SMs
+            from tw.profile import GemmProfile
+            lp = GemmProfile(model, held=(ca, cm), targets=(ta, tm))
+            loaded = splitting.wave_split(tokens, lp) if world.tp_rank == 0 else None
+            loaded = world.tp_comm.bcast(loaded, root=0)
+            if world.rank == 0:
+                lp.save()
+        # Every split point (the shortlist, naive, the loaded pick) and not splitting, in the same rounds.
+        points = sorted({splitting.naive(tokens), *shortlist, *([loaded] if loaded else [])} | (set() if args.no_exhaustive else
                                                                set(splitting.candidates(tokens, args.step, args.window))))
         times = timed_all(batch, ids, [(s, ca, cm, ta, tm) for s in points] + [(UNSPLIT, ca, cm, None, None)])
         split_times = {c[0]: ms for c, ms in times.items() if c[0] != UNSPLIT}
@@ -133,6 +143,9 @@ def main(argv=None):
         best = min(split_times, key=split_times.get)
         extra = {"naive_split_ms": split_times[splitting.naive(tokens)], "shortlist": shortlist,
                  "shortlist_best": short, "shortlist_ms": split_times[short]}
+        if loaded:
+            extra.update(loaded_split=loaded, loaded_ms=split_times[loaded],
+                         loaded_vs_best=split_times[loaded] / split_times[min(split_times, key=split_times.get)])
         if not args.no_exhaustive:
             extra.update(wave_vs_best=split_times[wave] / split_times[best],
                          shortlist_vs_best=split_times[short] / split_times[best])

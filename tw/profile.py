@@ -1,6 +1,11 @@
 """The measured GEMM-time profile behind the wave-aware split (tw/split.py): one layer's four GEMMs
 (QKV, o_proj, gate_up, down of this rank's shard) timed at M rows on the GPU, cached per M in a JSON
 file keyed by GPU, model and TP shard (experiments/tuned/), so a model is profiled once in seconds.
+
+A loaded profile (held=(k_attn, k_mlp), targets=(t_attn, t_mlp)) times the GEMMs as tokenweave runs
+them: the attention GEMMs (qkv, o_proj) beside k_attn held SMs with SM-count target t_attn, the MLP
+GEMMs (gate_up, down) beside k_mlp held SMs with target t_mlp (tw/bench.hold_sms: the comm kernel's SM
+share, without its memory traffic). The unloaded profile has all 132 SMs free.
 """
 from __future__ import annotations
 
@@ -25,20 +30,30 @@ class GemmProfile:
     the rule preferred the split whose GEMMs happened to be timed first (1664 of 4096: 4.7% slower end
     to end than the best point; experiments/NOTES.md)."""
 
-    def __init__(self, model, path: Path | None = None, iters: int = 10, rounds: int = 4, warm_s: float = 1.0):
+    def __init__(self, model, path: Path | None = None, iters: int = 10, rounds: int = 4, warm_s: float = 1.0,
+                 held: tuple = (0, 0), targets: tuple = (None, None)):
         self.model, self.iters, self.rounds, self.warm_s = model, iters, rounds, warm_s
+        self.held, self.targets = tuple(int(k) for k in held), tuple(targets)
         gpu = model.world.gpu_tag
         # "method" is part of the key: profiles taken another way (zero inputs, one M after another)
         # are re-measured.
         self.key = {"gpu": gpu, "model": model.cfg.name, "tp": model.shard.tp,
                     "method": "random-inputs-warm-roundrobin-median"}
-        self.path = path or TUNED_DIR / f"gemm-profile-{model.cfg.name}-tp{model.shard.tp}-{gpu}.json"
+        load = ""
+        if self.loaded:
+            self.key.update(held=list(self.held), targets=list(self.targets))
+            load = f"-held{self.held[0]}-{self.held[1]}-target{self.targets[0]}-{self.targets[1]}"
+        self.path = path or TUNED_DIR / f"gemm-profile-{model.cfg.name}-tp{model.shard.tp}{load}-{gpu}.json"
         self.ms = {}
         self._filled = False
         if self.path.exists():
             data = json.loads(self.path.read_text())
             if all(data.get(k) == v for k, v in self.key.items()):
                 self.ms = {int(m): t for m, t in data["gemm_ms"].items()}
+
+    @property
+    def loaded(self) -> bool:
+        return any(self.held) or any(t is not None for t in self.targets)
 
     def __call__(self, m: int) -> float:
         if m not in self.ms:
@@ -72,13 +87,57 @@ class GemmProfile:
             fill_random(self.model.ws, ("x", "attn", "act"))
             self._stream = cp.cuda.Stream(non_blocking=True)
             self._filled = True
-        gemms, _ = layer_gemms(self.model, m, self._stream)
-        return float(np.median(bench.time_gpu(gemms, self.iters, 3, self._stream)))
+        if not self.loaded:
+            gemms, _ = layer_gemms(self.model, m, self._stream)
+            return float(np.median(bench.time_gpu(gemms, self.iters, 3, self._stream)))
+        attn, mlp = block_gemms(self.model, m, self._stream)
+        return sum(self._time_beside(fn, k, t) for fn, k, t in zip((attn, mlp), self.held, self.targets))
+
+    def _time_beside(self, gemms, held: int, target) -> float:
+        """ms of one call of gemms() with `held` SMs held beside it and SM-count target `target`: the
+        holder starts first (the GEMMs wait 0.3 ms behind a hold on their stream) and outlasts them."""
+        import cupy as cp
+        from . import bench, ops
+        if not hasattr(self, "_side"):
+            self._side = cp.cuda.Stream(non_blocking=True)
+        ev = (cp.cuda.Event(), cp.cuda.Event())
+
+        def sample(us):
+            cp.cuda.Device().synchronize()
+            if held:
+                bench.hold_sms(self._side, held, us)
+            bench.hold(self._stream, 300)
+            ev[0].record(self._stream)
+            with ops.sm_target(target):
+                for _ in range(self.iters):
+                    gemms()
+            ev[1].record(self._stream)
+            ev[1].synchronize()
+            return cp.cuda.get_elapsed_time(*ev) / self.iters
+
+        rough = sample(0)                           # also the warm-up of this shape
+        return float(np.median([sample(300 + 2.5e3 * rough * self.iters) for _ in range(3)]))
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({**self.key, "gemm_ms": {str(k): v for k, v in sorted(self.ms.items())}},
                                         indent=1))
+
+
+def block_gemms(model, num_tokens: int, stream=None):
+    """(attention GEMMs, MLP GEMMs) of layer 0 on rows [0, num_tokens), as two launch functions."""
+    from . import ops
+    w, ws, r = model.layers[0], model.ws, slice(0, num_tokens)
+
+    def attn():
+        ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
+        ops.linear(ws.attn[r], w.wo, ws.residual[r], stream)
+
+    def mlp():
+        ops.linear(ws.x[r], w.wgate_up, ws.gate_up[r], stream)
+        ops.linear(ws.act[r], w.wdown, ws.residual[r], stream)
+
+    return attn, mlp
 
 
 def fill_random(ws, names) -> None:
