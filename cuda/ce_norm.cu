@@ -28,8 +28,8 @@
 // side by stream memory operations around the launch (tw/comm/ce.py, whose header gives the argument):
 // the launch is stream-ordered after cuStreamWaitValue32 on every peer's "ready[src][chunk]" flag of this
 // chunk (a peer writes that flag with cuStreamWriteValue32, whose default memory barrier orders its copy's
-// writes before the flag), and the "free" flag that lets a peer overwrite recv in the next call is written
-// only after the last kernel of the call, stream-ordered after it.
+// writes before the flag), and the "gathered" flags this rank sets after its last kernel of the call are
+// what every peer waits for before its next call can write into recv again.
 #include "common.cuh"
 
 // TW_TP: the TP degree as a compile-time constant (tw/comm/ce.py compiles with -DTW_TP=<tp>, as

@@ -66,9 +66,10 @@ def add_timing_flags(p, iters: int = 20, warmup: int = 5, repeats: int | None = 
 
 
 def add_transport_flag(p) -> None:
-    p.add_argument("--transport", choices=("p2p", "nccl"), default="p2p",
-                   help="what fused and tokenweave communicate with: p2p (our fused kernel over CUDA IPC) or nccl "
-                        "(NCCL reduce-scatter + norm + NCCL all-gather); the CPU path uses MPI for both")
+    p.add_argument("--transport", choices=("p2p", "ce", "nccl"), default="p2p",
+                   help="what fused and tokenweave communicate with: p2p (our fused kernel over CUDA IPC), ce (peer "
+                        "copies on the copy engines + a local add + RMSNorm kernel), or nccl (NCCL reduce-scatter + "
+                        "norm + NCCL all-gather); the CPU path uses MPI for all three")
 
 
 def add_run_flags(p, tp: bool = True) -> None:

@@ -108,12 +108,7 @@ class Simulator:
     def __init__(self, tp, chunks, max_tokens, rng, merged=False):
         self.tp, self.chunks, self.max_tokens, self.rng, self.merged = tp, chunks, max_tokens, rng, merged
         self.cmax = -(-max_tokens // tp)
-        self.flags = [[0] * ce.NUM_FLAGS for _ in range(tp)]
-        for r in range(tp):
-            for q in range(tp):
-                if q != r:
-                    self.flags[r][ce.FREE + q] = 1
-        self.initial = [list(f) for f in self.flags]
+        self.flags = [[0] * ce.NUM_FLAGS for _ in range(tp)]  # CeComm zeroes them; calls leave them 0
         self.mem = {(r, b): [None] * (tp * self.cmax if b == "recv" else max_tokens)
                     for r in range(tp) for b in ("staging", "recv", "out")}
         self.reading, self.writing = defaultdict(int), defaultdict(int)
@@ -128,10 +123,10 @@ class Simulator:
             ops = [("main", "gemm", start, end)] + ce.plan(r, self.tp, start, end, self.chunks, self.cmax, norm)
             ops.append(("main", "consume", start, end, norm))
             for op in ops:
-                self.queues[(r, "one" if self.merged else op[0])].append([op, k, None])
+                self.queues[(r, "one" if self.merged else op[0])].append([op, k, None, norm])
 
     # what an operation reads (rows with the tag they must hold) and writes (rows, tag or a copy of the source)
-    def _access(self, r, op, k):
+    def _access(self, r, op, k, norm):
         kind = op[1]
         if kind == "gemm":
             return [], [((r, "staging", row), ("part", k, r)) for row in range(op[2], op[3])]
@@ -144,7 +139,6 @@ class Simulator:
             return ([((r, src_buf, src_row + i), tag) for i in range(rows)],
                     [((dst, dst_buf, dst_row + i), tag) for i in range(rows)])
         a, b, own_lo = op[2:]  # kernel
-        norm = any(o[0][1] == "consume" and o[0][4] for o in self.queues[(r, "one" if self.merged else "main")])
         reads = [((r, "staging", row), ("part", k, r)) for row in range(a, b)]
         reads += [((r, "recv", q * self.cmax + row - own_lo), ("part", k, q))
                   for q in range(self.tp) if q != r for row in range(a, b)]
@@ -152,7 +146,7 @@ class Simulator:
         return reads, out
 
     def _runnable(self, r, entry):
-        op, k, begun = entry
+        op, k = entry[:2]
         if op[1] == "wait":
             return self.flags[r][op[2]] == 1
         if op[1] == "wait_event":
@@ -162,7 +156,7 @@ class Simulator:
     def _step(self, key):
         r = key[0]
         entry = self.queues[key][0]
-        op, k, begun = entry
+        op, k, begun, norm = entry
         kind = op[1]
         where = f"rank {r} call {k} {op}"
         if kind in ("wait", "wait_event"):
@@ -179,7 +173,7 @@ class Simulator:
             self.flags[dst][word] = value
             self.queues[key].popleft()
         elif begun is None:  # begin: reads must see their call's data, nothing may be in use by another op
-            reads, writes = self._access(r, op, k)
+            reads, writes = self._access(r, op, k, norm)
             for loc, tag in reads:
                 if self.writing[loc]:
                     raise ProtocolError(f"{where} reads {loc} while another operation writes it")
@@ -212,8 +206,8 @@ class Simulator:
                 heads = {key: self.queues[key][0][:2] for key in keys}
                 raise ProtocolError(f"deadlock: every stream waits: {heads}")
             self._step(self.rng.choice(ready))
-        if self.flags != self.initial:
-            raise ProtocolError("flags are not back at their initial values after the calls")
+        if any(any(f) for f in self.flags):
+            raise ProtocolError("flags are not back at 0 after the calls")
 
 
 def _random_calls(rng, max_tokens, tp, num):
@@ -246,22 +240,34 @@ def test_protocol_replays_one_call_like_a_cuda_graph():
         sim.run()
 
 
-def test_simulator_catches_a_missing_back_pressure_wait(monkeypatch):
-    """The checks are real: without the wait on `free`, some interleaving overwrites recv being read."""
+def _without(pred):
     plan = ce.plan
-    monkeypatch.setattr(ce, "plan", lambda *a, **k: [op for op in plan(*a, **k)
-                                                      if not (op[1] == "wait" and ce.FREE <= op[2] < ce.PROBE)
-                                                      and not (op[1] == "write" and ce.FREE <= op[3] < ce.PROBE)])
-    failures = 0
+    return lambda *a, **k: [op for op in plan(*a, **k) if not pred(op)]
+
+
+def _gathered_word(op):
+    word = op[2] if op[1] == "wait" else op[3] if op[1] == "write" else -1
+    return ce.GATHERED <= word < ce.PROBE
+
+
+@pytest.mark.parametrize("what,pred", [
+    ("the gathered waits", lambda op: op[1] == "wait" and _gathered_word(op)),
+    ("the resets of the ready flags", lambda op: op[1] == "write" and op[4] == 0 and not _gathered_word(op)),
+    ("the ready waits", lambda op: op[1] == "wait" and not _gathered_word(op)),
+])
+def test_simulator_catches_a_broken_protocol(monkeypatch, what, pred):
+    """The checks are real: without `what`, some interleaving of four calls fails."""
+    monkeypatch.setattr(ce, "plan", _without(pred))
+    failures = []
     for seed in range(40):
         sim = Simulator(2, 2, 16, random.Random(seed))
         for _ in range(4):
             sim.issue(0, 16)
         try:
             sim.run()
-        except ProtocolError:
-            failures += 1
-    assert failures > 0
+        except ProtocolError as e:
+            failures.append(str(e))
+    assert len(failures) >= 5, (what, failures[:3])
 
 
 # ----------------------------------------------------------------------------- the kernel

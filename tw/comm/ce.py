@@ -1,57 +1,57 @@
-"""Copy-engine (CE) transport: the fused AllReduce + residual-add + RMSNorm with the bytes moved by the
-GPUs' copy engines (cudaMemcpyAsync between CUDA-IPC peer pointers) and the ranks ordered by stream
-memory operations (cuStreamWriteValue32 / cuStreamWaitValue32), so the SMs only run the local add + norm
-(cuda/ce_norm.cu). Sharded order only (TokenWeave's): ReduceScatter -> add + norm of my rows -> AllGather.
+"""Copy-engine (CE) transport: the fused AllReduce + residual-add + RMSNorm with the bytes moved by copy
+engines (cudaMemcpyAsync between CUDA-IPC peer pointers) and the ranks ordered by stream memory operations
+(cuStreamWriteValue32 / cuStreamWaitValue32); the SMs only run the local add + norm (cuda/ce_norm.cu).
+Sharded order only (TokenWeave's): ReduceScatter -> add + norm of my rows -> AllGather.
 
-BUFFERS: one cudaMalloc per rank, shared by CUDA IPC (as in P2PComm):
-    staging  [max_tokens, H] bf16   row-parallel GEMMs write their partial output here
-    recv     [tp, C, H], C = ceil(max_tokens / tp): recv[src][i] = src's partial of my owned row own_lo + i
-    out      [max_tokens, H]        registered output: owners copy their normalized rows into every rank's
-    flags    uint32 words, written only by stream memory operations (initial values in brackets):
-             ready[src][c]  [0]  src's partials of chunk c of my rows are in my recv (set by src, reset by me)
-             gathered[src]  [0]  src's normalized rows are in my out                 (set by src, reset by me)
-             free[dst]      [1]  dst has read what I copied into its recv last call  (set by dst, reset by me)
-             probe               start-up probe words
+BUFFERS: one cudaMalloc per rank, shared by CUDA IPC as in P2PComm:
+    staging [max_tokens, H] bf16   the row-parallel GEMM's partial output
+    recv    [tp, C, H], C = ceil(max_tokens / tp): recv[src][i] = src's partial of my owned row own_lo + i
+    out     [max_tokens, H]        registered output: owners copy their normalized rows into every rank's
+    flags   uint32, 0 at start and after every call: ready[src][chunk] (src's partials of that chunk of my
+            rows are in my recv), gathered[src] (src's normalized rows are in my out); probe words
 
-ONE CALL on rank p, rows [start, end): owned_rows gives each rank's block, cut into `chunks` chunks.
-    side stream, forked from the caller's stream by an event (all of it issued before the caller's part):
-        every peer q: wait free[q] == 1, set free[q] = 0
-        every chunk c, every peer q: copy my staging rows of q's chunk c into q's recv[p]; set q.ready[p][c] = 1
+ONE CALL on rank p, rows [start, end); owned_rows gives each rank's block, cut into `chunks` chunks:
+    side stream, forked from the caller's stream by an event and issued before the caller's part:
+        every chunk c, peer q: copy my staging rows of q's chunk c into q's recv[p]; set q.ready[p][c] = 1
     caller's stream:
-        every chunk c: wait ready[q][c] == 1 for every peer q, reset them; kernel on chunk c of my rows
-        every peer q: set q.free[p] = 1
+        every chunk c: wait ready[q][c] == 1 for every peer q, reset them to 0; kernel on chunk c of my rows
         every peer q: copy my out rows (all_reduce: staging rows) into q's; set q.gathered[p] = 1
-        wait gathered[q] == 1 for every peer q, reset them; wait for the side stream (event)
+        wait gathered[q] == 1 for every peer q, reset them to 0; wait for the side stream (event)
         a private `out`: copy rows [start, end) of the registered out into it
-So chunk c's copies run while chunk c-1 is normalized. The sequence is data (`plan`), executed by
-CeComm._issue; tests/test_ce.py runs the plans of all ranks through a random-interleaving simulator that
-checks for deadlock, lost flag writes, stale reads and overwrites of rows being read.
+So chunk c's copies run while chunk c-1 is normalized. The sequence is data (`plan`), run by CeComm._run;
+tests/test_ce.py runs all ranks' plans through a random-interleaving simulator (deadlock, lost flag writes,
+stale reads, rows overwritten while in use, flags back at 0).
 
-MEMORY ORDERING. Every flag write is cuStreamWriteValue32 with CU_STREAM_WRITE_VALUE_DEFAULT, i.e. preceded
-by a memory fence "similar to __threadfence_system() but scoped to the stream": all earlier work of that
-stream (the copies' writes into the peer, the kernels, earlier flag writes) is performed before the flag is
-visible. Every wait is cuStreamWaitValue32(EQ 1): later work of the stream starts after the value was seen.
-(1) Every read sees its data: chunk c's kernel follows ready[q][c] of every peer, each written after q's copy
-    of those rows; the AllGather's result is used only after gathered[q] of every peer.
-(2) Nothing is overwritten while read: q rewrites recv[q] at p in call k+1 only after free, which p sets after
-    its last kernel of call k. Peers write p's out (all_reduce: staging) rows only after p's ready flags of the
-    same call, which p's side stream sets after its fork, i.e. after everything earlier on p's stream (readers
-    of out, the GEMM writing staging); and q copies out of its own staging before it sets ready.
-(3) No flag write is lost: each flag goes set -> seen -> reset, and its next set is causally after the reset
-    (ready: p's reset -> p sets free -> q waits free -> q sets ready; gathered: p's reset -> p's next fork ->
-    p sets ready -> q waits ready -> q sets gathered; free: q's reset -> q sets ready -> p waits -> p sets free).
-CUDA graphs: every write writes a constant (1 or 0) and the flags are back at their initial values after each
-call, so a captured call replays correctly (no host-side epoch). The side stream's part is issued first, so
-the protocol needs no concurrency between the two streams (it also completes if they share a hardware queue).
+MEMORY ORDERING. Flag writes use CU_STREAM_WRITE_VALUE_DEFAULT: a memory fence "similar to
+__threadfence_system() but scoped to the stream" precedes the write, so all earlier work of that stream
+(copies into the peer, kernels, earlier flag writes) is performed before the flag is visible. Waits are
+cuStreamWaitValue32(EQ 1): later work of the stream starts after the value was seen.
+(1) Every read sees its data: chunk c's kernel follows every peer's ready[q][c], set after q's copy of those
+    rows; the gathered rows are used only after every peer's gathered[q].
+(2) Nothing is overwritten while read. recv: q writes it in call k+1 from a side stream forked after q's call
+    k ended, i.e. after q saw my gathered flag of call k, which I set after my last kernel (recv's last
+    reader) of call k: the AllGather is the back-pressure (a separate "free" flag adds nothing; the
+    simulator shows it). My out (all_reduce: staging) rows: peers write them after my ready flags of that
+    call, which my side stream sets after its fork, i.e. after all earlier work of my stream (readers of out,
+    the GEMM writing staging). A peer's staging rows that all_reduce overwrites were copied to me before the
+    ready flags I waited for. My staging is read by my side stream, joined before the call ends.
+(3) No flag write is lost: each flag goes set -> seen -> reset, and its next set is causally after the reset.
+    ready[q][c] at p: p resets it before its kernels -> p sets q.gathered[p] -> q ends call k -> q's next
+    fork -> q sets it. gathered[q] at p: p resets it, ends the call -> p's next fork -> p sets q.ready[p] ->
+    q's kernels -> q sets it.
+CUDA graphs: every write writes a constant and the flags return to 0 after each call, so a captured call
+replays correctly (no host-side epoch). The side part is issued first, so the protocol needs no concurrency
+between the two streams (it completes even if they share a hardware queue); the join is implied by the
+gathered flags and is there for stream capture and so that CUDA sees the order as an event dependency.
 
 FAILURE. A stream wait never times out. check() records an event on every stream a call (or a captured call,
-whose graph replays there) ran on and polls it for up to timeout_s, then raises CeTimeout. This process cannot
+whose graph replays there) ran on and polls it for up to timeout_s, then raises CeTimeout. The process cannot
 cancel the blocked stream afterwards: the job must end (the caller raises; tw.dist aborts the job).
 
-Contract as P2PComm: every rank issues the same calls with the same ranges in the same order, stream-ordered
-on each rank. `ctas` only sizes the local kernel, so it may differ between ranks and calls. With ranks sharing
-one GPU (TW_SHARE_GPU=1) IPC still works across processes, but the copies are same-device copies, which may run
-on the SMs: correct, not zero-SM. Results are bit-identical to the P2P transport's (same kernel arithmetic).
+Contract as P2PComm: the same calls, ranges and order on every rank, stream-ordered on each rank; `ctas` only
+sizes the local kernel, so it may differ between ranks and calls. Ranks sharing one GPU (TW_SHARE_GPU=1): IPC
+works across processes, but the copies are same-device copies, which may run on the SMs: correct, not
+zero-SM. Results are bit-identical to the P2P transport's (the same arithmetic, compiled with the same TW_TP).
 """
 from __future__ import annotations
 
@@ -67,9 +67,8 @@ MAX_CHUNKS = 16   # chunks per owner's block at most
 THREADS = 512     # cuda/ce_norm.cu kThreads (tests/test_ce.py checks the PTX's .maxntid)
 DEFAULT_CTAS = 8
 _ALIGN = 256
-# flag words: ready[src][chunk], gathered[src], free[dst], probe[3][src]
-READY, GATHERED, FREE = 0, MAX_TP * MAX_CHUNKS, MAX_TP * MAX_CHUNKS + MAX_TP
-PROBE = FREE + MAX_TP
+# flag words: ready[src][chunk], gathered[src], probe[3][src]
+READY, GATHERED, PROBE = 0, MAX_TP * MAX_CHUNKS, MAX_TP * MAX_CHUNKS + MAX_TP
 NUM_FLAGS = PROBE + 3 * MAX_TP
 
 
@@ -101,8 +100,6 @@ def plan(rank: int, tp: int, start: int, end: int, chunks: int, chunk_max: int, 
     peers = [(rank + k) % tp for k in range(1, tp)]
     own = [owned_rows(start, end, q, tp) for q in range(tp)]
     ops = [("main", "record", "fork"), ("side", "wait_event", "fork")]
-    for q in peers:
-        ops += [("side", "wait", FREE + q), ("side", "write", rank, FREE + q, 0)]
     for c in range(chunks):
         for q in peers:
             lo, hi = split(*own[q], chunks, c)
@@ -117,7 +114,6 @@ def plan(rank: int, tp: int, start: int, end: int, chunks: int, chunk_max: int, 
         a, b = split(lo, hi, chunks, c)
         if b > a:
             ops.append(("main", "kernel", a, b, lo))
-    ops += [("main", "write", q, FREE + rank, 1) for q in peers]
     buf = "out" if norm else "staging"
     if hi > lo:
         ops += [("main", "copy", q, buf, lo, buf, lo, hi - lo) for q in peers]
@@ -128,13 +124,10 @@ def plan(rank: int, tp: int, start: int, end: int, chunks: int, chunk_max: int, 
     return ops
 
 
-def _check(result, what: str):
-    """cuda-bindings returns (CUresult, *values): raise on an error, return the values."""
-    from cuda.bindings import driver
-    err, *vals = result
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"{what} failed: {err}")
-    return vals[0] if len(vals) == 1 else (vals or None)
+def _check(result, what: str) -> None:
+    """cuda-bindings returns (CUresult, *values): raise unless CUDA_SUCCESS (as multimem.py's helper)."""
+    if int(result[0]) != 0:
+        raise RuntimeError(f"{what} failed: {result[0]}")
 
 
 def _overlaps(ptr: int, nbytes: int, lo: int, hi: int) -> bool:
@@ -192,10 +185,6 @@ class CeComm:
         self._mem = cp.cuda.Memory(total)  # a plain cudaMalloc: IPC handles need the allocation base
         self.base = self._mem.ptr
         cp.cuda.runtime.memset(self.base, 0, total)
-        init = np.zeros(NUM_FLAGS, dtype=np.uint32)
-        init[FREE:FREE + self.tp] = 1  # every peer's recv is free before the first call
-        cp.cuda.runtime.memcpy(self.base + self._off["flags"], init.ctypes.data, init.nbytes,
-                               cp.cuda.runtime.memcpyHostToDevice)
         self._side = cp.cuda.Stream(non_blocking=True)
         self._events = {"fork": cp.cuda.Event(disable_timing=True), "join": cp.cuda.Event(disable_timing=True)}
         cp.cuda.Device().synchronize()  # flags initialised before any peer can open this buffer
@@ -264,9 +253,10 @@ class CeComm:
                                        cp.cuda.runtime.memcpyDeviceToHost)
                 for q in peers:
                     for kind, how in ((0, "cuStreamWriteValue32"), (1, "a peer cudaMemcpyAsync")):
-                        if got[kind * MAX_TP + q] != self._probe_value(q, me, kind):
-                            raise CeUnavailable(f"probe word from rank {q} written by {how} reads "
-                                                f"{got[kind * MAX_TP + q]:#x}, expected {self._probe_value(q, me, kind):#x}")
+                        got_q, want = int(got[kind * MAX_TP + q]), self._probe_value(q, me, kind)
+                        if got_q != want:
+                            raise CeUnavailable(f"probe word from rank {q} written by {how} reads {got_q:#x}, "
+                                                f"expected {want:#x}")
                     self._wait(s, self._flag(me, PROBE + q), self._probe_value(q, me, 0))
                 s.synchronize()
             except Exception as e:  # noqa: BLE001
@@ -405,19 +395,17 @@ class CeComm:
             self._fns[name] = kernels.function("ce_norm", name, {"TW_TP": self.tp})
         return self._fns[name]
 
-    def _write(self, s, addr: int, value: int) -> None:
-        d = self._drv
-        _check(d.cuStreamWriteValue32(d.CUstream(s.ptr), d.CUdeviceptr(addr), value, self._barrier),
-               "cuStreamWriteValue32")
+    def _write(self, s, addr: int, value: int) -> None:  # with the default memory barrier before the write
+        _check(self._drv.cuStreamWriteValue32(s.ptr, addr, value, self._barrier), "cuStreamWriteValue32")
 
     def _wait(self, s, addr: int, value: int) -> None:
-        d = self._drv
-        _check(d.cuStreamWaitValue32(d.CUstream(s.ptr), d.CUdeviceptr(addr), value, self._eq), "cuStreamWaitValue32")
+        _check(self._drv.cuStreamWaitValue32(s.ptr, addr, value, self._eq), "cuStreamWaitValue32")
 
     # ------------------------------------------------------------------ errors
     def check(self) -> None:
-        """Wait (at most timeout_s in all) until every stream a call ran on has drained; raise CeTimeout
-        otherwise. The blocked stream cannot be cancelled afterwards, so the job must end."""
+        """Wait (at most timeout_s in all) until every stream a call ran on, or a captured call's graph
+        replays on, has drained all work issued so far; else raise CeTimeout ("call N": the last call issued,
+        graph replays not counted). The blocked stream cannot be cancelled afterwards: the job must end."""
         import cupy as cp
         if self._broken:
             raise CeTimeout(self._broken)
@@ -432,9 +420,9 @@ class CeComm:
                     peers = [str(q) for q in range(self.tp) if q != self.rank]
                     who = f"rank {peers[0]}" if len(peers) == 1 else f"rank(s) among {', '.join(peers)}"
                     self._broken = (
-                        f"{who} did not arrive within {self.timeout_s:g} s (CE transport, call {self._calls}, TP rank "
-                        f"{self.rank}): the ranks' call sequences differ (a skipped call, another row range) or that "
-                        "rank died. A stream wait cannot be cancelled: this process's stream stays blocked, so the "
-                        "job must end (raise; tw.dist aborts the job).")
+                        f"{who} did not arrive within {self.timeout_s:g} s (CE transport, "
+                        f"call {self._calls}, TP rank {self.rank}): the ranks' call sequences differ (a skipped "
+                        "call, another row range) or a rank died. A stream wait cannot be cancelled: this "
+                        "process's stream stays blocked and the job must end (raise; tw.dist aborts the job).")
                     raise CeTimeout(self._broken)
                 time.sleep(2e-4)
