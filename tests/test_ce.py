@@ -294,8 +294,10 @@ def test_kernel_constants_match_the_host():
 
 # ----------------------------------------------------------------------------- GPU
 @requires_gpus(1)
-def test_ce_on_two_ranks():
-    """tests/mpi_ce.py on 2 ranks; with one GPU they share it (TW_SHARE_GPU=1)."""
-    proc = run_mpi(2, ["-m", "tests.mpi_ce"], timeout=900, env={"TW_SHARE_GPU": "1"})
+@pytest.mark.parametrize("ranks,args", [(2, []), (4, ["--quick"])])
+def test_ce_on_gpu_ranks(ranks, args):
+    """tests/mpi_ce.py on 2 ranks (every case) and 4 (--quick); with fewer GPUs they share them
+    (TW_SHARE_GPU=1)."""
+    proc = run_mpi(ranks, ["-m", "tests.mpi_ce", *args], timeout=900, env={"TW_SHARE_GPU": "1"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "CE TESTS PASSED" in proc.stdout, out[-6000:]
