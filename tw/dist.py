@@ -153,6 +153,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
 
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):  # it already says its default (e.g. one that depends on the device)
+            return action.help
+        return super()._get_help_string(action)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for SPMD programs: usage, errors and --help are printed by world rank 0 only (read from
