@@ -197,7 +197,11 @@ try:
     report += [str(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
 except ImportError:
     pass
-print("threads", " ".join(report), flush=True)
+from mpi4py import MPI  # rank 0 prints every rank's report: a rank that exits without MPI may lose its output
+reports = MPI.COMM_WORLD.gather(report, root=0)
+if MPI.COMM_WORLD.Get_rank() == 0:
+    for r in reports:
+        print("threads", " ".join(r), flush=True)
 """
 
 
