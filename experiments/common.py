@@ -33,13 +33,23 @@ def parser(module: str, doc: str):
     return p
 
 
-def add_model_flags(p, layers: bool = True, shard: bool = True) -> None:
-    p.add_argument("--model", default=None,
-                   help=f"model preset, one of {sorted(config.PRESETS)} (default: {DEFAULT_MODEL['gpu']} on a GPU, "
-                        f"{DEFAULT_MODEL['cpu']} on the CPU, where only {', '.join(CPU_MODELS)} fit)")
+def add_model_flags(p, layers: bool = True, shard: bool = True, models: tuple | None = None) -> None:
+    """--model (or, with `models` = the GPU default list, --models: several presets, one after another),
+    --layers (an int or `all`), --shard-as-tp, --seed."""
+    if models:
+        p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                       help=f"model presets, run one after another (each built, measured and freed before the "
+                            f"next), from {sorted(config.PRESETS)} (default: {' '.join(models)} on a GPU, "
+                            f"{DEFAULT_MODEL['cpu']} on the CPU, where only {', '.join(CPU_MODELS)} fit)")
+    else:
+        p.add_argument("--model", default=None,
+                       help=f"model preset, one of {sorted(config.PRESETS)} (default: {DEFAULT_MODEL['gpu']} on a "
+                            f"GPU, {DEFAULT_MODEL['cpu']} on the CPU, where only {', '.join(CPU_MODELS)} fit)")
     if layers:
-        p.add_argument("--layers", type=int, default=None,
-                       help="decoder layers per forward pass (default: 4 on a GPU, the preset's count on the CPU)")
+        # A string, checked in init(): a bad value is then one `error:` line like every other user error.
+        p.add_argument("--layers", default=None, metavar="N|all",
+                       help="decoder layers per forward pass, or all: the preset's full depth (80 for llama3-70b "
+                            "and qwen2.5-72b) (default: 4 on a GPU, the preset's count on the CPU)")
     if shard:
         p.add_argument("--shard-as-tp", type=int, default=None, metavar="N",
                        help="hold weight shards sized as at TP=N (a multiple of the real TP) while communicating "
@@ -100,8 +110,8 @@ def init(args, gpu_only: str | None = None):
         if bad:
             raise dist.UsageError(f"--tokens {bad}: every batch needs at least as many tokens as TP ranks "
                                   f"({world.tp_size})")
-    if hasattr(args, "layers") and args.layers is not None and args.layers < 1:
-        raise dist.UsageError(f"--layers must be >= 1, got {args.layers}")
+    if getattr(args, "layers", None) is not None:
+        args.layers = layers_value(args.layers)
     if getattr(args, "shard_as_tp", None) is not None and (args.shard_as_tp < 1 or args.shard_as_tp % world.tp_size):
         raise dist.UsageError(f"--shard-as-tp {args.shard_as_tp} must be a positive multiple of the TP degree "
                               f"({world.tp_size})")
@@ -118,9 +128,23 @@ def init(args, gpu_only: str | None = None):
     return world
 
 
-def model_config(args, world, gpu_layers: int = 4):
-    """The preset named by --model, with --layers. Unknown or unimplemented models are errors; a model
-    too large for the CPU path is an error unless it is the default (then `tiny` runs, announced)."""
+def layers_value(value) -> int | str:
+    """--layers as given: a positive int, or "all" (the preset's full depth, resolved by model_config)."""
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise dist.UsageError(f"--layers must be a positive integer or 'all', got {value!r}") from None
+    if n < 1:
+        raise dist.UsageError(f"--layers must be >= 1, got {n}")
+    return n
+
+
+def model_config(args, world, gpu_layers: int = 4, banner: bool = True):
+    """The preset named by --model, with --layers (`all`: the preset's depth). Unknown or unimplemented
+    models are errors; a model too large for the CPU path is an error unless it is the default (then
+    `tiny` runs, announced). banner: print the CPU banner (once per job is enough)."""
     name = args.model
     if name is not None and name not in config.PRESETS:
         raise dist.UsageError(f"unknown model {name!r}; choose one of {sorted(config.PRESETS)}")
@@ -134,12 +158,13 @@ def model_config(args, world, gpu_layers: int = 4):
         if name is None:
             world.print0(f"(no GPU: the default model is {DEFAULT_MODEL['cpu']}, not {DEFAULT_MODEL['gpu']})")
         args.model = name or DEFAULT_MODEL["cpu"]
-        world.print0(BANNER.format(model=args.model))
+        if banner:
+            world.print0(BANNER.format(model=args.model))
     args.model = args.model or DEFAULT_MODEL["gpu"]
     layers = getattr(args, "layers", None)
     if layers is None and world.is_gpu and hasattr(args, "layers"):
         layers = args.layers = gpu_layers
-    cfg = config.get(args.model, layers)
+    cfg = config.get(args.model, None if layers == "all" else layers)
     try:
         config.ShardConfig(cfg, getattr(args, "shard_as_tp", None) or world.tp_size, 0)
     except ValueError as e:
@@ -177,9 +202,11 @@ def check_memory(args, world, cfg, max_tokens: int, kv_capacity: int | None = No
     need = world.comm.allreduce(est["total"], op=_max())
     if need > 0.9 * limit:
         parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in est.items() if k != "total")
-        raise dist.UsageError(f"{cfg.name} with {max_tokens} tokens needs ~{need / 2**30:.1f} GiB per rank "
-                              f"({parts} GiB) but {limit / 2**30:.1f} GiB is free ({source}); use fewer --tokens, "
-                              f"--layers or a smaller --model")
+        hint = (" or drop --check (its float64 reference runs on rank 0 beside the model; its attention scores "
+                "grow with the square of the sequence length)" if "reference" in est else "")
+        raise dist.UsageError(f"{cfg.name} ({cfg.num_layers} layers) with {max_tokens} tokens needs "
+                              f"~{need / 2**30:.1f} GiB per rank ({parts} GiB) but {limit / 2**30:.1f} GiB is free "
+                              f"({source}); use fewer --tokens, --layers or a smaller --model{hint}")
     return need
 
 
@@ -200,6 +227,18 @@ def build_model(args, world, cfg, max_tokens: int, kv_capacity: int | None = Non
     return model
 
 
+def release(world) -> None:
+    """Give the memory of dropped objects (a model, its transports) back to the device, so that the next
+    model's size check (free GPU memory) and build see it: CuPy keeps freed blocks in its pool."""
+    import gc
+    gc.collect()
+    if world.is_gpu:
+        import cupy as cp
+        world.comm.Barrier()
+        cp.cuda.Device().synchronize()
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 def tag(world, cfg, shard_as_tp=None) -> str:
     """<model>-tp<TP>[-shard-as-tp<N>]-<gpu tag or cpu>: result file names (CPU files carry `-cpu-`,
     which .gitignore keeps out of experiments/results/)."""
@@ -212,6 +251,9 @@ def writer(args, world, experiment: str, cfg=None, **fields) -> results.Writer:
     carrying the run's metadata, the flags' values and `fields`."""
     name = tag(world, cfg, getattr(args, "shard_as_tp", None)) if cfg else f"tp{world.tp_size}-{world.gpu_tag}"
     flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("out",)}
+    for k in ("device", "tp"):  # the world's values (metadata) win; the flags are kept beside them
+        if k in flags:
+            flags[f"{k}_flag"] = flags.pop(k)
     model = {"model": cfg.name, "layers": cfg.num_layers} if cfg else {}
     meta = results.metadata(world, **{**flags, **model, "experiment": experiment, **fields})
     return results.Writer(args.out or results.default_path(experiment, name), meta, world.rank)

@@ -117,3 +117,14 @@ def test_kernel_floor_counts_the_sm_traffic():
     assert kernels.sm_bytes("nccl_ar", 2, 8192, 2) is None
     rate, source = kernels.per_sm_gbps()
     assert source == "sm_rate-H200.jsonl" and 90 < rate < 110
+
+
+@CPU_ONLY
+def test_rows_record_the_world_not_the_flags(tmp_path):
+    """`device` and `tp` in a row are what ran (cpu, 2), not the flags' values (auto, None)."""
+    out = tmp_path / "rows.jsonl"
+    proc = run_mpi(2, ["-m", "experiments.latency", "--tokens", "64", "--strategies", "nccl", "--out", str(out)],
+                   timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text().splitlines()[0])
+    assert (row["device"], row["tp"], row["device_flag"], row["tp_flag"]) == ("cpu", 2, "auto", None)

@@ -126,3 +126,24 @@ def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype):
         ref = numpy.empty((batch.num_tokens, cfg.hidden), dtype=numpy.float64)
     world.comm.Bcast(ref, root=0)
     return xp.asarray(ref)
+
+
+def next_logits(cfg, ids, seed: int, xp, dtype, lm_head_weight):
+    """float64 logits [vocab] of the token after `ids` (one sequence, no cache): the last row of
+    forward() times the LM-head matrix (float64 of its stored values, [vocab, H])."""
+    from .batch import mixed
+    x = forward(cfg, mixed([(len(ids), 0)]), ids, seed, xp, dtype)
+    return xp.asarray(lm_head_weight).astype(xp.float64, copy=False) @ x[-1]
+
+
+def generate(cfg, prompt_ids, num_new: int, seed: int, xp, dtype, lm_head_weight) -> list:
+    """Greedy decoding: `num_new` token ids after `prompt_ids`, each the argmax (lowest index on ties)
+    of next_logits() over the whole sequence so far, recomputed from scratch every step: O(n^2), no KV
+    cache, nothing shared with the serving engine (tw/engine.py) it checks."""
+    ids = [int(t) for t in prompt_ids]
+    out = []
+    for _ in range(num_new):
+        logits = next_logits(cfg, np.asarray(ids, np.int32), seed, xp, dtype, lm_head_weight)
+        out.append(int(xp.argmax(logits)))
+        ids.append(out[-1])
+    return out

@@ -70,8 +70,11 @@ class Sequential:
     def __init__(self, name: str, model: Model, comm, ctas: int | None = None):
         self.name, self.model, self.comm, self.ctas = name, model, comm, ctas
 
-    def prepare(self, batch: Batch, ids=None) -> Plan:
-        self.model.load_prefix(batch)
+    def prepare(self, batch: Batch, ids=None, fill_prefix: bool = True) -> Plan:
+        """fill_prefix=False keeps the cache as it is: a serving engine's prefix K/V are real, written
+        by its earlier steps (tw/engine.py), and must not be replaced by the seeded ones."""
+        if fill_prefix:
+            self.model.load_prefix(batch)
         return Plan(batch, (self.model.part(batch, ids),), ctas=self.ctas)
 
     def forward(self, plan: Plan, stream=None):
@@ -206,11 +209,12 @@ class TokenWeave:
         self.streams = _Streams(world)
         self.unsplit = Sequential("fused", model, comm)
 
-    def prepare(self, batch: Batch, ids=None, choice=None) -> Plan:
+    def prepare(self, batch: Batch, ids=None, choice=None, fill_prefix: bool = True) -> Plan:
         """The plan for `batch`. choice (a tw.tuned.TunedChoice, from tune.py or built by a script to
         force a setting): its split point, or no split, and its CTA budgets; else the split rule and
-        the budgets given at construction."""
-        self.model.load_prefix(batch)
+        the budgets given at construction. fill_prefix: as in Sequential.prepare."""
+        if fill_prefix:
+            self.model.load_prefix(batch)
         n = batch.num_tokens
         if choice is not None and not choice.split:
             s, source = None, "tuned-unsplit"

@@ -1,0 +1,528 @@
+"""Offline serving throughput: continuous batching with chunked prefill, strategy by strategy.
+
+    mpirun -n 2 python -m experiments.throughput                 # llama3-70b, 4 layers, TP=2, 1000 requests
+    mpiexec -n 2 python -m experiments.throughput --check        # no GPU: tiny model, NumPy + MPI
+
+N requests are submitted at t = 0 (--workload random: --input-len prompt tokens each, exactly
+--output-len generated tokens, ignore_eos; sharegpt-like: the synthetic long-tailed table of
+experiments/workloads/). tw/engine.py schedules each step: a budget of --chunk tokens, running decodes
+first (one token each), then prefill chunks in arrival order (a long prompt continues over several
+steps); each request reserves prompt + output KV slots at admission (--kv-tokens slots in all, at most
+--max-seqs requests running) and waits when they are not free. Each step's batch runs through the
+strategy eagerly (shapes change every step: no CUDA graphs), then a vocab-parallel LM head picks the
+next tokens greedily (tw/lm_head.py). tokenweave splits a step's batch only from --min-split-tokens
+tokens (below, it runs as fused); its split is the tuned choice for exactly this setting with seq_len =
+the chunk size, else the wave rule.
+
+Columns (table and rows, one row per chunk, workload and strategy): tok/s = total_tokens_per_s (prompt
++ output tokens / makespan); out_tok/s = output_tokens_per_s; requests_per_s; vs_nccl =
+speedup_vs_nccl, this tok/s / nccl's; step_ms = step_ms_median (wall time of a step: scheduling,
+prepare, forward, LM head, token exchange), step_ms_p99; host% = host_ms_median / gpu_ms_median, where
+host_ms = Python time scheduling, preparing (metadata to the device) and committing a step
+(perf_counter) and gpu_ms = the forward + LM head on the stream (CUDA events; on the CPU perf_counter
+around them); launch_ms_median = host time issuing the forward; ttft = ttft_ms_median (p99 in rows):
+time to first token from submission; tpot = tpot_ms_median: mean time between a request's later
+tokens; check = correct (--check): every strategy but nocomm against the float64 reference
+for the first --check-requests requests: CPU, identical tokens (check_tokens_equal) and logits within
+tolerance; GPU (bf16), the logits of the first and last output step within tolerance
+(check_logits_rel_err). Step times are rank 0's (every step ends with a TP allgather, so ranks are in
+step); host and GPU medians are the slowest rank's.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import NamedTuple
+
+import numpy as np
+
+from experiments import common, workloads
+from tw import config, dist, engine, lm_head, reference, schedules, tuned
+from tw import split as splitting
+from tw.model import memory_estimate
+
+DEFAULT_STRATEGIES = ["nccl", "nocomm", "fused", "tokenweave"]
+DEFAULTS = {  # flag: (GPU, CPU); the CPU path checks correctness, so it runs a small workload
+    "requests": (1000, 16), "input_len": ([512, 1024, 2048], [48]), "output_len": (128, 8),
+    "chunk": ([2048], [128]), "warmup_steps": (5, 0), "min_split_tokens": (1024, 64)}
+CPU_KV_TOKENS = 8192
+PROGRESS_S = 2.0
+
+
+def parse_args(argv=None):
+    p = common.parser("throughput", __doc__)
+    common.add_model_flags(p, shard=False)
+    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, metavar="S",
+                   help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained<k>: k token chunks); "
+                        "nccl is the baseline of vs_nccl")
+    p.add_argument("--workload", nargs="+", choices=workloads.KINDS, default=["random"],
+                   help="random: fixed --input-len / --output-len; sharegpt-like: the first --requests rows of "
+                        "experiments/workloads/sharegpt_like.csv (synthetic, see make_sharegpt_like.py)")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"requests per workload, all submitted at t = 0 (default: {DEFAULTS['requests'][0]} on a "
+                        f"GPU, {DEFAULTS['requests'][1]} on the CPU)")
+    p.add_argument("--input-len", type=int, nargs="+", default=None,
+                   help="random workload: prompt tokens per request, one workload per value (default: "
+                        f"{' '.join(map(str, DEFAULTS['input_len'][0]))} on a GPU, "
+                        f"{' '.join(map(str, DEFAULTS['input_len'][1]))} on the CPU)")
+    p.add_argument("--output-len", type=int, default=None,
+                   help=f"random workload: generated tokens per request, ignore_eos (default: "
+                        f"{DEFAULTS['output_len'][0]} on a GPU, {DEFAULTS['output_len'][1]} on the CPU)")
+    p.add_argument("--chunk", type=int, nargs="+", default=None,
+                   help="token budget per step (chunked prefill), one run per value (default: "
+                        f"{DEFAULTS['chunk'][0][0]} on a GPU, {DEFAULTS['chunk'][1][0]} on the CPU)")
+    p.add_argument("--kv-tokens", type=int, default=None,
+                   help="KV-cache capacity in tokens (slots) (default: on a GPU what the free memory holds after "
+                        "the model, capped at what the whole workload could use; on the CPU "
+                        f"{CPU_KV_TOKENS})")
+    p.add_argument("--max-seqs", type=int, default=256,
+                   help="requests running at once, at most (vLLM's max_num_seqs default)")
+    p.add_argument("--max-steps", type=int, default=100000,
+                   help="safety bound: a workload that would take more steps is refused before it runs")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="untimed steps of each workload per strategy before its timed run (default: "
+                        f"{DEFAULTS['warmup_steps'][0]} on a GPU, {DEFAULTS['warmup_steps'][1]} on the CPU)")
+    p.add_argument("--check", action="store_true",
+                   help="compare the generated tokens / logits of the first --check-requests requests with the "
+                        "float64 reference (tw/reference.generate); nocomm is skipped")
+    p.add_argument("--check-requests", type=int, default=4, help="requests that --check compares")
+    common.add_transport_flag(p)
+    p.add_argument("--ctas", type=int, default=None,
+                   help="CTAs of the fused kernel (fused: default every SM; tokenweave: the comm beside "
+                        "attention, default the tuned choice, else the transport's own)")
+    p.add_argument("--ctas-mlp", type=int, default=None, help="tokenweave: CTAs of the comm beside the MLP")
+    p.add_argument("--split", choices=("tuned", "wave", "naive"), default="tuned",
+                   help="tokenweave's split: tuned = experiments/tuned/ for this exact setting (seq_len = the "
+                        "chunk) and token count, else wave; wave = the wave-aware rule from the GEMM profile, "
+                        "rows rounded up to 64 (the CPU: naive); naive = T // 2")
+    p.add_argument("--min-split-tokens", type=int, default=None,
+                   help="tokenweave splits only steps of at least this many tokens, smaller ones run unsplit "
+                        f"(fused) (default: {DEFAULTS['min_split_tokens'][0]} on a GPU, the paper's threshold for "
+                        f"dense models; {DEFAULTS['min_split_tokens'][1]} on the CPU, so that its small steps split)")
+    common.add_run_flags(p)
+    return p.parse_args(argv)
+
+
+def fill_defaults(args, world) -> None:
+    i = 0 if world.is_gpu else 1
+    for name, values in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, values[i])
+
+
+def validate(args, world) -> None:
+    """User errors, before anything is built (each names its flag)."""
+    seen, bad, dup = set(), [], []
+    for s in args.strategies:
+        k = schedules.finegrained_k(s)
+        if s not in schedules.STRATEGIES and k is None:
+            bad.append(s)
+        name = f"finegrained{k}" if k is not None else s
+        dup += [s] if name in seen else []
+        seen.add(name)
+    if bad:
+        raise dist.UsageError(f"--strategies: unknown {bad}; choose from {schedules.STRATEGIES} "
+                              "(finegrained<k> for k chunks)")
+    if dup:
+        raise dist.UsageError(f"--strategies: {dup} given more than once")
+    if any(schedules.finegrained_k(s) == 0 for s in args.strategies):
+        raise dist.UsageError("--strategies: finegrained needs k >= 1 chunks")
+    low = {"requests": 1, "input_len": 1, "output_len": 1, "chunk": world.tp_size, "kv_tokens": 1, "max_seqs": 1,
+           "max_steps": 1, "warmup_steps": 0, "check_requests": 0, "min_split_tokens": 2}
+    why = {"chunk": " (the TP degree: a step has at least one token per rank)", "min_split_tokens": " (two halves)"}
+    for flag, least in low.items():
+        v = getattr(args, flag)
+        if v is not None and min(v if isinstance(v, list) else [v]) < least:
+            raise dist.UsageError(f"--{flag.replace('_', '-')} must be >= {least}{why.get(flag, '')}, got {v}")
+    for flag in ("ctas", "ctas_mlp"):
+        v = getattr(args, flag)
+        if v is not None and not 1 <= v <= (world.sm_count or 1 << 30):
+            raise dist.UsageError(f"--{flag.replace('_', '-')} {v} must be in 1..{world.sm_count} (the SM count)")
+    if "sharegpt-like" in args.workload and args.requests > len(workloads.table()):
+        raise dist.UsageError(f"--requests {args.requests}: the sharegpt-like table has {len(workloads.table())} rows")
+
+
+def build_workloads(args, vocab: int) -> list:
+    out = []
+    for kind in args.workload:
+        if kind == "random":
+            out += [workloads.random(args.requests, n, args.output_len, vocab, args.seed) for n in args.input_len]
+        else:
+            out.append(workloads.sharegpt_like(args.requests, vocab, args.seed))
+    return out
+
+
+def kv_tokens(args, world, cfg, chunk: int, transports: int, ref_tokens: int, loads: list) -> int:
+    """--kv-tokens, or the default: on a GPU what 85% of the free memory holds beside the model and the
+    LM head (experiments/common's estimate, the smallest over ranks), capped at the whole workload's
+    need; on the CPU a small fixed cache. Refuses a request that could never fit (user error)."""
+    need = max(w.kv_need_total for w in loads)
+    shard = config.ShardConfig(cfg, world.tp_size, world.tp_rank)
+    dtype_bytes = 2 if world.is_gpu else 4
+    ref = ref_tokens if world.rank == 0 else 0
+
+    def estimate(kv):
+        extra = lm_head.memory_bytes(cfg, world.tp_size, chunk, dtype_bytes)
+        extra += cfg.vocab * cfg.hidden * 12 if ref else 0   # the reference's LM head, float32 + float64
+        return memory_estimate(cfg, shard, chunk, kv, dtype_bytes, transports, ref, ref)["total"] + extra
+
+    limit, source = common._available_bytes(world)
+    if args.kv_tokens is not None:
+        kv = args.kv_tokens
+    elif world.is_gpu:
+        per_slot = estimate(1) - estimate(0)
+        fit = world.comm.allreduce(int((0.85 * limit - estimate(0)) // per_slot), op=_min())
+        if fit < 1:
+            raise dist.UsageError(f"{cfg.name} leaves no memory for a KV cache ({source}: {limit / 2**30:.1f} GiB); "
+                                  "use fewer --layers or a smaller --chunk")
+        kv = min(fit, need)
+    else:
+        kv = CPU_KV_TOKENS
+    for w in loads:
+        if w.kv_need_max > kv:
+            what = (f"--input-len {w.input_len} + --output-len {w.output_len}" if w.kind == "random"
+                    else "the longest sharegpt-like request")
+            raise dist.UsageError(f"{what} = {w.kv_need_max} KV slots per request, more than the KV capacity of "
+                                  f"{kv} tokens (--kv-tokens): such a request could never be admitted")
+    total = world.comm.allreduce(estimate(kv), op=common._max())
+    if total > 0.9 * limit:
+        raise dist.UsageError(f"{cfg.name} with --chunk {chunk} and {kv} KV tokens needs ~{total / 2**30:.1f} GiB per "
+                              f"rank with the LM head, but {limit / 2**30:.1f} GiB is free ({source}); use a smaller "
+                              "--kv-tokens, --chunk or --layers")
+    return kv
+
+
+def load_choices(args, world, cfg, chunk: int) -> dict:
+    """tune.py's choices for exactly this setting with seq_len = the chunk (experiments/latency.py's
+    load_choices with that one change), else {} (the wave rule)."""
+    if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
+        return {}
+    key = tuned.TuningKey(cfg.name, world.tp_size, None, cfg.num_layers, args.transport, chunk, world.gpu_tag)
+    found = tuned.load(key)
+    if not found:
+        world.print0(f"tokenweave: {tuned.mismatch(key) or 'no tuned choices for this setting'}; "
+                     "using the wave rule and the CTA flags")
+        return {}
+    if args.ctas is not None or args.ctas_mlp is not None:
+        world.print0("tokenweave: --ctas/--ctas-mlp given: tuned choices ignored")
+        return {}
+    world.print0(f"tokenweave: tuned split and CTA budgets from {key.path.name} for tokens {sorted(found)}")
+    return found
+
+
+class Ceil64Profile:
+    """The GEMM profile at M rounded up to a multiple of 64 rows (at most `cap`, the workspace). A GEMM's
+    wave count is ceil(M / tile) with tile heights that are multiples of 64, so ceil64(M) has the same
+    tile count: the staircase the wave rule looks for is kept, and a run whose steps have hundreds of
+    different sizes profiles at most chunk / 64 row counts (seconds) instead of every T - s."""
+
+    def __init__(self, inner, cap: int):
+        self.inner, self.cap = inner, cap
+
+    def _m(self, m) -> int:
+        return min(-(-int(m) // 64) * 64, self.cap)
+
+    def __call__(self, m: int) -> float:
+        return self.inner(self._m(m))
+
+    def prefetch(self, ms) -> None:
+        self.inner.prefetch(sorted({self._m(m) for m in ms}))
+
+
+def memoized(split_fn):
+    """split_fn per batch size, computed once (the wave rule broadcasts rank 0's answer each call)."""
+    known = {}
+
+    def split(n: int) -> int:
+        if n not in known:
+            known[n] = split_fn(n)
+        return known[n]
+
+    split.source = getattr(split_fn, "source", "rule")
+    split.profile = getattr(split_fn, "profile", None)
+    return split
+
+
+def make_strategies(args, world, model) -> list:
+    rule = "wave" if args.split == "tuned" else args.split
+    out = []
+    for name in args.strategies:
+        profile = None
+        if name == "tokenweave" and rule == "wave" and world.is_gpu:
+            from tw.profile import GemmProfile
+            profile = Ceil64Profile(GemmProfile(model), model.max_tokens)
+        strat = schedules.make(name, model, world, args.transport, args.ctas, split=rule, ctas_mlp=args.ctas_mlp,
+                               profile=profile, min_split_tokens=args.min_split_tokens)
+        if name == "tokenweave":
+            strat.split_fn = memoized(strat.split_fn)
+        out.append(strat)
+    return out
+
+
+def plan_splits(world, strat, sizes: list, choices: dict) -> None:
+    """Decide tokenweave's split for every batch size the run will see, before it is timed (the
+    scheduler never looks at token values, so engine.dry_run gives exactly those sizes)."""
+    todo = sorted({n for n in sizes if n >= strat.min_tokens and n not in choices})
+    profile = strat.split_fn.profile
+    with dist.step("tokenweave: splits of the run's batch sizes"):
+        if profile is not None and todo:
+            world.print0(f"tokenweave: GEMM profile for {len(todo)} batch sizes (rows rounded up to 64) ...")
+            if world.tp_rank == 0:
+                profile.prefetch({m for n in todo for s in splitting.candidates(n) for m in (s, n - s)})
+        for n in todo:
+            strat.split_fn(n)
+
+
+def serve(strat, model, head, world, requests, chunk, kv, args, choices, stream, label, stop_after=None,
+          capture=()):
+    """Run the workload to completion (or `stop_after` steps: warm-up). Returns the finished scheduler,
+    the per-step records and, for request ids in `capture`, the full logits of their first and last
+    output step (--check; that gather is left out of every time, the timeline included)."""
+    sched = engine.Scheduler(engine.clone(requests), chunk, kv, args.max_seqs)
+    kw = {"fill_prefix": False}
+    ev = [model.xp.cuda.Event() for _ in range(3)] if world.is_gpu else None
+
+    def mark(i):  # CUDA events on the stream: the forward's and the LM head's GPU time
+        if ev:
+            ev[i].record(stream)
+
+    records, logits, paused = [], {}, 0.0
+    start = last_print = time.perf_counter()
+    while not sched.done and (stop_after is None or sched.steps < stop_after):
+        if sched.steps >= args.max_steps:
+            raise RuntimeError(f"{label}: more than --max-steps {args.max_steps} steps (the dry run said fewer)")
+        with dist.step(f"{label}: step {sched.steps}"):
+            h0 = time.perf_counter()
+            step = sched.schedule()
+            if strat.name == "tokenweave":
+                kw["choice"] = choices.get(step.num_tokens)
+            plan = strat.prepare(step.batch, step.ids, **kw)
+            h1 = time.perf_counter()
+            mark(0)
+            out = strat.forward(plan, stream)
+            h2 = time.perf_counter()
+            mark(1)
+            head.launch(out, step.produce_rows, stream)
+            mark(2)
+            tokens = head.finish()
+            if ev:
+                ev[2].synchronize()              # also when no row produced a token (nothing waited)
+            now = time.perf_counter()
+            if ev:
+                fwd_ms, gpu_ms = (model.xp.cuda.get_elapsed_time(ev[0], e) for e in ev[1:])
+            else:
+                fwd_ms, gpu_ms = (h2 - h1) * 1e3, (now - h1) * 1e3
+            want = [j for j, r in enumerate(step.producers) if r.rid in capture
+                    and len(r.output) in (0, r.output_len - 1)]
+            for j, row in zip(want, head.full_logits(want) if want else []):
+                logits.setdefault(step.producers[j].rid, []).append(row)
+            h3 = time.perf_counter()
+            sched.commit(step, tokens, now - start - paused)   # the step's end on the run's timeline
+            paused += h3 - now
+            h4 = time.perf_counter()
+        records.append(StepRecord(step.num_tokens, step.decode_tokens, len(step.batch.seqs), (h1 - h0 + h4 - h3) * 1e3,
+                                  (h2 - h1) * 1e3, fwd_ms, gpu_ms, (now - h0 + h4 - h3) * 1e3, plan.split_source))
+        if stop_after is None and h4 - last_print > PROGRESS_S:
+            last_print = h4
+            made = sum(r.prompt_len + len(r.output) for r in sched.finished)
+            world.print0(f"  {label}: {len(sched.finished)}/{len(requests)} requests, step {sched.steps}, "
+                         f"{made / (h4 - start - paused):,.0f} tok/s (finished requests)")
+    strat.comm.check()
+    return sched, records, logits
+
+
+class StepRecord(NamedTuple):
+    tokens: int
+    decodes: int
+    seqs: int
+    host_ms: float      # scheduling + prepare + commit (perf_counter)
+    launch_ms: float    # issuing the forward (perf_counter)
+    forward_ms: float   # the forward on the stream (CUDA events; CPU: perf_counter)
+    gpu_ms: float       # the forward + the LM head on the stream
+    step_ms: float      # the whole step, wall time
+    split_source: str | None
+
+
+def step_stats(world, records) -> dict:
+    """Per-step medians and p99 over the run: rank 0's wall times; host and GPU times the slowest rank's."""
+    col = {f: np.array([getattr(r, f) for r in records], dtype=np.float64) for f in StepRecord._fields[:-1]}
+    mine = np.array([np.median(col[f]) for f in ("host_ms", "launch_ms", "forward_ms", "gpu_ms")])
+    worst = np.empty_like(mine)
+    world.comm.Allreduce(mine, worst, op=common._max())
+    host, launch, fwd, gpu = (float(v) for v in worst)
+    sources = Counter(r.split_source for r in records if r.split_source)
+    return {"steps": len(records), "tokens_per_step_mean": float(col["tokens"].mean()),
+            "decode_tokens_per_step_mean": float(col["decodes"].mean()),
+            "seqs_per_step_mean": float(col["seqs"].mean()),
+            "step_ms_median": float(np.median(col["step_ms"])), "step_ms_p99": float(np.percentile(col["step_ms"], 99)),
+            "host_ms_median": host, "launch_ms_median": launch, "forward_ms_median": fwd, "gpu_ms_median": gpu,
+            "host_over_gpu": host / gpu if gpu > 0 else None,
+            "split_steps": sum(n for k, n in sources.items() if k not in ("below-threshold", "tuned-unsplit")),
+            "split_sources": dict(sources) or None}
+
+
+def references(args, world, cfg, model, load) -> dict:
+    """Rank 0's float64 reference for the checked requests, broadcast: per request id, the logits of
+    its first output token and (CPU only: O(n^2) recomputation) its greedy tokens."""
+    out = None
+    if world.rank == 0:
+        xp, w = model.xp, lm_head.full_weight(cfg, args.seed, model.xp).astype(model.dtype)
+        out = {}
+        for r in load.requests[:args.check_requests]:
+            first = reference.next_logits(cfg, r.prompt, args.seed, xp, model.dtype, w)
+            toks = (None if world.is_gpu else
+                    reference.generate(cfg, r.prompt, r.output_len, args.seed, xp, model.dtype, w))
+            out[r.rid] = {"first": _host(first), "tokens": toks}
+    return world.comm.bcast(out, root=0)
+
+
+def check(args, world, cfg, model, refs, sched, logits) -> dict:
+    """Compare one strategy's run with the reference: tokens (CPU), logits of the first output step and
+    of the last one (that given the strategy's own earlier tokens)."""
+    tol = reference.tolerance(model.dtype)
+    errs, equal, first_equal = [], [], []
+    done = {r.rid: r for r in sched.finished}
+    last_ref = None
+    if world.rank == 0:
+        xp, w = model.xp, lm_head.full_weight(cfg, args.seed, model.xp).astype(model.dtype)
+        last_ref = {rid: _host(reference.next_logits(cfg, np.concatenate([done[rid].prompt, done[rid].output[:-1]])
+                                                     .astype(np.int32), args.seed, xp, model.dtype, w))
+                    for rid in refs if done[rid].output_len > 1}
+    last_ref = world.comm.bcast(last_ref, root=0)
+    for rid, ref in refs.items():
+        r, got = done[rid], logits.get(rid, [])
+        want = [ref["first"]] + ([last_ref[rid]] if rid in last_ref else [])
+        errs += [reference.rel_err(g, w_)["rel_err"] for g, w_ in zip(got, want)]
+        errs += [float("inf")] * (len(want) - len(got))      # a captured step missing is a failure
+        first_equal.append(r.output[0] == int(np.argmax(ref["first"])))
+        if ref["tokens"] is not None:
+            equal.append(r.output == ref["tokens"])
+    row = {"check_requests": len(refs), "check_logits_rel_err": max(errs), "check_tolerance": tol,
+           "check_first_token_equal": all(first_equal), "check_tokens_equal": all(equal) if equal else None}
+    row["correct"] = bool(row["check_logits_rel_err"] <= tol and row["check_tokens_equal"] is not False)
+    return row
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def check_refs(args, world, cfg, model, load) -> dict:
+    if not (args.check and args.check_requests):
+        return {}
+    world.print0(f"float64 reference for {min(args.check_requests, len(load.requests))} requests "
+                 "(rank 0, then broadcast) ...")
+    with dist.step(f"float64 reference, {load.name}"):
+        return references(args, world, cfg, model, load)
+
+
+def run_one(args, world, cfg, model, head, strat, stream, chunk, load, steps, choices, kv, refs) -> dict:
+    """One strategy on one workload: warm-up steps, the timed run, its row (and check)."""
+    label = f"chunk={chunk} {load.name} {strat.name}"
+    if strat.name == "tokenweave":
+        plan_splits(world, strat, steps, choices)
+    if args.warmup_steps:
+        serve(strat, model, head, world, load.requests, chunk, kv, args, choices, stream, label,
+              stop_after=args.warmup_steps)
+    sched, records, logits = serve(strat, model, head, world, load.requests, chunk, kv, args, choices, stream,
+                                   label, capture=set(refs))
+    row = {"chunk": chunk, "workload": load.name, "workload_kind": load.kind, "input_len": load.input_len,
+           "output_len": load.output_len, "requests": len(load.requests), "kv_tokens": kv,
+           "max_seqs": args.max_seqs, "strategy": strat.name, "transport": strat.comm.name,
+           "min_split_tokens": args.min_split_tokens, "warmup_steps": args.warmup_steps,
+           **engine.summary(sched.finished), **step_stats(world, records)}
+    if refs and strat.name != "nocomm":
+        row.update(check(args, world, cfg, model, refs, sched, logits))
+    world.print0(f"  {label}: {row['total_tokens_per_s']:,.0f} tok/s, step {row['step_ms_median']:.2f} ms, "
+                 f"host/gpu {row['host_over_gpu']:.1%}"
+                 + (f", check {'ok' if row['correct'] else 'FAIL'}" if "correct" in row else ""))
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = common.init(args)
+    fill_defaults(args, world)
+    cfg = common.model_config(args, world)
+    validate(args, world)
+    if world.shared_gpu:
+        if args.transport == "nccl":
+            raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
+        skipped = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
+        args.strategies = [s for s in args.strategies if s not in skipped]
+        if skipped:
+            world.print0(f"TW_SHARE_GPU=1: {skipped} skipped: NCCL refuses two ranks on one GPU")
+        world.print0("TW_SHARE_GPU=1: the check still applies; TIMINGS BELOW MEAN NOTHING (ranks share one GPU)")
+        if not args.strategies:
+            raise dist.UsageError("no strategy left to run with TW_SHARE_GPU=1; try --strategies fused tokenweave")
+    if world.tp_size == 1:
+        world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
+                     "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")
+    loads = build_workloads(args, cfg.vocab)
+    chunk = max(args.chunk)
+    ref_tokens = max(w.kv_need_max for w in loads) if args.check else 0
+    kv = kv_tokens(args, world, cfg, chunk, len(args.strategies), ref_tokens, loads)
+    sizes = {}
+    for c in args.chunk:
+        for w in loads:
+            sizes[c, w.name] = engine.dry_run(w.requests, c, kv, args.max_seqs, args.max_steps)
+            if len(sizes[c, w.name]) > args.max_steps:
+                raise dist.UsageError(f"{w.name} at --chunk {c} takes more than --max-steps {args.max_steps} steps")
+    model = common.build_model(args, world, cfg, chunk, kv, transports=len(args.strategies),
+                               reference_tokens=ref_tokens, seq_len=ref_tokens)
+    head = lm_head.LMHead(cfg, world, args.seed, model.dtype, model.xp, max_rows=chunk)
+    strategies = make_strategies(args, world, model)
+    stream = world.new_stream()
+    writer = common.writer(args, world, "throughput", cfg, dtype=str(model.dtype), check_against="float64 reference")
+    rows, order, refs_of = [], {s.name: i for i, s in enumerate(strategies)}, {}
+    for c in args.chunk:
+        choices = load_choices(args, world, cfg, c)
+        for load in loads:
+            world.print0(f"\n{load.name}: {len(load.requests)} requests, chunk {c}, {kv} KV slots, "
+                         f"{len(sizes[c, load.name])} steps each")
+            # Strategies in an order rotated by one per workload: slow drifts of the machine do not
+            # always favour the same one (each run takes seconds, too long to interleave).
+            k = len(rows) // len(strategies) % len(strategies)
+            if load.name not in refs_of:     # the same for every chunk size
+                refs_of[load.name] = check_refs(args, world, cfg, model, load)
+            refs = refs_of[load.name]
+            point = [run_one(args, world, cfg, model, head, strat, stream, c, load, sizes[c, load.name], choices,
+                             kv, refs) for strat in strategies[k:] + strategies[:k]]
+            rows += sorted(point, key=lambda r: order[r["strategy"]])
+    base = {(r["chunk"], r["workload"]): r["total_tokens_per_s"] for r in rows if r["strategy"] == "nccl"}
+    for r in rows:
+        b = base.get((r["chunk"], r["workload"]))
+        r["speedup_vs_nccl"] = r["total_tokens_per_s"] / b if b else None
+        writer.write(r)
+    print_table(world, rows, cfg)
+    world.print0(f"wrote {writer.path}")
+    failed = [(r["chunk"], r["workload"], r["strategy"]) for r in rows if r.get("correct") is False]
+    if failed:
+        world.print0(f"CHECK FAILED for {failed}")
+        return 1
+    return 0
+
+
+def print_table(world, rows, cfg):
+    world.print0(f"\n{cfg.name}, {cfg.num_layers} layers, TP={world.tp_size}, {world.device}, eager"
+                 + ("" if world.is_gpu else " (CPU: timings mean nothing)")
+                 + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
+    world.print0(f"{'chunk':>6} {'workload':<22} {'strategy':<12} {'tok/s':>10} {'out_tok/s':>10} {'vs_nccl':>8} "
+                 f"{'step_ms':>8} {'host%':>6} {'ttft_ms':>9} {'tpot_ms':>8} {'check':>6}")
+    for r in rows:
+        sp = f"{r['speedup_vs_nccl']:.3f}x" if r.get("speedup_vs_nccl") else "-"
+        ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
+        tpot = f"{r['tpot_ms_median']:.2f}" if "tpot_ms_median" in r else "-"
+        world.print0(f"{r['chunk']:>6} {r['workload']:<22} {r['strategy']:<12} {r['total_tokens_per_s']:>10,.0f} "
+                     f"{r['output_tokens_per_s']:>10,.0f} {sp:>8} {r['step_ms_median']:>8.2f} "
+                     f"{100 * r['host_over_gpu']:>5.1f}% {r['ttft_ms_median']:>9.1f} {tpot:>8} {ok:>6}")
+    world.print0("columns: see python -m experiments.throughput --help")
+
+
+def _min():
+    from mpi4py import MPI
+    return MPI.MIN
+
+
+if __name__ == "__main__":
+    dist.shutdown(main())
