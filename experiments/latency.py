@@ -3,21 +3,29 @@
     mpirun -n 2 python -m experiments.latency                       # llama3-70b, 4 layers, TP=2
     mpiexec -n 2 python -m experiments.latency --check --tokens 64 1500 --min-split-tokens 512
                                                                      # no GPU: tiny model, NumPy + MPI
+    mpirun -n 2 python -m experiments.latency --paper                # the paper's Fig. 2/11 setting
 
-For every token count and strategy it builds the batch (prefill sequences of --seq-len tokens), runs
-the forward once, optionally checks it against the float64 reference (tw/reference.py), then times
---iters forward passes (CUDA events, slowest rank), replaying one CUDA graph per token count and
-strategy when --graph is on. Strategies are timed round-robin, --repeats rounds (tw/bench.py).
+--paper: as the paper measured latency, one prompt of N tokens per forward pass (batch 1, N = 1K..64K)
+through the model's full depth, launched eagerly: --seq-len all --layers all --no-graph --strategies
+nccl nocomm fused tokenweave --tokens 1024 2048 4096 8192 16384 32768 65536 (on the CPU: its usual
+--tokens). A flag given explicitly wins over --paper's value for it.
+
+For every token count and strategy it builds the batch (prefill sequences of --seq-len tokens, or one
+sequence of all of them with --seq-len all), runs the forward once, optionally checks it against the
+float64 reference (tw/reference.py), then times --iters forward passes (CUDA events, slowest rank),
+replaying one CUDA graph per token count and strategy when --graph is on. Strategies are timed
+round-robin, --repeats rounds (tw/bench.py).
 
 Strategies: nccl (baseline: GEMM -> NCCL all-reduce -> add + RMSNorm), nocomm (all-reduce removed:
 the bound; its output is not the model's), fused (one fused AR + add + RMSNorm kernel, every SM),
 finegrained<k> (GEMMs in k token chunks overlapping their all-reduces; bare `finegrained` is k = 4),
 tokenweave (two halves, one half's fused comm overlapping the other half's compute).
 
-Columns (table and rows): ms = median_ms, one forward pass of --layers layers (min_ms, max_ms in the
-rows); vs_nccl = speedup_vs_nccl, nccl's ms / this ms; rel_err = ||out - ref|| / ||ref|| (--check);
-check = correct, rel_err <= the dtype's tolerance; split_at = tokenweave's first token of half B
-(`-`: not split) and split_source (tuned, tuned-unsplit, wave, naive, below-threshold: see --split);
+Columns (table and rows): layers = decoder layers of each forward pass (--layers; all = the preset's
+full depth); ms = median_ms, one forward pass of that many layers (min_ms, max_ms in the rows);
+vs_nccl = speedup_vs_nccl, nccl's ms / this ms; rel_err = ||out - ref|| / ||ref|| (--check);
+check = correct, rel_err <= the dtype's tolerance; split_at = tokenweave's first token of half B (`-`:
+not split) and split_source (tuned, tuned-unsplit, wave, naive, below-threshold: see --split);
 ctas, ctas_attn / ctas_mlp = the fused kernel's CTA budgets that ran; sm_target_attn / sm_target_mlp =
 the cuBLAS SM-count target of tokenweave's GEMMs beside them (--sm-target); gemm_tflops = layer 0's four
 GEMMs alone at this token count (the compute ceiling all strategies share); per_layer_ms.
@@ -31,28 +39,42 @@ import time
 
 from experiments import common
 from tw import batch as batching
-from tw import bench, dist, graph, reference, schedules, trace, tuned
+from tw import bench, config, dist, graph, reference, schedules, trace, tuned
 from tw.layers import layer_gemms
 
 DEFAULT_STRATEGIES = ["nccl", "nocomm", "fused", "tokenweave"]
+DEFAULT_SEQ_LEN = 1024
+# The paper's latency runs (arXiv 2505.11329 Fig. 2 and 11): one prompt of N tokens, full depth, eager.
+PAPER = {"seq_len": "all", "layers": "all", "graph": False, "strategies": ["nccl", "nocomm", "fused", "tokenweave"],
+         "tokens": [1024, 2048, 4096, 8192, 16384, 32768, 65536]}
 
 
 def parse_args(argv=None):
     p = common.parser("latency", __doc__)
     common.add_model_flags(p)
     common.add_tokens_flag(p, gpu=[1024, 4096, 16384], cpu=[64, 200, 1500])
-    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, metavar="S",
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's latency setting (Fig. 2/11): one prompt per batch, full depth, eager: sets "
+                        f"--seq-len all --layers all --no-graph --strategies {' '.join(PAPER['strategies'])} "
+                        f"--tokens {' '.join(map(str, PAPER['tokens']))} (on the CPU: its usual --tokens), "
+                        "each unless given explicitly (explicit flags win)")
+    p.add_argument("--strategies", nargs="+", default=None, metavar="S",
                    help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained<k>: k token chunks, bare "
-                        "finegrained = finegrained4); nccl is the baseline of the vs_nccl column")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence in a batch")
+                        "finegrained = finegrained4); nccl is the baseline of the vs_nccl column "
+                        f"(default: {' '.join(DEFAULT_STRATEGIES)})")
+    # A string, checked in validate(): a bad value is then one `error:` line, as every user error is.
+    p.add_argument("--seq-len", default=None, metavar="N|all",
+                   help="tokens per prefill sequence in a batch, or all: the whole batch is one sequence (one "
+                        f"prompt of --tokens tokens) (default: {DEFAULT_SEQ_LEN}; all with --paper)")
     p.add_argument("--prefix", type=int, default=0, help="tokens of each sequence already in the KV cache")
     p.add_argument("--decode", type=int, default=0,
                    help="of each batch's tokens, this many are decode tokens (one per sequence, each with "
                         "--decode-context tokens cached): a mixed chunked-prefill + decode batch")
     p.add_argument("--decode-context", type=int, default=1024, help="cached tokens of each decode sequence")
     common.add_timing_flags(p)
-    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="replay a CUDA graph of the whole forward (GPU only; --no-graph launches eagerly)")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay a CUDA graph of the whole forward (GPU only; --no-graph launches eagerly) "
+                        "(default: on; off with --paper)")
     p.add_argument("--graph-priority", action=argparse.BooleanOptionalAction, default=True,
                    help="instantiate graphs so each kernel keeps its stream's priority (tokenweave's comm stream "
                         "is high priority); --no-graph-priority replays every kernel at one priority, as a "
@@ -81,7 +103,42 @@ def parse_args(argv=None):
                    help="after timing each point, trace one extra eager forward pass (per-op CUDA events on "
                         "every rank) into DIR/trace-*.json (Perfetto) and .csv; timed numbers are unaffected")
     common.add_run_flags(p)
-    return p.parse_args(argv)
+    return paper_defaults(p.parse_args(argv))
+
+
+def paper_defaults(args):
+    """Fill the flags left out: --paper's values where it is given, else the usual defaults. The token
+    counts are left to common.init (it picks the GPU or the CPU list once the device is known)."""
+    paper = PAPER if args.paper else {}
+    if args.seq_len is None:
+        args.seq_len = paper.get("seq_len", DEFAULT_SEQ_LEN)
+    if args.layers is None and paper:
+        args.layers = paper["layers"]
+    if args.graph is None:
+        args.graph = paper.get("graph", True)
+    if args.strategies is None:
+        args.strategies = list(paper.get("strategies", DEFAULT_STRATEGIES))
+    if paper:
+        args._tokens_defaults = (list(PAPER["tokens"]), args._tokens_defaults[1])
+    return args
+
+
+def seq_len_value(value) -> int | str:
+    """--seq-len as given: a positive int, or "all" (each batch is one sequence)."""
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise dist.UsageError(f"--seq-len must be a positive integer or 'all', got {str(value)!r}")
+    return n
+
+
+def seq_len_of(args, tokens: int) -> int:
+    """Tokens per prefill sequence in the batch of `tokens` tokens (with --seq-len all: all of them)."""
+    return tokens if args.seq_len == "all" else args.seq_len
 
 
 def validate(args, world):
@@ -101,8 +158,9 @@ def validate(args, world):
         raise dist.UsageError(f"--strategies: {dup} given more than once")
     if any(schedules.finegrained_k(s) == 0 for s in args.strategies):
         raise dist.UsageError("--strategies: finegrained needs k >= 1 chunks")
-    if args.seq_len < 1 or args.prefix < 0:
-        raise dist.UsageError(f"--seq-len must be >= 1 and --prefix >= 0, got {args.seq_len} and {args.prefix}")
+    args.seq_len = seq_len_value(args.seq_len)
+    if args.prefix < 0:
+        raise dist.UsageError(f"--prefix must be >= 0, got {args.prefix}")
     if args.decode < 0:
         raise dist.UsageError(f"--decode must be >= 0, got {args.decode}")
     if args.decode and any(t <= args.decode for t in args.tokens):
@@ -133,9 +191,13 @@ def gemm_tflops(model, num_tokens, stream, iters):
 
 def main(argv=None):
     args = parse_args(argv)
+    tokens_given = args.tokens is not None
     world = common.init(args)
     cfg = common.model_config(args, world)
     validate(args, world)
+    if args.paper and not world.is_gpu and not tokens_given:
+        world.print0(f"--paper on the CPU: tokens {' '.join(map(str, args.tokens))}, not the paper's "
+                     f"{PAPER['tokens'][0]}-{PAPER['tokens'][-1]} (one prompt of 64K tokens takes minutes here)")
     if world.shared_gpu:
         if args.transport == "nccl":
             raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
@@ -150,15 +212,19 @@ def main(argv=None):
         world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
                      "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")
     stream = world.new_stream()
+    # Everything is sized from the token counts (workspace, KV, transports); nothing else caps them.
     tokens = max(args.tokens)  # an upper bound of the KV slots, before any batch is built
-    kv_bound = tokens + (tokens // args.seq_len + 1) * args.prefix + args.decode * args.decode_context
+    longest = min(seq_len_of(args, tokens), tokens)  # the longest prefill sequence (the reference's scores)
+    kv_bound = tokens + (tokens // longest + 1) * args.prefix + args.decode * args.decode_context
     common.check_memory(args, world, cfg, tokens, kv_bound, len(args.strategies), tokens if args.check else 0,
-                        args.seq_len)
-    batches = {t: batching.workload(t, args.seq_len, args.prefix, args.decode, args.decode_context)
+                        longest)
+    batches = {t: batching.workload(t, seq_len_of(args, t), args.prefix, args.decode, args.decode_context)
                for t in args.tokens}
+    if world.is_gpu:
+        check_attention_grid(batches)
     capacity = max(b.kv_capacity for b in batches.values())
     model = common.build_model(args, world, cfg, max(args.tokens), capacity, transports=len(args.strategies),
-                               reference_tokens=max(args.tokens) if args.check else 0, seq_len=args.seq_len)
+                               reference_tokens=max(args.tokens) if args.check else 0, seq_len=longest)
     rule = "wave" if args.split == "tuned" else args.split  # the rule where nothing is tuned
     strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=rule, ctas_mlp=args.ctas_mlp,
                                  min_split_tokens=args.min_split_tokens,
@@ -196,7 +262,8 @@ def main(argv=None):
                 out = forward()
                 run = graph.Graph(forward, stream, args.graph_priority) if args.graph and world.is_gpu else forward
                 if world.is_gpu:
-                    run()
+                    if run is not forward:  # one replay of the new graph (eager: the pass above was one)
+                        run()
                     stream.synchronize()
                 strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
             row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs), "split_at": plan.split_at,
@@ -213,9 +280,13 @@ def main(argv=None):
                             else ""))
             runs.append((run, forward))
             point_rows.append(row)
-        with dist.step(f"timing tokens={tokens}"):
-            samples = bench.round_robin(range(len(runs)), lambda i: bench.passes(runs[i][0], world, stream, args.iters,
-                                                                                   args.warmup), args.repeats)
+        def measure(i, tokens=tokens):
+            # One step per strategy and round, not per token count: at full depth and 64K tokens one
+            # pass takes seconds, and a step is bounded by TW_TIMEOUT_S (tw/watchdog.py).
+            with dist.step(f"timing tokens={tokens} {strategies[i].name}"):
+                return bench.passes(runs[i][0], world, stream, args.iters, args.warmup)
+
+        samples = bench.round_robin(range(len(runs)), measure, args.repeats)
         for strat, (run, _), row in zip(strategies, runs, point_rows):
             # After timing: no transport gave up, and every strategy still computes the same output
             # (a failed P2P call would otherwise only show as implausibly fast timings).
@@ -251,21 +322,55 @@ def main(argv=None):
     return 0
 
 
+def check_attention_grid(batches) -> None:
+    """The attention kernel's one row limit: a batch's query blocks (one per 128 new tokens of each
+    sequence) form the grid's y dimension, at most 65535 (tw/attention.py). Said here, naming the flags,
+    rather than from inside the first forward pass."""
+    from tw.attention import DEFAULT_BLOCK_M, MAX_WORK_ITEMS
+    for t, b in batches.items():
+        blocks = sum(-(-s.new // DEFAULT_BLOCK_M) for s in b.seqs)
+        if blocks > MAX_WORK_ITEMS:
+            raise dist.UsageError(f"--tokens {t}: the batch has {blocks} attention query blocks ({len(b.seqs)} "
+                                  f"sequences, one block per {DEFAULT_BLOCK_M} new tokens of each) but the attention "
+                                  f"kernel's grid holds {MAX_WORK_ITEMS}; use a longer --seq-len (or all), fewer "
+                                  "--tokens or fewer --decode tokens")
+
+
 def load_choices(args, world, cfg) -> dict:
-    """tune.py's choices for exactly this setting (--split tuned, flags not overriding them), else {}."""
+    """{tokens: tune.py's choice} for exactly this setting (--split tuned, flags not overriding them).
+
+    A choice holds only for the batch it was tuned on, and the key's seq_len says which batch that was:
+    prefill sequences of seq_len tokens. With --seq-len all the batch of T tokens is one sequence of T,
+    which is what tune.py measured with --seq-len T --tokens T, so each T uses the file keyed seq_len = T
+    and only its entry for T (that file's other token counts were batches of several sequences)."""
     if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
         return {}
-    key = tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport, args.seq_len,
-                          world.gpu_tag)
-    found = tuned.load(key)
-    if not found:
+    keys = dict.fromkeys(tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport,
+                                         seq_len_of(args, t), world.gpu_tag) for t in args.tokens)  # one per seq_len
+    found, used, missing = {}, [], []
+    for key in keys:
+        got = tuned.load(key)
+        if args.seq_len == "all":
+            got = {t: c for t, c in got.items() if t == key.seq_len}
+        if got:
+            found.update(got)
+            used.append(key.path.name)
+        else:
+            missing.append(key)
+    if missing and args.seq_len != "all":
+        key = missing[0]
         world.print0(f"tokenweave: {tuned.mismatch(key) or 'no tuned choices for this setting'}; "
                      "using the wave rule and the CTA flags")
+    elif missing:
+        world.print0(f"tokenweave: no choices tuned on one prompt of {sorted(k.seq_len for k in missing)} tokens "
+                     f"(tune.py --seq-len T --tokens T, {cfg.num_layers} layers); the wave rule and the CTA flags "
+                     "there")
+    if not found:
         return {}
     if args.ctas is not None or args.ctas_mlp is not None:
         world.print0("tokenweave: --ctas/--ctas-mlp given: tuned choices ignored")
         return {}
-    world.print0(f"tokenweave: tuned split and CTA budgets from {key.path.name} for tokens {sorted(found)}")
+    world.print0(f"tokenweave: tuned split and CTA budgets from {', '.join(used)} for tokens {sorted(found)}")
     return found
 
 
@@ -285,11 +390,15 @@ def write_trace(args, world, cfg, strategy, tokens, forward, stream):
 
 
 def print_table(world, rows, cfg, args):
-    world.print0(f"\n{cfg.name}, {cfg.num_layers} layers, TP={world.tp_size}, {world.device}"
-                 f"{', CUDA graphs' if args.graph and world.is_gpu else ''}; median of {args.repeats} x "
+    depth = " (full depth)" if cfg.num_layers == config.PRESETS[cfg.name].num_layers else ""
+    batch = ("one prompt per batch" if args.seq_len == "all" else f"prefill sequences of {args.seq_len} tokens")
+    launch = (", CUDA graphs" if args.graph else ", eager") if world.is_gpu else ""
+    world.print0(f"\n{cfg.name}, {cfg.num_layers} layers{depth}, TP={world.tp_size}, {batch}, {world.device}"
+                 f"{launch}; median of {args.repeats} x "
                  f"{args.iters} passes, slowest rank" + ("" if world.is_gpu else " (CPU: timings mean nothing)")
                  + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
-    head = f"{'tokens':>7} {'strategy':<12} {'ms':>9} {'vs_nccl':>8} {'rel_err':>9} {'check':>6} {'split_at':>8}"
+    head = (f"{'layers':>6} {'tokens':>7} {'strategy':<12} {'ms':>9} {'vs_nccl':>8} {'rel_err':>9} {'check':>6} "
+            f"{'split_at':>8}")
     if world.is_gpu:
         head += f" {'gemm_tflops':>11}"
     world.print0(head)
@@ -298,7 +407,8 @@ def print_table(world, rows, cfg, args):
         err = f"{r['rel_err']:.2e}" if "rel_err" in r else "-"
         ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
         split = str(r["split_at"]) if r["split_at"] is not None else "-"
-        line = f"{r['tokens']:>7} {r['strategy']:<12} {r['median_ms']:>9.3f} {sp:>8} {err:>9} {ok:>6} {split:>8}"
+        line = (f"{cfg.num_layers:>6} {r['tokens']:>7} {r['strategy']:<12} {r['median_ms']:>9.3f} {sp:>8} {err:>9} "
+                f"{ok:>6} {split:>8}")
         if world.is_gpu:
             line += f" {r['gemm_tflops']:>11.0f}"
         world.print0(line)
