@@ -262,3 +262,27 @@ def writer(args, world, experiment: str, cfg=None, **fields) -> results.Writer:
 def _max():
     from mpi4py import MPI
     return MPI.MAX
+
+
+def shared_gpu_strategies(args, world) -> None:
+    """With ranks sharing a GPU (TW_SHARE_GPU=1) NCCL cannot run: drop the NCCL strategies from
+    args.strategies (saying so), refuse --transport nccl, and say that timings mean nothing."""
+    if not world.shared_gpu:
+        return
+    from tw import schedules
+    if getattr(args, "transport", None) == "nccl":
+        raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
+    skipped = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
+    args.strategies = [s for s in args.strategies if s not in skipped]
+    if skipped:
+        world.print0(f"TW_SHARE_GPU=1: {skipped} skipped: NCCL refuses two ranks on one GPU")
+    world.print0("TW_SHARE_GPU=1: the checks still apply; TIMINGS BELOW MEAN NOTHING (ranks share one GPU)")
+    if not args.strategies:
+        raise dist.UsageError("no strategy left to run with TW_SHARE_GPU=1; try --strategies fused tokenweave")
+
+
+def note_tp1(world) -> None:
+    """At TP=1 there is nothing to communicate: every strategy runs the same compute."""
+    if world.tp_size == 1:
+        world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
+                     "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")

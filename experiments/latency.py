@@ -198,19 +198,8 @@ def main(argv=None):
     if args.paper and not world.is_gpu and not tokens_given:
         world.print0(f"--paper on the CPU: tokens {' '.join(map(str, args.tokens))}, not the paper's "
                      f"{PAPER['tokens'][0]}-{PAPER['tokens'][-1]} (one prompt of 64K tokens takes minutes here)")
-    if world.shared_gpu:
-        if args.transport == "nccl":
-            raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
-        skipped = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
-        args.strategies = [s for s in args.strategies if s not in skipped]
-        if skipped:
-            world.print0(f"TW_SHARE_GPU=1: {skipped} skipped: NCCL refuses two ranks on one GPU")
-        world.print0("TW_SHARE_GPU=1: the float64 check still applies; TIMINGS BELOW MEAN NOTHING (ranks share one GPU)")
-        if not args.strategies:
-            raise dist.UsageError("no strategy left to run with TW_SHARE_GPU=1; try --strategies fused tokenweave")
-    if world.tp_size == 1:
-        world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
-                     "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")
+    common.shared_gpu_strategies(args, world)
+    common.note_tp1(world)
     stream = world.new_stream()
     # Everything is sized from the token counts (workspace, KV, transports); nothing else caps them.
     tokens = max(args.tokens)  # an upper bound of the KV slots, before any batch is built

@@ -445,19 +445,8 @@ def main(argv=None):
     fill_defaults(args, world)
     cfg = common.model_config(args, world)
     validate(args, world)
-    if world.shared_gpu:
-        if args.transport == "nccl":
-            raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
-        skipped = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
-        args.strategies = [s for s in args.strategies if s not in skipped]
-        if skipped:
-            world.print0(f"TW_SHARE_GPU=1: {skipped} skipped: NCCL refuses two ranks on one GPU")
-        world.print0("TW_SHARE_GPU=1: the check still applies; TIMINGS BELOW MEAN NOTHING (ranks share one GPU)")
-        if not args.strategies:
-            raise dist.UsageError("no strategy left to run with TW_SHARE_GPU=1; try --strategies fused tokenweave")
-    if world.tp_size == 1:
-        world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
-                     "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")
+    common.shared_gpu_strategies(args, world)
+    common.note_tp1(world)
     loads = build_workloads(args, cfg.vocab)
     chunk = max(args.chunk)
     ref_tokens = max(w.kv_need_max for w in loads) if args.check else 0

@@ -138,7 +138,8 @@ def memory_estimate(cfg: ModelConfig, shard: ShardConfig, max_tokens: int, kv_ca
     float32 layer alive while it is sharded (tw/weights.py). kv: the KV caches. workspace: the
     activation buffers and `transports` communication buffers (~3 [max_tokens, hidden] arrays each).
     reference: the float64 reference for `reference_tokens` tokens (one full float32 layer, its largest
-    matrix in float64 twice, the float32 embedding, float64 activations and KV, one sequence's scores).
+    matrix in float64 twice, the float32 embedding, float64 activations and KV, and one sequence's
+    scores twice: the softmax holds two copies at its peak).
     """
     h, hd, layers = cfg.hidden, cfg.head_dim, cfg.num_layers
     full_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd * h + h * cfg.num_heads * hd + 3 * cfg.ffn * h
@@ -152,6 +153,6 @@ def memory_estimate(cfg: ModelConfig, shard: ShardConfig, max_tokens: int, kv_ca
         biggest = 2 * cfg.ffn * h
         est["reference"] = (full_layer * 4 + 2 * biggest * 8 + cfg.vocab * h * 4
                             + t * (4 * h + (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + 3 * cfg.ffn) * 8
-                            + 2 * kv_capacity * cfg.num_kv_heads * hd * 8 + cfg.num_heads * seq_len ** 2 * 8)
+                            + 2 * kv_capacity * cfg.num_kv_heads * hd * 8 + 2 * cfg.num_heads * seq_len ** 2 * 8)
     est["total"] = sum(est.values())
     return est
