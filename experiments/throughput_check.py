@@ -1,0 +1,66 @@
+"""The correctness check of experiments/throughput.py: generated tokens and logits against the float64
+single-process reference (tw/reference.py next_logits / generate) for the first --check-requests
+requests. CPU (float32): every strategy but nocomm must generate exactly the reference's tokens and its
+logits within tolerance; GPU (bf16): the logits of the first and the last output step within tolerance
+(check_logits_rel_err; greedy tokens may legitimately differ after a near tie in bf16).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tw import dist, lm_head, reference
+
+
+def references(args, world, cfg, model, load) -> dict:
+    """Rank 0's float64 reference for the checked requests, broadcast: per request id, the logits of
+    its first output token and (CPU only: O(n^2) recomputation) its greedy tokens."""
+    out = None
+    if world.rank == 0:
+        xp, w = model.xp, lm_head.full_weight(cfg, args.seed, model.xp).astype(model.dtype)
+        out = {}
+        for r in load.requests[:args.check_requests]:
+            first = reference.next_logits(cfg, r.prompt, args.seed, xp, model.dtype, w)
+            toks = (None if world.is_gpu else
+                    reference.generate(cfg, r.prompt, r.output_len, args.seed, xp, model.dtype, w))
+            out[r.rid] = {"first": _host(first), "tokens": toks}
+    return world.comm.bcast(out, root=0)
+
+
+def check(args, world, cfg, model, refs, sched, logits) -> dict:
+    """Compare one strategy's run with the reference: tokens (CPU), logits of the first output step and
+    of the last one (that given the strategy's own earlier tokens)."""
+    tol = reference.tolerance(model.dtype)
+    errs, equal, first_equal = [], [], []
+    done = {r.rid: r for r in sched.finished}
+    last_ref = None
+    if world.rank == 0:
+        xp, w = model.xp, lm_head.full_weight(cfg, args.seed, model.xp).astype(model.dtype)
+        last_ref = {rid: _host(reference.next_logits(cfg, np.concatenate([done[rid].prompt, done[rid].output[:-1]])
+                                                     .astype(np.int32), args.seed, xp, model.dtype, w))
+                    for rid in refs if done[rid].output_len > 1}
+    last_ref = world.comm.bcast(last_ref, root=0)
+    for rid, ref in refs.items():
+        r, got = done[rid], logits.get(rid, [])
+        want = [ref["first"]] + ([last_ref[rid]] if rid in last_ref else [])
+        errs += [reference.rel_err(g, w_)["rel_err"] for g, w_ in zip(got, want)]
+        errs += [float("inf")] * (len(want) - len(got))      # a captured step missing is a failure
+        first_equal.append(r.output[0] == int(np.argmax(ref["first"])))
+        if ref["tokens"] is not None:
+            equal.append(r.output == ref["tokens"])
+    row = {"check_requests": len(refs), "check_logits_rel_err": max(errs), "check_tolerance": tol,
+           "check_first_token_equal": all(first_equal), "check_tokens_equal": all(equal) if equal else None}
+    row["correct"] = bool(row["check_logits_rel_err"] <= tol and row["check_tokens_equal"] is not False)
+    return row
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def check_refs(args, world, cfg, model, load) -> dict:
+    if not (args.check and args.check_requests):
+        return {}
+    world.print0(f"float64 reference for {min(args.check_requests, len(load.requests))} requests "
+                 "(rank 0, then broadcast) ...")
+    with dist.step(f"float64 reference, {load.name}"):
+        return references(args, world, cfg, model, load)
