@@ -38,7 +38,7 @@ import numpy as np
 
 from experiments import common, workloads
 from experiments.throughput_check import check, check_refs
-from tw import config, dist, engine, lm_head, reference, schedules, tuned
+from tw import config, dist, engine, lm_head, schedules, tuned
 from tw import split as splitting
 from tw.model import memory_estimate
 
