@@ -24,7 +24,7 @@ def _user_error(proc, msg, started, limit_s=30):
 @CPU_ONLY
 @pytest.mark.parametrize("args,msg", [
     (["--model", "nonexistent"], "unknown model 'nonexistent'"),
-    (["--model", "mixtral-8x22b"], "mixture-of-experts model and MoE layers are not implemented"),
+    (["--model", "mixtral-8x22b"], "--model mixtral-8x22b is too large for the CPU path"),
     (["--model", "llama3-70b"], "--model llama3-70b is too large for the CPU path"),
     (["--shard-as-tp", "0"], "--shard-as-tp 0 must be a positive multiple"),
     (["--shard-as-tp", "3"], "--shard-as-tp 3 must be a positive multiple"),

@@ -18,16 +18,20 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    ffn: int                 # intermediate size of the MLP
+    ffn: int                 # intermediate size of the MLP (of each expert in an MoE model)
     num_layers: int
     vocab: int
     rope_theta: float
     eps: float
     qkv_bias: bool = False
     rope_scaling: tuple | None = None   # (factor, low_freq_factor, high_freq_factor, original_max_pos)
-    num_experts: int = 0     # > 0: mixture of experts (not supported yet)
+    num_experts: int = 0     # > 0: mixture of experts (tw/moe.py; the CPU path only so far)
+    top_k: int = 2           # experts per token (MoE models only)
 
     def __post_init__(self):
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"{self.name}: need num_experts >= 0 and 1 <= top_k <= num_experts, got "
+                             f"num_experts={self.num_experts}, top_k={self.top_k}")
         for f in ("hidden", "num_heads", "num_kv_heads", "head_dim", "ffn", "num_layers", "vocab"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{self.name}: {f} must be positive, got {getattr(self, f)}")
@@ -64,20 +68,18 @@ class ShardConfig:
 
     def __post_init__(self):
         m, tp = self.model, self.tp
-        if m.num_experts:
-            raise NotImplementedError(f"{m.name} is a mixture-of-experts model ({m.num_experts} experts); "
-                                      "MoE layers are not implemented yet")
         if tp < 1 or not 0 <= self.rank < tp:
             raise ValueError(f"bad TP rank {self.rank} of {tp}")
         if m.num_heads % tp or m.num_kv_heads % tp:
             raise ValueError(f"{m.name}: TP={tp} must divide num_heads ({m.num_heads}) and num_kv_heads "
                              f"({m.num_kv_heads}); valid TP degrees: {valid_tp(m)}")
         if m.ffn % tp or (m.ffn // tp) % 8:
-            raise ValueError(f"{m.name}: TP={tp} must divide ffn ({m.ffn}) into multiples of 8")
+            what = "every expert's ffn" if m.num_experts else "ffn"
+            raise ValueError(f"{m.name}: TP={tp} must divide {what} ({m.ffn}) into multiples of 8")
 
     num_heads = property(lambda s: s.model.num_heads // s.tp)
     num_kv_heads = property(lambda s: s.model.num_kv_heads // s.tp)
-    ffn = property(lambda s: s.model.ffn // s.tp)
+    ffn = property(lambda s: s.model.ffn // s.tp)   # MoE: of each expert (every expert is TP-sharded)
     q_dim = property(lambda s: s.num_heads * s.model.head_dim)
     kv_dim = property(lambda s: s.num_kv_heads * s.model.head_dim)
     qkv_dim = property(lambda s: s.q_dim + 2 * s.kv_dim)
@@ -102,7 +104,7 @@ PRESETS = {
                              rope_scaling=_LLAMA3_SCALING),
     "mixtral-8x22b": ModelConfig("mixtral-8x22b", hidden=6144, num_heads=48, num_kv_heads=8, head_dim=128,
                                  ffn=16384, num_layers=56, vocab=32768, rope_theta=1e6, eps=1e-5,
-                                 num_experts=8),
+                                 num_experts=8, top_k=2),
     # CPU-sized: every code path of the big models (GQA, RoPE, TP up to 4), seconds on a laptop.
     "tiny": ModelConfig("tiny", hidden=256, num_heads=8, num_kv_heads=4, head_dim=32, ffn=512,
                         num_layers=2, vocab=1000, rope_theta=10000.0, eps=1e-5),
@@ -115,6 +117,9 @@ PRESETS = {
                             num_layers=2, vocab=1000, rope_theta=10000.0, eps=1e-5),
     "tiny-qwen": ModelConfig("tiny-qwen", hidden=256, num_heads=8, num_kv_heads=4, head_dim=32, ffn=640,
                              num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-6, qkv_bias=True),
+    # CPU-sized mixture of experts: router, top-2, 4 TP-sharded experts (TP up to 4).
+    "tiny-moe": ModelConfig("tiny-moe", hidden=256, num_heads=8, num_kv_heads=4, head_dim=32, ffn=256,
+                            num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-5, num_experts=4, top_k=2),
 }
 
 
@@ -123,9 +128,6 @@ def get(name: str, num_layers: int | None = None) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]
-    if cfg.num_experts:
-        raise NotImplementedError(f"{name} is a mixture-of-experts model; MoE layers are not implemented "
-                                  f"yet. Dense presets: {sorted(k for k, v in PRESETS.items() if not v.num_experts)}")
     if num_layers is not None:
         if num_layers < 1:
             raise ValueError(f"--layers must be >= 1, got {num_layers}")

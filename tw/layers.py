@@ -24,11 +24,12 @@ class LayerWeights:
     wqkv: object         # [qkv_dim, H]       column-parallel
     bqkv: object         # [qkv_dim] or None
     wo: object           # [H, q_dim]         row-parallel
-    wgate_up: object     # [2 F/tp, H]        column-parallel
-    wdown: object        # [H, F/tp]          row-parallel
+    wgate_up: object     # [2 F/tp, H]        column-parallel (None in an MoE layer: see moe)
+    wdown: object        # [H, F/tp]          row-parallel (MoE: [H, E F/tp], the experts' down shards)
     k_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
     v_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
     index: int = 0       # layer number (trace names)
+    moe: object = None   # tw.moe.MoEWeights (router, experts' gate_up) when cfg.num_experts > 0
 
 
 @dataclass
@@ -77,7 +78,12 @@ def attention_block(model, w: LayerWeights, x, part: Part, y, stream=None):
 
 def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):
     """x [n, H] (normed input) -> y [n, H] partial down_proj output of this rank's FFN slice.
-    y=None stops before down_proj (the activation stays in model.ws.act[part.rows])."""
+    y=None stops before down_proj (the activation stays in model.ws.act[part.rows]).
+    MoE models (cfg.num_experts > 0) run the MoE block instead, same contract (tw/moe.py)."""
+    if model.cfg.num_experts:
+        from .moe import moe_block
+        moe_block(model, w, x, part, y, stream)
+        return
     name = f"L{w.index}.mlp.{part.label}."
     gate_up = model.ws.gate_up[part.rows]                           # [n, 2 F/tp]
     act = model.ws.act[part.rows]                                   # [n, F/tp]

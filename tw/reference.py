@@ -24,6 +24,16 @@ from .batch import Batch
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
 
+# MoE routing: the reference routes from its float64 logits, the model from its own (float32 on the
+# CPU, ~1e-6 off). They pick the same experts unless a token's k-th and (k+1)-th logits lie within that
+# rounding, so forward() refuses (RouterNearTie) a token whose gap is below this: 100x the float32
+# logits' error. bfloat16 (the GPU model, no MoE kernels yet): a guess at ~10x its logits' error.
+ROUTER_MIN_GAP = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+class RouterNearTie(AssertionError):
+    """A token's top-k routing is within rounding of another choice: the comparison would be a coin toss."""
+
 
 def tolerance(dtype) -> float:
     return TOLERANCE[np.dtype(dtype).name]
@@ -104,14 +114,54 @@ def forward(cfg, batch: Batch, ids, seed: int, xp, dtype):
         attn = attention(q, k_cache, v_cache, batch, hd ** -0.5).reshape(len(pos), nh * hd)
         h = h + attn @ stored(w["wo"]).T
         x = _rmsnorm(h, stored(w["post_norm"]), cfg.eps)
-        gate_up = x @ stored(w["wgate_up"]).T
-        g, u = gate_up[:, :cfg.ffn], gate_up[:, cfg.ffn:]
-        h = h + (g / (1 + xp.exp(-g)) * u) @ stored(w["wdown"]).T
+        if cfg.num_experts:
+            h = h + _moe(cfg, x, w, stored, layer, np.dtype(dtype).name)
+        else:
+            gate_up = x @ stored(w["wgate_up"]).T
+            g, u = gate_up[:, :cfg.ffn], gate_up[:, cfg.ffn:]
+            h = h + (g / (1 + xp.exp(-g)) * u) @ stored(w["wdown"]).T
         nxt = (weights.input_norm(cfg, layer + 1, seed, xp) if layer + 1 < cfg.num_layers
                else weights.final_norm(cfg, seed, xp))
         x = _rmsnorm(h, stored(nxt), cfg.eps)
         del w
     return x
+
+
+def moe(x, router, gate_up, down, top_k: int):
+    """The MoE block in float64 from float64 weights: router [E, H], gate_up [E, 2F, H], down [E, H, F];
+    returns (out [n, H], logits [n, E]). Plain: top-k by a stable sort of the logits (the lower index
+    on ties), softmax over the selected, every expert on the tokens that chose it."""
+    xp = _xp(x)
+    num_experts, f = router.shape[0], down.shape[2]
+    logits = x @ router.T
+    top = xp.argsort(-logits, axis=1, **({"kind": "stable"} if xp is np else {}))[:, :top_k]
+    chosen = xp.take_along_axis(logits, top, axis=1)
+    p = xp.exp(chosen - chosen.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    out = xp.zeros_like(x)
+    for e in range(num_experts):
+        tok, slot = xp.nonzero(top == e)       # a token picks an expert at most once
+        if len(tok) == 0:
+            continue
+        h = x[tok] @ gate_up[e].T
+        g, u = h[:, :f], h[:, f:]
+        out[tok] += p[tok, slot, None] * ((g / (1 + xp.exp(-g)) * u) @ down[e].T)
+    return out, logits
+
+
+def _moe(cfg, x, w, stored, layer: int, dtype_name: str):
+    """moe() on the stored weights of `layer`, refusing near-ties of the routing (ROUTER_MIN_GAP)."""
+    from .moe import router_gap
+    out, logits = moe(x, stored(w["router"]), stored(w["experts_gate_up"]), stored(w["experts_down"]), cfg.top_k)
+    gap = router_gap(logits, cfg.top_k)
+    min_gap = ROUTER_MIN_GAP.get(dtype_name, 0.0)
+    t = int(gap.argmin())
+    if float(gap[t]) < min_gap:
+        raise RouterNearTie(f"{cfg.name} layer {layer}, token {t}: its top-{cfg.top_k} and next router logits "
+                            f"differ by {float(gap[t]):.2e} < {min_gap:g}, within what {dtype_name} rounding can "
+                            "flip: the model and the reference could route it to different experts. Use "
+                            "another seed or batch for this check.")
+    return out
 
 
 def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype):

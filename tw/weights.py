@@ -7,6 +7,11 @@ is N(0, 0.1^2); embeddings and the prefix K/V in the cache are N(0, 1). The resi
 like sqrt(layers) (std ~9 after 80 layers, well inside bf16's range) while every layer's input is
 re-normalized by RMSNorm.
 
+MoE layers (cfg.num_experts > 0) have no dense gate_up/down: a router [E, H] (N(0, 1/H), like every
+linear) and, per expert e, its own gate_up [2F, H] and down [H, F] from the streams named
+"expert<e>/gate_up" and "expert<e>/down", stacked as experts_gate_up [E, 2F, H] and experts_down
+[E, H, F] (F: the expert FFN).
+
 Every tensor has its own seed derived from (seed, layer, name), so a TP=1 model, a TP=2 model and the
 float64 reference (tw/reference.py) all see the same numbers. The generator is the array library's own
 (NumPy on CPU, CuPy on GPU), so CPU and GPU models have different (equally random) weights.
@@ -40,9 +45,17 @@ def full_layer(cfg: ModelConfig, layer: int, seed: int, xp) -> dict:
         "post_norm": normal(xp, (h,), 0.1, seed, layer, "post_norm", mean=1.0),
         "wqkv": normal(xp, (qkv, h), h ** -0.5, seed, layer, "wqkv"),                        # [qkv, H]
         "wo": normal(xp, (h, cfg.num_heads * hd), (cfg.num_heads * hd) ** -0.5, seed, layer, "wo"),
-        "wgate_up": normal(xp, (2 * cfg.ffn, h), h ** -0.5, seed, layer, "wgate_up"),        # [2F, H]
-        "wdown": normal(xp, (h, cfg.ffn), cfg.ffn ** -0.5, seed, layer, "wdown"),            # [H, F]
     }
+    if cfg.num_experts:
+        e_range, f = range(cfg.num_experts), cfg.ffn
+        w["router"] = normal(xp, (cfg.num_experts, h), h ** -0.5, seed, layer, "router")    # [E, H]
+        w["experts_gate_up"] = xp.stack([normal(xp, (2 * f, h), h ** -0.5, seed, layer, f"expert{e}/gate_up")
+                                         for e in e_range])                                 # [E, 2F, H]
+        w["experts_down"] = xp.stack([normal(xp, (h, f), f ** -0.5, seed, layer, f"expert{e}/down")
+                                      for e in e_range])                                    # [E, H, F]
+    else:
+        w["wgate_up"] = normal(xp, (2 * cfg.ffn, h), h ** -0.5, seed, layer, "wgate_up")    # [2F, H]
+        w["wdown"] = normal(xp, (h, cfg.ffn), cfg.ffn ** -0.5, seed, layer, "wdown")        # [H, F]
     if cfg.qkv_bias:
         w["bqkv"] = normal(xp, (qkv,), 0.1, seed, layer, "bqkv")
     return w
@@ -68,7 +81,9 @@ def prefix_kv(cfg: ModelConfig, layer: int, capacity: int, seed: int, xp):
 
 def shard_layer(full: dict, shard: ShardConfig) -> dict:
     """One TP rank's slice: QKV and gate_up split by output rows (column-parallel), o_proj and down
-    split by input columns (row-parallel), norms replicated."""
+    split by input columns (row-parallel), norms replicated. MoE: every expert split like the dense MLP
+    (its gate_up by rows: experts_gate_up [E, 2 F/tp, H]; its down by columns: experts_down
+    [E, H, F/tp]), the router replicated."""
     m, r, hd = shard.model, shard.rank, shard.model.head_dim
     q_rows = slice(r * shard.q_dim, (r + 1) * shard.q_dim)
     k0, v0 = m.num_heads * hd, (m.num_heads + m.num_kv_heads) * hd
@@ -81,9 +96,15 @@ def shard_layer(full: dict, shard: ShardConfig) -> dict:
         "input_norm": full["input_norm"], "post_norm": full["post_norm"],
         "wqkv": xp.concatenate([full["wqkv"][q_rows], full["wqkv"][k_rows], full["wqkv"][v_rows]]),
         "wo": xp.ascontiguousarray(full["wo"][:, q_rows]),
-        "wgate_up": xp.concatenate([full["wgate_up"][f_rows], full["wgate_up"][up_rows]]),
-        "wdown": xp.ascontiguousarray(full["wdown"][:, f_rows]),
     }
+    if m.num_experts:
+        g, d = full["experts_gate_up"], full["experts_down"]
+        out["router"] = full["router"]
+        out["experts_gate_up"] = xp.concatenate([g[:, f_rows], g[:, up_rows]], axis=1)
+        out["experts_down"] = xp.ascontiguousarray(d[:, :, f_rows])
+    else:
+        out["wgate_up"] = xp.concatenate([full["wgate_up"][f_rows], full["wgate_up"][up_rows]])
+        out["wdown"] = xp.ascontiguousarray(full["wdown"][:, f_rows])
     if "bqkv" in full:
         b = full["bqkv"]
         out["bqkv"] = xp.concatenate([b[q_rows], b[k_rows], b[v_rows]])

@@ -1,0 +1,179 @@
+"""The MoE block (tw/moe.py): routing and permutation against plain per-token loops, the block against a
+per-token float64 loop, TP sharding and token splits, every strategy on CPU ranks, and the refusals."""
+import numpy as np
+import pytest
+
+from conftest import gpus, requires_gpu, run_mpi
+from tw import config, reference, weights
+from tw.moe import MoEWeights, down_side_by_side, moe_forward, permute, route, router_gap
+
+
+def _logits(n=53, e=8, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, e), dtype=np.float32)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_route_is_top_k_with_renormalised_softmax(top_k):
+    logits = _logits()
+    logits[3, 5] = logits[3, 2] = logits[3].max() + 1  # a tie at the top: the lower index first
+    experts, w = route(logits, top_k)
+    for t, row in enumerate(logits):
+        want = sorted(range(len(row)), key=lambda e: (-row[e], e))[:top_k]
+        assert experts[t].tolist() == want
+        sel = row[want].astype(np.float64)
+        p = np.exp(sel - sel.max())
+        np.testing.assert_allclose(w[t], p / p.sum(), rtol=1e-6)
+    assert w.dtype == np.float32 and np.allclose(w.sum(axis=1), 1, atol=1e-6)
+    assert experts[3, :2].tolist() == [2, 5][:top_k]
+
+
+def test_permutation_groups_by_expert_stably_and_inverts():
+    experts, _ = route(_logits(), 2)
+    order, offsets, inverse = permute(experts, 8)
+    flat = experts.reshape(-1)
+    assert sorted(order.tolist()) == list(range(flat.size)) and offsets[-1] == flat.size
+    for e in range(8):
+        block = order[offsets[e]:offsets[e + 1]]
+        assert (flat[block] == e).all() and (np.diff(block) > 0).all()   # this expert's pairs, token order
+    assert (order[inverse] == np.arange(flat.size)).all() and (inverse[order] == np.arange(flat.size)).all()
+
+
+def _block(num_experts=4, hidden=64, ffn=32, seed=0):
+    rng = np.random.default_rng(seed)
+    router = rng.standard_normal((num_experts, hidden), dtype=np.float32) * hidden ** -0.5
+    gate_up = rng.standard_normal((num_experts, 2 * ffn, hidden), dtype=np.float32) * hidden ** -0.5
+    down = rng.standard_normal((num_experts, hidden, ffn), dtype=np.float32) * ffn ** -0.5
+    return router, gate_up, down
+
+
+def _bufs(n, k, num_experts, hidden, ffn):
+    z = lambda *s: np.zeros(s, np.float32)
+    return {"logits": z(n, num_experts), "xs": z(n * k, hidden), "gate_up": z(n * k, 2 * ffn),
+            "act": z(n * k, ffn), "out": z(n * k, hidden)}
+
+
+def _run(x, router, gate_up, down, k, dense=False):
+    n, e, f = x.shape[0], router.shape[0], down.shape[2]
+    wdown = down_side_by_side(down)
+    bufs = _bufs(n, k, e, x.shape[1], f)
+    if dense:   # y=None: the weighted dense activations, then the one down GEMM FineGrained chunks
+        act = np.zeros((n, e * f), np.float32)
+        experts, w = moe_forward(x, MoEWeights(router, gate_up), wdown, k, bufs, None, act)
+        return act @ wdown.T, experts, w
+    y = np.full((n, x.shape[1]), np.nan, np.float32)  # every row must be written
+    experts, w = moe_forward(x, MoEWeights(router, gate_up), wdown, k, bufs, y)
+    return y, experts, w
+
+
+def _per_token_loop(x, router, gate_up, down, k):
+    """float64, one token at a time: the block as the Mixtral paper writes it."""
+    x, router, gate_up, down = (a.astype(np.float64) for a in (x, router, gate_up, down))
+    f = down.shape[2]
+    out = np.zeros_like(x)
+    for t in range(len(x)):
+        logits = router @ x[t]
+        top = sorted(range(len(logits)), key=lambda e: (-logits[e], e))[:k]
+        p = np.exp(logits[top] - logits[top].max())
+        for e, wt in zip(top, p / p.sum()):
+            h = gate_up[e] @ x[t]
+            g, u = h[:f], h[f:]
+            out[t] += wt * (down[e] @ (g / (1 + np.exp(-g)) * u))
+    return out
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_block_matches_per_token_float64_loop(k, dense):
+    router, gate_up, down = _block()
+    x = np.random.default_rng(5).standard_normal((41, 64), dtype=np.float32)
+    y, _, _ = _run(x, router, gate_up, down, k, dense)
+    want = _per_token_loop(x, router, gate_up, down, k)
+    assert reference.rel_err(y, want)["rel_err"] < 1e-6
+    got, _ = reference.moe(x.astype(np.float64), *(a.astype(np.float64) for a in (router, gate_up, down)), k)
+    assert reference.rel_err(got, want)["rel_err"] < 1e-12   # the model reference's block agrees too
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_shards_of_the_experts_sum_to_the_block(tp):
+    cfg = config.get("tiny-moe")
+    full = weights.full_layer(cfg, 1, 3, np)
+    x = np.random.default_rng(1).standard_normal((30, cfg.hidden), dtype=np.float32)
+    whole, e1, w1 = _run(x, full["router"], full["experts_gate_up"], full["experts_down"], cfg.top_k)
+    total = np.zeros(whole.shape, np.float64)
+    for r in range(tp):
+        s = weights.shard_layer(full, config.ShardConfig(cfg, tp, r))
+        assert s["experts_gate_up"].shape == (4, 2 * cfg.ffn // tp, cfg.hidden)
+        assert s["experts_down"].shape == (4, cfg.hidden, cfg.ffn // tp)
+        y, e, w = _run(x, s["router"], s["experts_gate_up"], s["experts_down"], cfg.top_k)
+        assert (e == e1).all() and (w == w1).all()   # the replicated router routes alike on every rank
+        total += y
+    assert reference.rel_err(total, whole)["rel_err"] < 1e-6
+
+
+def test_splitting_a_batch_keeps_every_tokens_routing_and_output():
+    router, gate_up, down = _block(seed=2)
+    n = 29
+    x = np.random.default_rng(7).standard_normal((n, 64), dtype=np.float32)
+    y, experts, w = _run(x, router, gate_up, down, 2)
+    for s in range(1, n):
+        ya, ea, wa = _run(x[:s], router, gate_up, down, 2)
+        yb, eb, wb = _run(x[s:], router, gate_up, down, 2)
+        assert (np.concatenate([ea, eb]) == experts).all(), f"split at {s} changed the routing"
+        np.testing.assert_allclose(np.concatenate([wa, wb]), w, rtol=1e-6, err_msg=f"split at {s}")
+        np.testing.assert_allclose(np.concatenate([ya, yb]), y, rtol=1e-5, atol=1e-6, err_msg=f"split at {s}")
+
+
+def test_reference_refuses_a_near_tie_of_the_routing():
+    cfg = config.get("tiny-moe")
+    w = weights.full_layer(cfg, 0, 0, np)
+    x = np.random.default_rng(0).standard_normal((5, cfg.hidden))
+    w["router"][1:] = w["router"][0]   # every expert's logit the same: the 2nd and 3rd always tie
+    gap = router_gap(x @ w["router"].astype(np.float64).T, 2)
+    assert (gap < 1e-6).any()
+    with pytest.raises(reference.RouterNearTie, match="Use another seed"):
+        reference._moe(cfg, x, w, lambda a: a.astype(np.float64), 0, "float32")
+    assert router_gap(np.zeros((3, 2)), 2).tolist() == [np.inf] * 3   # k = E: nothing else to pick
+
+
+def test_moe_shapes_shard_like_the_dense_mlp():
+    m = config.get("mixtral-8x22b")
+    assert (m.num_experts, m.top_k, m.ffn, m.hidden) == (8, 2, 16384, 6144)
+    assert config.ShardConfig(m, 8, 7).ffn == 2048 and config.valid_tp(m) == [1, 2, 4, 8]
+    assert config.valid_tp(config.get("tiny-moe")) == [1, 2, 4]
+    with pytest.raises(ValueError, match="top_k"):
+        config.ModelConfig("bad", 64, 2, 2, 32, 64, 1, 10, 1e4, 1e-5, num_experts=2, top_k=3)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_strategies_match_reference_on_cpu_ranks(ranks):
+    out = _ok(run_mpi(ranks, ["-m", "tests.mpi_model", "--device", "cpu", "--model", "tiny-moe"]))
+    assert "ALL PASS" in out and f"TP={ranks} equals TP=1" in out
+    for strat in ("nccl", "fused", "finegrained2", "tokenweave"):
+        assert out.count(f"PASS tiny-moe tp={ranks} {strat}") == 2, out   # both batches
+
+
+def test_latency_check_on_cpu():
+    out = _ok(run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--model", "tiny-moe", "--check",
+                          "--out", "/tmp/tw-test-moe-latency.jsonl"]))
+    assert "NO GPU" in out and "FAIL" not in out and out.count(" ok") >= 4
+
+
+@pytest.mark.skipif(gpus() > 0, reason="checks the CPU path (a GPU is present)")
+def test_mixtral_is_too_large_for_the_cpu_path():
+    proc = run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--model", "mixtral-8x22b",
+                       "--out", "/tmp/tw-test-err.jsonl"], timeout=60)
+    assert proc.returncode == 2 and "--model mixtral-8x22b is too large for the CPU path" in proc.stdout + proc.stderr
+
+
+@requires_gpu
+def test_moe_on_a_gpu_is_a_clear_error():
+    proc = run_mpi(1, ["-m", "experiments.latency", "--device", "gpu", "--model", "mixtral-8x22b",
+                       "--out", "/tmp/tw-test-err.jsonl"], timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "MoE runs on the CPU path only so far; the GPU kernels (router, permutation, " \
+                                   "grouped GEMM) are not written yet" in out, out[-3000:]
