@@ -36,10 +36,10 @@ elif mode == "same":
 elif mode == "ok":
     for i in range(2):
         with dist.step(f"round {i}"):
-            time.sleep(2.5 if world.rank == 1 else 0.1)
-            world.comm.Barrier()  # rank 0 waits 2.5 s for rank 1: inside the bound
+            time.sleep(1.5 if world.rank == 1 else 0.1)
+            world.comm.Barrier()  # rank 0 waits 1.5 s for rank 1: inside the bound
     dist.step(None)
-    time.sleep(6)  # outside any step: unbounded
+    time.sleep(4)  # outside any step: unbounded
     world.comm.Barrier()
     with dist.step("last"):
         world.comm.Barrier()

@@ -101,7 +101,7 @@ def _leftovers(marker: str) -> list[int]:
     return pids
 
 
-def _stall_job(mode: str, timeout: float, timeout_s: str = "5"):
+def _stall_job(mode: str, timeout: float, timeout_s: str = "3"):
     """Run tests/mpi_stall.py; afterwards no rank of it may be left (a stopped one would be)."""
     marker = f"tw-test-{uuid.uuid4().hex}"
     try:
@@ -124,7 +124,7 @@ def test_watchdog_names_the_rank_that_did_not_arrive(mode, where):
     proc, took = _stall_job(mode, timeout=40)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     err = proc.stderr
-    assert "error: timed out after 5 s in step 'waiting for rank 1' on rank 0: rank(s) 1 did not arrive" in err, err
+    assert "error: timed out after 3 s in step 'waiting for rank 1' on rank 0: rank(s) 1 did not arrive" in err, err
     assert where in err and err.count("error:") == 1, err
     assert not any(noise in "\n".join(_lines(err)) for noise in LAUNCHER_NOISE), err
     assert took < 20, took
@@ -140,11 +140,11 @@ def test_watchdog_in_a_step_every_rank_is_in_says_where_each_rank_is():
 
 
 def test_watchdog_spares_steps_within_the_bound():
-    """Steps of 2.5 s (rank 0 waiting for rank 1) and 6 s outside any step, with TW_TIMEOUT_S=5."""
+    """Steps of 1.5 s (rank 0 waiting for rank 1) and 4 s outside any step, with TW_TIMEOUT_S=3."""
     proc, took = _stall_job("ok", timeout=40)
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stdout + proc.stderr
     assert "timed out" not in proc.stderr, proc.stderr
-    assert took > 8  # the job did outlive TW_TIMEOUT_S
+    assert took > 5  # the job did outlive TW_TIMEOUT_S
 
 
 def _open_mpi(launcher: str) -> bool:
