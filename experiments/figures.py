@@ -235,7 +235,8 @@ def fig_interference(path: Path, out_dir: Path, name: str = "interference"):
 def fig_overhead(path: Path, out_dir: Path):
     """Paper Fig. 1 / 3 analogue: share of the forward pass spent in all-reduce and in add + RMSNorm."""
     plt = _plt()
-    rows = sorted(load(path), key=lambda r: r["tokens"])
+    # The ablation script's newer files also hold per-kind rows: the shares are in its summary rows.
+    rows = sorted((r for r in load(path) if r.get("kind", "summary") == "summary"), key=lambda r: r["tokens"])
     fig, ax = plt.subplots(figsize=(7, 3.6))
     x = range(len(rows))
     for i, (key, label) in enumerate((("comm_share", "all-reduce (ablation: 1 - nocomm/nccl)"),
