@@ -286,3 +286,21 @@ def note_tp1(world) -> None:
     if world.tp_size == 1:
         world.print0("note: TP=1 (one rank): there is nothing to communicate, so every strategy runs the same "
                      "compute and they should tie. Start one rank per GPU (mpirun -n 2 ...) to compare them.")
+
+
+def seq_len_value(value) -> int | str:
+    """--seq-len as given: a positive int, or "all" (each batch is one sequence)."""
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise dist.UsageError(f"--seq-len must be a positive integer or 'all', got {str(value)!r}")
+    return n
+
+
+def seq_len_of(args, tokens: int) -> int:
+    """Tokens per prefill sequence in the batch of `tokens` tokens (with --seq-len all: all of them)."""
+    return tokens if args.seq_len == "all" else args.seq_len

@@ -123,24 +123,6 @@ def paper_defaults(args):
     return args
 
 
-def seq_len_value(value) -> int | str:
-    """--seq-len as given: a positive int, or "all" (each batch is one sequence)."""
-    if value == "all":
-        return value
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise dist.UsageError(f"--seq-len must be a positive integer or 'all', got {str(value)!r}")
-    return n
-
-
-def seq_len_of(args, tokens: int) -> int:
-    """Tokens per prefill sequence in the batch of `tokens` tokens (with --seq-len all: all of them)."""
-    return tokens if args.seq_len == "all" else args.seq_len
-
-
 def validate(args, world):
     """User errors, before anything is built (each names its flag)."""
     seen, bad, dup = set(), [], []
@@ -158,7 +140,7 @@ def validate(args, world):
         raise dist.UsageError(f"--strategies: {dup} given more than once")
     if any(schedules.finegrained_k(s) == 0 for s in args.strategies):
         raise dist.UsageError("--strategies: finegrained needs k >= 1 chunks")
-    args.seq_len = seq_len_value(args.seq_len)
+    args.seq_len = common.seq_len_value(args.seq_len)
     if args.prefix < 0:
         raise dist.UsageError(f"--prefix must be >= 0, got {args.prefix}")
     if args.decode < 0:
@@ -203,11 +185,11 @@ def main(argv=None):
     stream = world.new_stream()
     # Everything is sized from the token counts (workspace, KV, transports); nothing else caps them.
     tokens = max(args.tokens)  # an upper bound of the KV slots, before any batch is built
-    longest = min(seq_len_of(args, tokens), tokens)  # the longest prefill sequence (the reference's scores)
+    longest = min(common.seq_len_of(args, tokens), tokens)  # the longest prefill sequence (the reference's scores)
     kv_bound = tokens + (tokens // longest + 1) * args.prefix + args.decode * args.decode_context
     common.check_memory(args, world, cfg, tokens, kv_bound, len(args.strategies), tokens if args.check else 0,
                         longest)
-    batches = {t: batching.workload(t, seq_len_of(args, t), args.prefix, args.decode, args.decode_context)
+    batches = {t: batching.workload(t, common.seq_len_of(args, t), args.prefix, args.decode, args.decode_context)
                for t in args.tokens}
     if world.is_gpu:
         check_attention_grid(batches)
@@ -335,7 +317,7 @@ def load_choices(args, world, cfg) -> dict:
     if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
         return {}
     keys = dict.fromkeys(tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport,
-                                         seq_len_of(args, t), world.gpu_tag) for t in args.tokens)  # one per seq_len
+                                         common.seq_len_of(args, t), world.gpu_tag) for t in args.tokens)  # one per seq_len
     found, used, missing = {}, [], []
     for key in keys:
         got = tuned.load(key)

@@ -41,7 +41,9 @@ def parse_args(argv=None):
     p = common.parser("tune", __doc__)
     common.add_model_flags(p)
     common.add_tokens_flag(p, gpu=[4096, 8192], cpu=[256], help="token counts to tune")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per prefill sequence")
+    p.add_argument("--seq-len", default=1024, metavar="N|all",
+                   help="tokens per prefill sequence; all: each batch is one prompt of T tokens (what "
+                        "experiments.latency --seq-len all / --paper runs), tuned under the key seq_len = T")
     common.add_transport_flag(p)
     p.add_argument("--ctas-grid", type=int, nargs="+", default=[8, 16, 32],
                    help="CTA counts tried for each of the two budgets (all pairs)")
@@ -65,6 +67,7 @@ def main(argv=None):
         raise dist.UsageError(f"--shortlist must be >= 1 (the wave rule's own pick is always timed), got {args.shortlist}")
     if not 0 < args.window < 0.5 or args.step < 1:
         raise dist.UsageError(f"--window must lie in (0, 0.5) and --step be >= 1, got {args.window} and {args.step}")
+    args.seq_len = common.seq_len_value(args.seq_len)
     world = common.init(args)
     cfg = common.model_config(args, world)
     stream = world.new_stream()
@@ -73,9 +76,12 @@ def main(argv=None):
     model = common.build_model(args, world, cfg, max(args.tokens))
     tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)
     profile = tw.split_fn.profile  # None on the CPU: the wave rule is then T/2
-    key = tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport, args.seq_len,
-                          world.gpu_tag)
-    writer = common.writer(args, world, "tune", cfg, tuning_key=key.tag)
+    def key_of(tokens):  # one key per sequence length: with --seq-len all, one per token count
+        return tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport,
+                               common.seq_len_of(args, tokens), world.gpu_tag)
+
+    writer = common.writer(args, world, "tune", cfg,
+                           tuning_key=key_of(args.tokens[0]).tag if args.seq_len != "all" else "per token count")
 
     def runnable(batch, ids, config):
         split_at, ca, cm, ta, tm = config
@@ -100,7 +106,7 @@ def main(argv=None):
 
     for tokens in args.tokens:
         t0 = time.perf_counter()
-        batch = batching.prefill(tokens, args.seq_len)
+        batch = batching.prefill(tokens, common.seq_len_of(args, tokens))
         ids = batching.token_ids(tokens, cfg.vocab, 0)
         shortlist = (splitting.wave_shortlist(tokens, profile, args.shortlist) if profile
                      else [splitting.naive(tokens)]) if world.tp_rank == 0 else None
@@ -154,10 +160,10 @@ def main(argv=None):
                                    wave_split=wave, median_ms=split_times[best], wave_ms=split_times[wave],
                                    unsplit_ms=unsplit_ms, search="shortlist" if args.no_exhaustive else "exhaustive",
                                    extra=extra)
-        writer.write({"tokens": tokens, "kind": "choice", **choice.to_json()})
+        writer.write({"tokens": tokens, "kind": "choice", "tuning_key": key_of(tokens).tag, **choice.to_json()})
         if world.rank == 0 and profile is not None:  # after every token count: a killed run keeps its work
             profile.save()
-            world.print0(f"  saved to {tuned.save(key, tokens, choice)}")
+            world.print0(f"  saved to {tuned.save(key_of(tokens), tokens, choice)}")
         world.print0(f"tokens={tokens}: ctas {ca}/{cm}; SM targets {ta}/{tm}; split {wave} (wave rule) {split_times[wave]:.3f} ms; naive "
                      f"{extra['naive_split_ms']:.3f} ms; best of the rule's top {len(shortlist)} {short} "
                      f"{extra['shortlist_ms']:.3f} ms" + (f"; exhaustive best {best} {split_times[best]:.3f} ms, "

@@ -202,3 +202,15 @@ def test_overhead_checks_every_model_before_building_any():
                        "--out", "/tmp/tw-test-err.jsonl"], timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "unknown model 'nonexistent'" in out and "building" not in out, out[-3000:]
+
+
+def test_tune_one_prompt_keys_each_token_count_by_its_own_length(tmp_path):
+    """tune --seq-len all: the batch of T tokens is one prompt, and its choice is keyed seq_len = T,
+    the key experiments.latency --seq-len all looks up."""
+    out = tmp_path / "tune.jsonl"
+    proc = run_mpi(2, ["-m", "experiments.tune", "--seq-len", "all", "--tokens", "200", "300", "--ctas-grid", "8",
+                       "--repeats", "1", "--window", "0.2", "--out", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = {r["tokens"]: r["tuning_key"] for r in rows if r["kind"] == "choice"}
+    assert keys == {200: "tiny-tp2-L2-p2p-seq200-cpu", 300: "tiny-tp2-L2-p2p-seq300-cpu"}, keys
