@@ -304,3 +304,24 @@ def seq_len_value(value) -> int | str:
 def seq_len_of(args, tokens: int) -> int:
     """Tokens per prefill sequence in the batch of `tokens` tokens (with --seq-len all: all of them)."""
     return tokens if args.seq_len == "all" else args.seq_len
+
+
+def validate_strategies(strategies) -> None:
+    """--strategies: every name known (finegrained<k> with k >= 1), none twice (finegrained = finegrained4)."""
+    from tw import schedules
+    seen, bad, dup = set(), [], []
+    for s in strategies:
+        k = schedules.finegrained_k(s)
+        if s not in schedules.STRATEGIES and k is None:
+            bad.append(s)
+        name = f"finegrained{k}" if k is not None else s
+        if name in seen:
+            dup.append(s)
+        seen.add(name)
+    if bad:
+        raise dist.UsageError(f"--strategies: unknown {bad}; choose from {schedules.STRATEGIES} "
+                              "(finegrained<k> for k chunks)")
+    if dup:
+        raise dist.UsageError(f"--strategies: {dup} given more than once")
+    if any(schedules.finegrained_k(s) == 0 for s in strategies):
+        raise dist.UsageError("--strategies: finegrained needs k >= 1 chunks")

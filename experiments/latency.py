@@ -125,21 +125,7 @@ def paper_defaults(args):
 
 def validate(args, world):
     """User errors, before anything is built (each names its flag)."""
-    seen, bad, dup = set(), [], []
-    for s in args.strategies:
-        if s not in schedules.STRATEGIES and schedules.finegrained_k(s) is None:
-            bad.append(s)
-        name = f"finegrained{schedules.finegrained_k(s)}" if schedules.finegrained_k(s) is not None else s
-        if name in seen:
-            dup.append(s)
-        seen.add(name)
-    if bad:
-        raise dist.UsageError(f"--strategies: unknown {bad}; choose from {schedules.STRATEGIES} "
-                              "(finegrained<k> for k chunks)")
-    if dup:
-        raise dist.UsageError(f"--strategies: {dup} given more than once")
-    if any(schedules.finegrained_k(s) == 0 for s in args.strategies):
-        raise dist.UsageError("--strategies: finegrained needs k >= 1 chunks")
+    common.validate_strategies(args.strategies)
     args.seq_len = common.seq_len_value(args.seq_len)
     if args.prefix < 0:
         raise dist.UsageError(f"--prefix must be >= 0, got {args.prefix}")

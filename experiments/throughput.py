@@ -113,21 +113,7 @@ def fill_defaults(args, world) -> None:
 
 def validate(args, world) -> None:
     """User errors, before anything is built (each names its flag)."""
-    seen, bad, dup = set(), [], []
-    for s in args.strategies:
-        k = schedules.finegrained_k(s)
-        if s not in schedules.STRATEGIES and k is None:
-            bad.append(s)
-        name = f"finegrained{k}" if k is not None else s
-        dup += [s] if name in seen else []
-        seen.add(name)
-    if bad:
-        raise dist.UsageError(f"--strategies: unknown {bad}; choose from {schedules.STRATEGIES} "
-                              "(finegrained<k> for k chunks)")
-    if dup:
-        raise dist.UsageError(f"--strategies: {dup} given more than once")
-    if any(schedules.finegrained_k(s) == 0 for s in args.strategies):
-        raise dist.UsageError("--strategies: finegrained needs k >= 1 chunks")
+    common.validate_strategies(args.strategies)
     low = {"requests": 1, "input_len": 1, "output_len": 1, "chunk": world.tp_size, "kv_tokens": 1, "max_seqs": 1,
            "max_steps": 1, "warmup_steps": 0, "check_requests": 0, "min_split_tokens": 2}
     why = {"chunk": " (the TP degree: a step has at least one token per rank)", "min_split_tokens": " (two halves)"}
