@@ -52,7 +52,7 @@ PROGRESS_S = 2.0
 
 def parse_args(argv=None):
     p = common.parser("throughput", __doc__)
-    common.add_model_flags(p, shard=False)
+    common.add_model_flags(p)
     p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, metavar="S",
                    help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained<k>: k token chunks); "
                         "nccl is the baseline of vs_nccl")
@@ -125,6 +125,9 @@ def validate(args, world) -> None:
         v = getattr(args, flag)
         if v is not None and not 1 <= v <= (world.sm_count or 1 << 30):
             raise dist.UsageError(f"--{flag.replace('_', '-')} {v} must be in 1..{world.sm_count} (the SM count)")
+    if args.check and args.shard_as_tp not in (None, world.tp_size):
+        raise dist.UsageError(f"--check with --shard-as-tp {args.shard_as_tp}: emulated shards do not compute the "
+                              "model, so there is no reference to check against; drop one of them")
     if "sharegpt-like" in args.workload and args.requests > len(workloads.table()):
         raise dist.UsageError(f"--requests {args.requests}: the sharegpt-like table has {len(workloads.table())} rows")
 
@@ -144,7 +147,7 @@ def kv_tokens(args, world, cfg, chunk: int, transports: int, ref_tokens: int, lo
     LM head (experiments/common's estimate, the smallest over ranks), capped at the whole workload's
     need; on the CPU a small fixed cache. Refuses a request that could never fit (user error)."""
     need = max(w.kv_need_total for w in loads)
-    shard = config.ShardConfig(cfg, world.tp_size, world.tp_rank)
+    shard = config.ShardConfig(cfg, args.shard_as_tp or world.tp_size, world.tp_rank)
     dtype_bytes = 2 if world.is_gpu else 4
     ref = ref_tokens if world.rank == 0 else 0
 
@@ -184,7 +187,7 @@ def load_choices(args, world, cfg, chunk: int) -> dict:
     load_choices with that one change), else {} (the wave rule)."""
     if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
         return {}
-    key = tuned.TuningKey(cfg.name, world.tp_size, None, cfg.num_layers, args.transport, chunk, world.gpu_tag)
+    key = tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport, chunk, world.gpu_tag)
     found = tuned.load(key)
     if not found:
         world.print0(f"tokenweave: {tuned.mismatch(key) or 'no tuned choices for this setting'}; "
@@ -415,7 +418,7 @@ def main(argv=None):
         b = base.get((r["chunk"], r["workload"]))
         r["speedup_vs_nccl"] = r["total_tokens_per_s"] / b if b else None
         writer.write(r)
-    print_table(world, rows, cfg)
+    print_table(world, rows, cfg, model.emulated and args.shard_as_tp)
     world.print0(f"wrote {writer.path}")
     failed = [(r["chunk"], r["workload"], r["strategy"]) for r in rows if r.get("correct") is False]
     if failed:
@@ -424,8 +427,9 @@ def main(argv=None):
     return 0
 
 
-def print_table(world, rows, cfg):
+def print_table(world, rows, cfg, shard_as_tp=None):
     world.print0(f"\n{cfg.name}, {cfg.num_layers} layers, TP={world.tp_size}, {world.device}, eager"
+                 + (f", EMULATED shards of TP={shard_as_tp}" if shard_as_tp else "")
                  + ("" if world.is_gpu else " (CPU: timings mean nothing)")
                  + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
     world.print0(f"{'chunk':>6} {'workload':<22} {'strategy':<12} {'tok/s':>10} {'out_tok/s':>10} {'vs_nccl':>8} "
