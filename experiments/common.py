@@ -148,9 +148,6 @@ def model_config(args, world, gpu_layers: int = 4, banner: bool = True):
     name = args.model
     if name is not None and name not in config.PRESETS:
         raise dist.UsageError(f"unknown model {name!r}; choose one of {sorted(config.PRESETS)}")
-    if name is not None and config.PRESETS[name].num_experts and world.is_gpu:
-        raise dist.UsageError(f"--model {name}: MoE runs on the CPU path only so far; the GPU kernels (router, "
-                              "permutation, grouped GEMM) are not written yet")
     if not world.is_gpu:
         if name is not None and name not in CPU_MODELS:
             raise dist.UsageError(f"--model {name} is too large for the CPU path (no GPU here); use one of "

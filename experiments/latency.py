@@ -40,6 +40,7 @@ import time
 from experiments import common
 from tw import batch as batching
 from tw import bench, config, dist, graph, reference, schedules, trace, tuned
+from tw import split as splitting
 from tw.layers import layer_gemms
 
 DEFAULT_STRATEGIES = ["nccl", "nocomm", "fused", "tokenweave"]
@@ -97,8 +98,10 @@ def parse_args(argv=None):
                    help="cuBLAS SM-count target of tokenweave's GEMMs that run beside a comm kernel: tuned = the "
                         "tuned choice's (none where nothing is tuned); left = the SMs the comm leaves (SMs - CTAs); "
                         "off = no target. Rows record sm_target_attn / sm_target_mlp")
-    p.add_argument("--min-split-tokens", type=int, default=1024,
-                   help="tokenweave does not split smaller batches (runs fused alone)")
+    p.add_argument("--min-split-tokens", type=int, default=None,
+                   help="tokenweave does not split smaller batches (runs fused alone) (default: the paper's "
+                        f"threshold, {splitting.MIN_SPLIT_TOKENS['dense']} for dense models, "
+                        f"{splitting.MIN_SPLIT_TOKENS['moe']} for MoE)")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="after timing each point, trace one extra eager forward pass (per-op CUDA events on "
                         "every rank) into DIR/trace-*.json (Perfetto) and .csv; timed numbers are unaffected")
@@ -114,6 +117,7 @@ def paper_defaults(args):
         args.seq_len = paper.get("seq_len", DEFAULT_SEQ_LEN)
     if args.layers is None and paper:
         args.layers = paper["layers"]
+    args._graph_given = args.graph is not None
     if args.graph is None:
         args.graph = paper.get("graph", True)
     if args.strategies is None:
@@ -163,6 +167,16 @@ def main(argv=None):
     world = common.init(args)
     cfg = common.model_config(args, world)
     validate(args, world)
+    if args.min_split_tokens is None:
+        args.min_split_tokens = splitting.min_split_tokens(cfg)
+    if cfg.num_experts and world.is_gpu and args.graph:
+        if args._graph_given:
+            raise dist.UsageError(f"--graph with {cfg.name}: an MoE block reads its per-expert row counts back to "
+                                  "the host (cuBLAS takes GEMM sizes from there), which a CUDA graph cannot hold; "
+                                  "use --no-graph")
+        args.graph = False
+        world.print0(f"{cfg.name} is an MoE model: launched eagerly (its blocks wait for their routed row counts "
+                     "on the host, which a CUDA graph cannot hold)")
     if args.paper and not world.is_gpu and not tokens_given:
         world.print0(f"--paper on the CPU: tokens {' '.join(map(str, args.tokens))}, not the paper's "
                      f"{PAPER['tokens'][0]}-{PAPER['tokens'][-1]} (one prompt of 64K tokens takes minutes here)")
@@ -194,7 +208,10 @@ def main(argv=None):
         batch = batches[tokens]
         ids = batching.token_ids(tokens, cfg.vocab, args.seed)
         ref = None
-        if args.check and not model.emulated:
+        # MoE on the GPU: bf16 rounding flips near-tie routings, so each strategy gets a reference that
+        # follows its own routing at near-ties (tw/reference.forward's `routing`), computed after its pass.
+        routed_refs = bool(args.check and cfg.num_experts and world.is_gpu and not model.emulated)
+        if args.check and not model.emulated and not routed_refs:
             world.print0(f"float64 reference for {tokens} tokens (rank 0, then broadcast) ...")
             t0 = time.perf_counter()
             with dist.step(f"float64 reference, {tokens} tokens"):
@@ -202,7 +219,7 @@ def main(argv=None):
             world.print0(f"  done in {time.perf_counter() - t0:.1f} s")
         # Set up and check every strategy first, then time them round-robin, so slow drifts of the
         # machine hit every strategy alike instead of favouring the one measured first.
-        runs, point_rows = [], []
+        runs, point_rows, refs = [], [], {}
         for strat in strategies:
             step += 1
             choice = choices.get(tokens) if strat.name == "tokenweave" else None
@@ -216,7 +233,9 @@ def main(argv=None):
                 return strat.forward(plan, stream)
 
             with dist.step(f"tokens={tokens} {strat.name}: first pass"):
+                model.routing = {} if routed_refs else None
                 out = forward()
+                routing, model.routing = model.routing, None
                 run = graph.Graph(forward, stream, args.graph_priority) if args.graph and world.is_gpu else forward
                 if world.is_gpu:
                     if run is not forward:  # one replay of the new graph (eager: the pass above was one)
@@ -227,6 +246,11 @@ def main(argv=None):
                    "split_source": plan.split_source, "transport": strat.comm.name, "ctas": plan.ctas,
                    "ctas_attn": plan.ctas_attn, "ctas_mlp": plan.ctas_mlp, "sm_target_attn": plan.sm_target_attn,
                    "sm_target_mlp": plan.sm_target_mlp}
+            if routed_refs and strat.name != "nocomm":
+                with dist.step(f"float64 reference for {strat.name}, {tokens} tokens"):
+                    ref = reference.forward_once(world, cfg, batch, ids, args.seed, model.xp, model.dtype,
+                                                 routing if world.rank == 0 else None)
+                refs[strat.name] = ref
             if args.check and model.emulated and strat.name == "nccl":
                 ref = out.astype(model.xp.float64)  # the baseline's output is the reference here
             elif ref is not None and strat.name != "nocomm":
@@ -252,7 +276,8 @@ def main(argv=None):
                 stream.synchronize()
             strat.comm.check()
             if "rel_err" in row:
-                after = world.comm.allreduce(reference.rel_err(model.ws.x[:tokens], ref)["rel_err"], op=common._max())
+                mine = refs.get(strat.name, ref)
+                after = world.comm.allreduce(reference.rel_err(model.ws.x[:tokens], mine)["rel_err"], op=common._max())
                 row["rel_err_after_timing"] = after
                 row["correct"] = row["correct"] and bool(after <= reference.tolerance(model.dtype))
         gemm = gemm_tflops(model, tokens, stream, args.iters) if world.is_gpu else None

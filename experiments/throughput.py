@@ -45,7 +45,7 @@ from tw.model import memory_estimate
 DEFAULT_STRATEGIES = ["nccl", "nocomm", "fused", "tokenweave"]
 DEFAULTS = {  # flag: (GPU, CPU); the CPU path checks correctness, so it runs a small workload
     "requests": (1000, 16), "input_len": ([512, 1024, 2048], [48]), "output_len": (128, 8),
-    "chunk": ([2048], [128]), "warmup_steps": (5, 0), "min_split_tokens": (1024, 64)}
+    "chunk": ([2048], [128]), "warmup_steps": (5, 0), "min_split_tokens": (None, 64)}   # None: tw/split.min_split_tokens
 CPU_KV_TOKENS = 8192
 PROGRESS_S = 2.0
 
@@ -98,8 +98,9 @@ def parse_args(argv=None):
                         "rows rounded up to 64 (the CPU: naive); naive = T // 2")
     p.add_argument("--min-split-tokens", type=int, default=None,
                    help="tokenweave splits only steps of at least this many tokens, smaller ones run unsplit "
-                        f"(fused) (default: {DEFAULTS['min_split_tokens'][0]} on a GPU, the paper's threshold for "
-                        f"dense models; {DEFAULTS['min_split_tokens'][1]} on the CPU, so that its small steps split)")
+                        f"(fused) (default on a GPU: the paper's threshold, {splitting.MIN_SPLIT_TOKENS['dense']} for "
+                        f"dense models, {splitting.MIN_SPLIT_TOKENS['moe']} for MoE; "
+                        f"{DEFAULTS['min_split_tokens'][1]} on the CPU, so that its small steps split)")
     common.add_run_flags(p)
     return p.parse_args(argv)
 
@@ -379,6 +380,8 @@ def main(argv=None):
     world = common.init(args)
     fill_defaults(args, world)
     cfg = common.model_config(args, world)
+    if args.min_split_tokens is None:
+        args.min_split_tokens = splitting.min_split_tokens(cfg)
     validate(args, world)
     common.shared_gpu_strategies(args, world)
     common.note_tp1(world)

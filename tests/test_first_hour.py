@@ -55,7 +55,7 @@ def test_tune_default_model_on_cpu_is_tiny_and_a_big_one_refuses():
 
 
 @CPU_ONLY
-@pytest.mark.parametrize("module", ["kernels", "attention", "interference", "sm_rate"])
+@pytest.mark.parametrize("module", ["kernels", "attention", "interference", "sm_rate", "moe"])
 def test_gpu_only_modules_refuse_in_one_line(module):
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", f"experiments.{module}"], cwd=ROOT, capture_output=True,
@@ -64,7 +64,7 @@ def test_gpu_only_modules_refuse_in_one_line(module):
 
 
 @pytest.mark.parametrize("module", ["latency", "tune", "overhead", "split", "interference", "kernels",
-                                    "attention", "sm_rate"])
+                                    "attention", "sm_rate", "moe", "throughput"])
 def test_help_shows_usage_and_defaults(module):
     proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)

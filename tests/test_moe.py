@@ -5,7 +5,8 @@ import pytest
 
 from conftest import gpus, requires_gpu, run_mpi
 from tw import config, reference, weights
-from tw.moe import MoEWeights, down_side_by_side, moe_forward, permute, route, router_gap
+from tw import moe as moe_mod
+from tw.moe import MoEBuffers, MoEWeights, moe_forward, permute, route, router_gap
 
 
 def _logits(n=53, e=8, seed=0):
@@ -46,23 +47,16 @@ def _block(num_experts=4, hidden=64, ffn=32, seed=0):
     return router, gate_up, down
 
 
-def _bufs(n, k, num_experts, hidden, ffn):
-    z = lambda *s: np.zeros(s, np.float32)
-    return {"logits": z(n, num_experts), "xs": z(n * k, hidden), "gate_up": z(n * k, 2 * ffn),
-            "act": z(n * k, ffn), "out": z(n * k, hidden)}
-
-
-def _run(x, router, gate_up, down, k, dense=False):
+def _run(x, router, gate_up, down, k, xp=np, dtype=np.float32):
+    """The block on x (NumPy float32, or CuPy bf16 with xp=cupy): (y, experts, weights) as host arrays."""
     n, e, f = x.shape[0], router.shape[0], down.shape[2]
-    wdown = down_side_by_side(down)
-    bufs = _bufs(n, k, e, x.shape[1], f)
-    if dense:   # y=None: the weighted dense activations, then the one down GEMM FineGrained chunks
-        act = np.zeros((n, e * f), np.float32)
-        experts, w = moe_forward(x, MoEWeights(router, gate_up), wdown, k, bufs, None, act)
-        return act @ wdown.T, experts, w
-    y = np.full((n, x.shape[1]), np.nan, np.float32)  # every row must be written
-    experts, w = moe_forward(x, MoEWeights(router, gate_up), wdown, k, bufs, y)
-    return y, experts, w
+    bufs = MoEBuffers.allocate(xp, n, x.shape[1], f, e, k, dtype)
+    cast = lambda a: xp.asarray(a).astype(dtype)
+    y = xp.full((n, x.shape[1]), np.nan, dtype)  # every row must be written
+    counts = moe_forward(cast(x), MoEWeights(cast(router), cast(gate_up), cast(down)), k, bufs, y)
+    host = lambda a: a.get() if hasattr(a, "get") else a
+    assert counts.sum() == n * k
+    return host(y).astype(np.float32), host(bufs.experts), host(bufs.weights)
 
 
 def _per_token_loop(x, router, gate_up, down, k):
@@ -81,15 +75,14 @@ def _per_token_loop(x, router, gate_up, down, k):
     return out
 
 
-@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("k", [1, 2])
-def test_block_matches_per_token_float64_loop(k, dense):
+def test_block_matches_per_token_float64_loop(k):
     router, gate_up, down = _block()
     x = np.random.default_rng(5).standard_normal((41, 64), dtype=np.float32)
-    y, _, _ = _run(x, router, gate_up, down, k, dense)
+    y, _, _ = _run(x, router, gate_up, down, k)
     want = _per_token_loop(x, router, gate_up, down, k)
     assert reference.rel_err(y, want)["rel_err"] < 1e-6
-    got, _ = reference.moe(x.astype(np.float64), *(a.astype(np.float64) for a in (router, gate_up, down)), k)
+    got, _, _ = reference.moe(x.astype(np.float64), *(a.astype(np.float64) for a in (router, gate_up, down)), k)
     assert reference.rel_err(got, want)["rel_err"] < 1e-12   # the model reference's block agrees too
 
 
@@ -170,10 +163,84 @@ def test_mixtral_is_too_large_for_the_cpu_path():
     assert proc.returncode == 2 and "--model mixtral-8x22b is too large for the CPU path" in proc.stdout + proc.stderr
 
 
+def test_reference_follows_the_model_only_at_near_ties():
+    cfg = config.get("tiny-moe")
+    w = weights.full_layer(cfg, 0, 0, np)
+    x = np.random.default_rng(0).standard_normal((40, cfg.hidden))
+    f64 = lambda a: a.astype(np.float64)
+    want, logits, top = reference.moe(x, f64(w["router"]), f64(w["experts_gate_up"]), f64(w["experts_down"]), 2)
+    gap = router_gap(logits, 2)
+    swapped = top[:, ::-1].copy()                   # the same sets, other order: agrees
+    got = reference._moe(cfg, x, w, f64, 0, "float32", swapped)
+    assert reference.rel_err(got, want)["rel_err"] < 1e-12
+    wrong = top.copy()
+    t = int(gap.argmax())                           # the most confident token, routed elsewhere
+    wrong[t, 1] = next(e for e in range(cfg.num_experts) if e not in top[t])
+    with pytest.raises(reference.RoutingMismatch, match=f"token {t}"):
+        reference._moe(cfg, x, w, f64, 0, "float32", wrong)
+    # near-ties (every token, with a huge threshold) follow the model's choice
+    old = reference.ROUTER_MIN_GAP["float32"]
+    reference.ROUTER_MIN_GAP["float32"] = 1e9
+    try:
+        forced = reference._moe(cfg, x, w, f64, 0, "float32", wrong)
+    finally:
+        reference.ROUTER_MIN_GAP["float32"] = old
+    want_forced, _, _ = reference.moe(x, f64(w["router"]), f64(w["experts_gate_up"]), f64(w["experts_down"]), 2,
+                                      forced=wrong)
+    assert np.array_equal(forced, want_forced) and not np.allclose(forced[t], want[t])
+
+
+def test_the_moe_block_needs_its_output_rows():
+    from tw.layers import mlp_block
+
+    class M:
+        cfg = config.get("tiny-moe")
+    with pytest.raises(ValueError, match="pass y"):
+        mlp_block(M(), None, None, None, None)
+
+
 @requires_gpu
-def test_moe_on_a_gpu_is_a_clear_error():
-    proc = run_mpi(1, ["-m", "experiments.latency", "--device", "gpu", "--model", "mixtral-8x22b",
-                       "--out", "/tmp/tw-test-err.jsonl"], timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and "MoE runs on the CPU path only so far; the GPU kernels (router, permutation, " \
-                                   "grouped GEMM) are not written yet" in out, out[-3000:]
+@pytest.mark.parametrize("mode", moe_mod.GEMM_MODES)
+@pytest.mark.parametrize("n,k", [(1, 2), (37, 2), (700, 2), (300, 1), (129, 3)])
+def test_gpu_block_matches_the_cpu_block_and_float64(n, k, mode):
+    import cupy as cp
+    from tw import ops
+    router, gate_up, down = _block(num_experts=8, hidden=128, ffn=64, seed=n)
+    x = np.random.default_rng(n).standard_normal((n, 128), dtype=np.float32)
+    bf = lambda a: a.astype(ops.BF16).astype(np.float32)   # what the GPU holds
+    xb, rb, gb, db = (bf(a) for a in (x, router, gate_up, down))
+    old = moe_mod.GEMM_MODE[0]
+    moe_mod.GEMM_MODE[0] = mode
+    try:
+        y, experts, w = _run(xb, rb, gb, db, k, xp=cp, dtype=ops.BF16)
+    finally:
+        moe_mod.GEMM_MODE[0] = old
+    y_cpu, e_cpu, w_cpu = _run(xb, rb, gb, db, k)
+    logits = xb.astype(np.float64) @ rb.astype(np.float64).T
+    sure = router_gap(logits, k) > 1e-4   # float32 logits on both: only true near-ties may differ
+    assert (np.sort(experts, 1) == np.sort(e_cpu, 1))[sure].all()
+    np.testing.assert_allclose(w[sure], w_cpu[sure], rtol=1e-4, atol=1e-6)
+    want, _, _ = reference.moe(*(a.astype(np.float64) for a in (xb, rb, gb, db)), k, forced=experts)
+    assert reference.rel_err(y, want)["rel_err"] < 2e-2   # bf16 activations and outputs
+
+
+@requires_gpu
+def test_gpu_permutation_is_the_cpu_permutation():
+    import cupy as cp
+    from tw import moe_ops
+    for n, e, k in [(1, 8, 2), (5000, 8, 2), (3000, 64, 8), (1025, 3, 1)]:
+        experts = np.random.default_rng(n).integers(0, e, (n, k))
+        if k > 1:   # distinct experts per token, as routing gives
+            experts = np.stack([np.random.default_rng(n + t).permutation(e)[:k] for t in range(n)])
+        order, offsets, inverse = permute(experts, e)
+        d = cp.asarray(experts, cp.int32)
+        off, inv, src = cp.zeros(e + 1, cp.int32), cp.zeros(n * k, cp.int32), cp.zeros(n * k, cp.int32)
+        moe_ops.permute(d, e, off, inv, src)
+        assert (off.get() == offsets).all() and (inv.get() == inverse).all() and (src.get() == order // k).all()
+
+
+@requires_gpu
+def test_gpu_moe_model_check_at_tp1():
+    out = _ok(run_mpi(1, ["-m", "experiments.latency", "--device", "gpu", "--model", "tiny-moe", "--tokens", "256",
+                          "1500", "--check", "--out", "/tmp/tw-test-moe-gpu.jsonl"], timeout=600))
+    assert "FAIL" not in out and out.count(" ok") >= 6, out[-3000:]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import ops
 from .attention import attention_cuda, attention_numpy
 from .trace import span
@@ -25,11 +27,11 @@ class LayerWeights:
     bqkv: object         # [qkv_dim] or None
     wo: object           # [H, q_dim]         row-parallel
     wgate_up: object     # [2 F/tp, H]        column-parallel (None in an MoE layer: see moe)
-    wdown: object        # [H, F/tp]          row-parallel (MoE: [H, E F/tp], the experts' down shards)
+    wdown: object        # [H, F/tp]          row-parallel (None in an MoE layer)
     k_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
     v_cache: object      # [kv_capacity, kv_heads/tp, head_dim]
     index: int = 0       # layer number (trace names)
-    moe: object = None   # tw.moe.MoEWeights (router, experts' gate_up) when cfg.num_experts > 0
+    moe: object = None   # tw.moe.MoEWeights (router, experts' gate_up and down) when cfg.num_experts > 0
 
 
 @dataclass
@@ -79,8 +81,10 @@ def attention_block(model, w: LayerWeights, x, part: Part, y, stream=None):
 def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):
     """x [n, H] (normed input) -> y [n, H] partial down_proj output of this rank's FFN slice.
     y=None stops before down_proj (the activation stays in model.ws.act[part.rows]).
-    MoE models (cfg.num_experts > 0) run the MoE block instead, same contract (tw/moe.py)."""
+    MoE models (cfg.num_experts > 0) run the MoE block instead (tw/moe.py), y required."""
     if model.cfg.num_experts:
+        if y is None:
+            raise ValueError("the MoE block has no split before its down GEMMs (they are per expert): pass y")
         from .moe import moe_block
         moe_block(model, w, x, part, y, stream)
         return
@@ -97,15 +101,40 @@ def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):
 
 
 def layer_gemms(model, num_tokens: int, stream=None):
-    """(launch, flops): layer 0's four GEMMs alone on rows [0, num_tokens) of the workspace, for GEMM
-    profiles and rates. Overwrites workspace rows (run it outside a forward pass)."""
+    """(launch, flops): layer 0's GEMMs alone on rows [0, num_tokens) of the workspace, for GEMM
+    profiles and rates: QKV, o_proj and the MLP's (mlp_gemms). Overwrites workspace rows (run it
+    outside a forward pass)."""
     w, ws, r, s = model.layers[0], model.ws, slice(0, num_tokens), model.shard
+    mlp, mlp_flops = mlp_gemms(model, num_tokens, stream)
 
     def launch():
         ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
         ops.linear(ws.attn[r], w.wo, ws.residual[r], stream)
+        mlp()
+
+    return launch, 2 * num_tokens * model.cfg.hidden * (s.qkv_dim + s.q_dim) + mlp_flops
+
+
+def mlp_gemms(model, num_tokens: int, stream=None):
+    """(launch, flops) of layer 0's MLP GEMMs at num_tokens rows: gate_up and down; in an MoE layer
+    every expert's, at the balanced row counts of num_tokens tokens (tw/moe.balanced_rows: the routed
+    counts are not known before routing, and the seeded router spreads tokens evenly)."""
+    w, ws, r, h = model.layers[0], model.ws, slice(0, num_tokens), model.cfg.hidden
+    if model.cfg.num_experts:
+        from .moe import balanced_rows
+        rows = balanced_rows(num_tokens, model.cfg.num_experts, model.cfg.top_k)
+        b, lo = ws.moe, np.concatenate([[0], np.cumsum(rows)]).astype(int)
+
+        def launch():
+            for e, m in enumerate(rows):
+                if m:
+                    ops.linear(b.xs[lo[e]:lo[e + 1]], w.moe.gate_up[e], b.gate_up[lo[e]:lo[e + 1]], stream)
+                    ops.linear(b.act[lo[e]:lo[e + 1]], w.moe.down[e], b.out[lo[e]:lo[e + 1]], stream)
+
+        return launch, 2 * int(sum(rows)) * h * 3 * model.shard.ffn
+
+    def launch():
         ops.linear(ws.x[r], w.wgate_up, ws.gate_up[r], stream)
         ops.linear(ws.act[r], w.wdown, ws.residual[r], stream)
 
-    flops = 2 * num_tokens * model.cfg.hidden * (s.qkv_dim + s.q_dim + 3 * s.ffn)
-    return launch, flops
+    return launch, 2 * num_tokens * h * 3 * model.shard.ffn

@@ -23,13 +23,8 @@ class Workspace:
     qkv: object      # [max_tokens, qkv_dim]
     attn: object     # [max_tokens, q_dim]
     gate_up: object  # [max_tokens, 2 F/tp]
-    act: object      # [max_tokens, F/tp]   (MoE: [max_tokens, E F/tp], see tw/moe.py)
-    # MoE only (None otherwise): the router logits and the k * max_tokens permuted rows (tw/moe.py)
-    moe_logits: object = None   # [max_tokens, E]
-    moe_x: object = None        # [k max_tokens, H]
-    moe_gate_up: object = None  # [k max_tokens, 2 F/tp]
-    moe_act: object = None      # [k max_tokens, F/tp]
-    moe_out: object = None      # [k max_tokens, H]
+    act: object      # [max_tokens, F/tp]
+    moe: object = None  # MoE models: tw.moe.MoEBuffers (router, routing and permuted rows); None otherwise
 
 
 class Model:
@@ -49,9 +44,6 @@ class Model:
                              f"use at least {world.tp_size} tokens")
         self.max_tokens = max_tokens
         self.kv_capacity = kv_capacity or max_tokens
-        if world.is_gpu and cfg.num_experts:
-            raise NotImplementedError("MoE runs on the CPU path only so far; the GPU kernels (router, "
-                                      "permutation, grouped GEMM) are not written yet")
         if world.is_gpu:
             import cupy as xp
             self.dtype = ops.BF16
@@ -69,9 +61,10 @@ class Model:
             w = weights.shard_layer(weights.full_layer(cfg, layer, seed, xp), s)
             moe = None
             if cfg.num_experts:
-                from .moe import MoEWeights, down_side_by_side
-                moe = MoEWeights(router=w["router"].astype(dt), gate_up=w["experts_gate_up"].astype(dt))
-                wgate_up, wdown = None, down_side_by_side(w["experts_down"]).astype(dt)
+                from .moe import MoEWeights
+                moe = MoEWeights(router=w["router"].astype(dt), gate_up=w["experts_gate_up"].astype(dt),
+                                 down=w["experts_down"].astype(dt))
+                wgate_up, wdown = None, None
             else:
                 wgate_up, wdown = w["wgate_up"].astype(dt), w["wdown"].astype(dt)
             self.layers.append(LayerWeights(
@@ -86,12 +79,11 @@ class Model:
         self.ws = Workspace(x=xp.zeros((t, cfg.hidden), dt), residual=xp.zeros((t, cfg.hidden), dt),
                             qkv=xp.zeros((t, s.qkv_dim), dt), attn=xp.zeros((t, s.q_dim), dt),
                             gate_up=xp.zeros((t if not e else 0, 2 * s.ffn), dt),
-                            act=xp.zeros((t, max(e, 1) * s.ffn), dt))
+                            act=xp.zeros((t if not e else 0, s.ffn), dt))
         if e:
-            kt = k * t
-            self.ws.moe_logits = xp.zeros((t, e), dt)
-            self.ws.moe_x, self.ws.moe_out = xp.zeros((kt, cfg.hidden), dt), xp.zeros((kt, cfg.hidden), dt)
-            self.ws.moe_gate_up, self.ws.moe_act = xp.zeros((kt, 2 * s.ffn), dt), xp.zeros((kt, s.ffn), dt)
+            from .moe import MoEBuffers
+            self.ws.moe = MoEBuffers.allocate(xp, t, cfg.hidden, s.ffn, e, k, dt)
+        self.routing = None   # MoE: a dict to record the routing of each layer in (tw/moe.moe_block)
         self.sync()
 
     def sync(self) -> None:
@@ -169,10 +161,14 @@ def memory_estimate(cfg: ModelConfig, shard: ShardConfig, max_tokens: int, kv_ca
     router = cfg.num_experts * h
     full_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd * h + h * cfg.num_heads * hd + 3 * e * cfg.ffn * h + router
     shard_layer = shard.qkv_dim * h + h * shard.q_dim + 3 * e * shard.ffn * h + 2 * h + router
-    moe_ws = (cfg.num_experts + k * (2 * h + 3 * shard.ffn)) if cfg.num_experts else 0   # tw/moe.py buffers
+    if cfg.num_experts:   # tw/moe.MoEBuffers in place of the dense MLP's gate_up and act
+        from .moe import MoEBuffers
+        mlp_ws = MoEBuffers.bytes(max_tokens, h, shard.ffn, cfg.num_experts, k, dtype_bytes)
+    else:
+        mlp_ws = max_tokens * 3 * shard.ffn * dtype_bytes
     est = {"weights": layers * shard_layer * dtype_bytes + (cfg.vocab * h + h) * dtype_bytes + full_layer * 4,
            "kv": 2 * layers * kv_capacity * shard.num_kv_heads * hd * dtype_bytes,
-           "workspace": max_tokens * (2 * h + shard.qkv_dim + shard.q_dim + (e + 2) * shard.ffn + moe_ws) * dtype_bytes
+           "workspace": max_tokens * (2 * h + shard.qkv_dim + shard.q_dim) * dtype_bytes + mlp_ws
            + transports * 3 * max_tokens * h * dtype_bytes}
     if reference_tokens:
         t = reference_tokens

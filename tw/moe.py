@@ -1,28 +1,29 @@
-"""The mixture-of-experts block (Mixtral): the MLP block of an MoE model, CPU path (NumPy) only so far.
+"""The mixture-of-experts block (Mixtral): the MLP block of an MoE model, on the CPU (NumPy) and the GPU.
 
 Same contract as tw/layers.mlp_block: x [n, H] (normed input) -> y [n, H], this rank's partial sum,
 written into the transport's staging rows; the schedule's fused all-reduce + add + RMSNorm then runs
-unchanged. Every expert is TP-sharded like the dense MLP (gate_up by rows: [2 F/tp, H]; down by
-columns: [H, F/tp]), so the partial outputs of the ranks add up to the block's output, and the router
-is replicated (every rank routes every token the same way: same x, same weights, same float32 GEMM).
+unchanged. Every expert is TP-sharded like the dense MLP (gate_up by rows: [E, 2 F/tp, H]; down by
+columns: [E, H, F/tp]), so the partial outputs of the ranks add up to the block's output, and the
+router is replicated (every rank routes every token the same way: same x, same weights, same GEMM).
 
-Steps, each rounding to the storage dtype where the dense path rounds (float32 on the CPU):
-1. router GEMM: logits [n, E] = x @ w_router^T;
+Steps (the GPU kernels are cuda/moe.cu, called through tw/moe_ops.py):
+1. router GEMM: logits [n, E] = x @ w_router^T, kept in float32 (on the GPU a bf16-in, float32-out
+   GEMM: rounding the logits to bf16 would make ~1 in 200 tokens' 2nd and 3rd choices tie);
 2. top-k by logit (highest first, the lower expert index on ties), softmax over the k selected logits
    (the renormalised weights: equal to Mixtral's softmax over all E followed by top-k and renormalising);
-3. permutation: the n*k (token, slot) pairs sorted by expert, stably (token order within an expert);
-4. per expert e, on its contiguous rows: gate_up GEMM, SiLU * mul, down GEMM (a loop over experts
-   with ops.linear; the GPU would use a grouped GEMM);
-5. un-permute: y[t] = sum_j weight[t, j] * out[row of (t, j)].
+3. permutation: the n k (token, slot) pairs sorted by expert, stably (token order within an expert),
+   and the token rows gathered into that order;
+4. per expert e, on its contiguous rows: gate_up GEMM, SiLU * mul, down GEMM (on the GPU a loop of
+   cuBLAS GEMMs or one cuBLAS grouped GEMM per projection: GEMM_MODES);
+5. un-permute: y[t] = sum_j weight[t, j] * out[row of (t, j)], float32 sums rounded once.
 
-Routing is per token, so TokenWeave's halves (or any split) route each token as the whole batch does.
+The expert GEMMs need each expert's row count on the host (cuBLAS takes sizes from the host), so the
+GPU block reads the E + 1 offsets back after the permutation: one host wait per block. A forward pass
+of an MoE model therefore runs eagerly (no CUDA graph); the GPU keeps the work queued before the wait
+(e.g. the other half's communication in TokenWeave) running through it.
 
-y=None (FineGrained's chunked down GEMM, tw/schedules.py) stops before the down GEMM and leaves in
-model.ws.act[rows] the expert activations scattered densely: act [n, E * F/tp] holds weight[t, j] *
-act_e(t) in expert e's column block for the token's selected experts and zeros elsewhere, so that
-act @ wdown^T, with wdown [H, E * F/tp] the experts' down shards side by side (LayerWeights.wdown),
-is the block's output. E/k times the down GEMM's flops, fine for the CPU check; the real chunked MoE
-schedule (per-chunk un-permute) is GPU work for later.
+Routing is per token, so TokenWeave's halves (or FineGrained's chunks: each chunk is a block of its
+own) route each token as the whole batch does.
 """
 from __future__ import annotations
 
@@ -34,24 +35,72 @@ from . import ops
 from .arrays import xp_of
 from .trace import span
 
+GEMM_MODES = ("loop", "grouped")
+GEMM_MODE = ["loop"]   # the GPU's expert GEMMs (experiments/moe.py measures both; see docs/design.md#moe)
+
 
 @dataclass
 class MoEWeights:
     router: object    # [E, H]            replicated
     gate_up: object   # [E, 2 F/tp, H]    each expert column-parallel (gate rows, then up rows)
-    # The down shards live in LayerWeights.wdown, [H, E * F/tp]: expert e's [H, F/tp] is column block e.
+    down: object      # [E, H, F/tp]      each expert row-parallel
 
 
-def down_side_by_side(experts_down):
-    """[E, H, F/tp] -> [H, E F/tp] (contiguous): expert e's down shard is column block e (LayerWeights.wdown)."""
-    xp = xp_of(experts_down)
-    num_experts, h, f = experts_down.shape
-    return xp.ascontiguousarray(experts_down.transpose(1, 0, 2)).reshape(h, num_experts * f)
+@dataclass
+class MoEBuffers:
+    """The block's workspace for up to `max_tokens` tokens: token rows (logits, experts, weights) and
+    k-times-as-many permuted rows; a part with workspace rows [o, o + n) uses token rows [o, o + n)
+    and permuted rows [k o, k (o + n)), so TokenWeave's halves stay disjoint."""
+    logits: object    # [T, E] float32
+    experts: object   # [T, k] int (int64 on the CPU, int32 on the GPU)
+    weights: object   # [T, k] float32
+    xs: object        # [k T, H]       token rows in expert order
+    gate_up: object   # [k T, 2 F/tp]
+    act: object       # [k T, F/tp]
+    out: object       # [k T, H]
+    inverse: object   # [k T] int32    GPU only: the permuted row of each (token, slot)
+    source: object    # [k T] int32    GPU only: the token of each permuted row
+    offsets: object   # [E + 1] int32  GPU only (and its pinned host copy: offsets_host)
+    offsets_host: object = None
+
+    @classmethod
+    def allocate(cls, xp, max_tokens: int, hidden: int, ffn_shard: int, num_experts: int, top_k: int, dtype):
+        t, kt = max_tokens, top_k * max_tokens
+        gpu = xp is not np
+        i32 = (lambda *s: xp.zeros(s, xp.int32)) if gpu else (lambda *s: None)
+        b = cls(logits=xp.zeros((t, num_experts), xp.float32), experts=xp.zeros((t, top_k), xp.int32 if gpu else np.int64),
+                weights=xp.zeros((t, top_k), xp.float32), xs=xp.zeros((kt, hidden), dtype),
+                gate_up=xp.zeros((kt, 2 * ffn_shard), dtype), act=xp.zeros((kt, ffn_shard), dtype),
+                out=xp.zeros((kt, hidden), dtype), inverse=i32(kt), source=i32(kt), offsets=i32(num_experts + 1))
+        if gpu:
+            from .moe_ops import pinned_int32
+            b.offsets_host = pinned_int32(num_experts + 1)
+        return b
+
+    def rows(self, offset: int, n: int, top_k: int) -> "MoEBuffers":
+        t, p = slice(offset, offset + n), slice(top_k * offset, top_k * (offset + n))
+        cut = lambda a, r: None if a is None else a[r]
+        return MoEBuffers(self.logits[t], self.experts[t], self.weights[t], self.xs[p], self.gate_up[p],
+                          self.act[p], self.out[p], cut(self.inverse, p), cut(self.source, p), self.offsets,
+                          self.offsets_host)
+
+    @staticmethod
+    def bytes(max_tokens: int, hidden: int, ffn_shard: int, num_experts: int, top_k: int, dtype_bytes: int) -> int:
+        t, kt = max_tokens, top_k * max_tokens
+        return t * (num_experts + 2 * top_k) * 4 + kt * (2 * hidden + 3 * ffn_shard) * dtype_bytes + 2 * kt * 4
+
+
+def balanced_rows(num_tokens: int, num_experts: int, top_k: int) -> list:
+    """The per-expert row counts of num_tokens tokens spread evenly: n k pairs over E experts, the
+    remainder to the lowest experts (GEMM profiles: the wave-aware split, before any routing)."""
+    q, r = divmod(num_tokens * top_k, num_experts)
+    return [q + (e < r) for e in range(num_experts)]
 
 
 def route(logits, top_k: int):
     """(experts [n, k] int64, weights [n, k] in logits' dtype): the k largest logits of each row, highest
-    first (argmax: the lower index on ties), and the softmax over those k logits."""
+    first (argmax: the lower index on ties), and the softmax over those k logits (NumPy; the GPU's is
+    cuda/moe.cu's moe_topk_softmax)."""
     xp = xp_of(logits)
     n = logits.shape[0]
     rows = xp.arange(n)
@@ -91,56 +140,83 @@ def permute(experts, num_experts: int):
     return order, offsets, inverse
 
 
-def moe_forward(x, moe: MoEWeights, wdown, top_k: int, bufs: dict, y=None, act=None, name: str = "",
-                stream=None):
-    """The block on x [n, H] (NumPy). bufs: logits [n, E], xs [n k, H], gate_up [n k, 2 F/tp],
-    act [n k, F/tp], out [n k, H] (workspace rows). y [n, H]: the partial output; or y=None and
-    act [n, E F/tp]: the weighted dense activations (see the module doc). Returns (experts, weights)."""
-    if not ops.is_cpu(x):
-        raise NotImplementedError("MoE runs on the CPU path only so far; the GPU kernels (router, permutation, "
-                                  "grouped GEMM) are not written yet")
-    n, k = x.shape[0], top_k
-    num_experts = moe.router.shape[0]
-    f = moe.gate_up.shape[1] // 2
-    logits = bufs["logits"]
+def moe_forward(x, moe: MoEWeights, top_k: int, bufs: MoEBuffers, y, name: str = "", stream=None):
+    """The block on x [n, H] into y [n, H] (every row written). bufs: rows for n tokens
+    (MoEBuffers.rows). Returns the per-expert row counts (host int array [E])."""
+    if x.shape[0] == 0:
+        return np.zeros(moe.router.shape[0], np.int64)
+    if ops.is_cpu(x):
+        return _forward_cpu(x, moe, top_k, bufs, y, name, stream)
+    return _forward_gpu(x, moe, top_k, bufs, y, name, stream)
+
+
+def _forward_cpu(x, moe, k, bufs, y, name, stream):
+    n, num_experts = x.shape[0], moe.router.shape[0]
     with span(name + "router", stream):
-        ops.linear(x, moe.router, logits, stream)
-        experts, weights = route(logits, k)
+        ops.linear(x, moe.router, bufs.logits, stream)
+        experts, weights = route(bufs.logits, k)
+        bufs.experts[...], bufs.weights[...] = experts, weights
     with span(name + "permute", stream):
         order, offsets, inverse = permute(experts, num_experts)
-        xs = bufs["xs"]
-        np.take(x, order // k, axis=0, out=xs)
-    gate_up, a, out = bufs["gate_up"], bufs["act"], bufs["out"]
-    for e in range(num_experts):
-        lo, hi = int(offsets[e]), int(offsets[e + 1])
-        if lo == hi:
-            continue
-        with span(f"{name}expert{e}", stream):
-            ops.linear(xs[lo:hi], moe.gate_up[e], gate_up[lo:hi], stream)
-            ops.silu_mul(gate_up[lo:hi], a[lo:hi], stream)
-            if y is not None:
-                ops.linear(a[lo:hi], wdown[:, e * f:(e + 1) * f], out[lo:hi], stream)
+        np.take(x, order // k, axis=0, out=bufs.xs)
+    _expert_gemms(bufs, moe, offsets, name, stream)
     with span(name + "unpermute", stream):
         inv = inverse.reshape(n, k)
-        if y is not None:
-            acc = weights[:, 0, None] * out[inv[:, 0]]
-            for j in range(1, k):
-                acc += weights[:, j, None] * out[inv[:, j]]
-            y[...] = acc
-        else:
-            dense = act.reshape(n, num_experts, f)
-            dense[...] = 0
-            dense[np.repeat(np.arange(n), k), experts.reshape(-1)] = weights.reshape(-1, 1) * a[inverse]
-    return experts, weights
+        acc = weights[:, 0, None] * bufs.out[inv[:, 0]]
+        for j in range(1, k):
+            acc += weights[:, j, None] * bufs.out[inv[:, j]]
+        y[...] = acc
+    return np.diff(offsets)
+
+
+def _forward_gpu(x, moe, k, bufs, y, name, stream):
+    from . import moe_ops
+    n, num_experts = x.shape[0], moe.router.shape[0]
+    with span(name + "router", stream):
+        ops.linear(x, moe.router, bufs.logits, stream)          # float32 logits
+        moe_ops.topk_softmax(bufs.logits, k, bufs.experts, bufs.weights, stream)
+    with span(name + "permute", stream):
+        moe_ops.permute(bufs.experts, num_experts, bufs.offsets, bufs.inverse, bufs.source, stream)
+        moe_ops.gather_rows(x, bufs.source, bufs.xs, stream)
+        offsets = moe_ops.read_offsets(bufs.offsets, bufs.offsets_host, stream)   # the one host wait
+    _expert_gemms(bufs, moe, offsets, name, stream)
+    with span(name + "unpermute", stream):
+        moe_ops.unpermute(bufs.out, bufs.inverse, bufs.weights, y, stream)
+    return np.diff(offsets)
+
+
+def _expert_gemms(bufs, moe, offsets, name, stream):
+    """gate_up, SiLU * mul and down of every expert on its rows [offsets[e], offsets[e + 1])."""
+    nk = int(offsets[-1])
+    spans = [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
+    if GEMM_MODE[0] == "grouped" and not ops.is_cpu(bufs.xs):
+        from . import moe_ops
+        with span(name + "experts_gate_up", stream):
+            moe_ops.grouped_linear(bufs.xs, moe.gate_up, bufs.gate_up, spans, 0, stream)
+        with span(name + "experts_act", stream):
+            ops.silu_mul(bufs.gate_up[:nk], bufs.act[:nk], stream)
+        with span(name + "experts_down", stream):
+            moe_ops.grouped_linear(bufs.act, moe.down, bufs.out, spans, 1, stream)
+        return
+    for e, lo, hi in spans:
+        with span(f"{name}expert{e}.gate_up", stream):
+            ops.linear(bufs.xs[lo:hi], moe.gate_up[e], bufs.gate_up[lo:hi], stream)
+    with span(name + "experts_act", stream):
+        ops.silu_mul(bufs.gate_up[:nk], bufs.act[:nk], stream)
+    for e, lo, hi in spans:
+        with span(f"{name}expert{e}.down", stream):
+            ops.linear(bufs.act[lo:hi], moe.down[e], bufs.out[lo:hi], stream)
 
 
 def moe_block(model, w, x, part, y, stream=None):
-    """tw/layers.mlp_block for an MoE layer: workspace rows of `part` (its k-times-as-many permuted rows
-    are [k offset, k (offset + n)), so TokenWeave's halves stay disjoint)."""
-    ws, k = model.ws, model.cfg.top_k
-    prow = slice(k * part.offset, k * (part.offset + part.num_tokens))
-    bufs = {"logits": ws.moe_logits[part.rows], "xs": ws.moe_x[prow], "gate_up": ws.moe_gate_up[prow],
-            "act": ws.moe_act[prow], "out": ws.moe_out[prow]}
-    return moe_forward(x, w.moe, w.wdown, k, bufs, y, None if y is not None else ws.act[part.rows],
-                       f"L{w.index}.moe.{part.label}.", stream)
-
+    """tw/layers.mlp_block for an MoE layer, on the workspace rows of `part`. With model.routing a dict
+    (a --check run on the GPU), the chosen experts of every token are recorded there per layer
+    (host int arrays [T, k]): the float64 reference follows them where its own choice is a near-tie."""
+    k = model.cfg.top_k
+    bufs = model.ws.moe.rows(part.offset, part.num_tokens, k)
+    counts = moe_forward(x, w.moe, k, bufs, y, f"L{w.index}.moe.{part.label}.", stream)
+    if model.routing is not None and part.num_tokens:
+        chosen = bufs.experts if ops.is_cpu(x) else bufs.experts.get(stream=stream)
+        rec = model.routing.setdefault(w.index, np.full((model.max_tokens, k), -1, np.int64))
+        rec[part.rows] = chosen
+    return counts

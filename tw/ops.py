@@ -38,7 +38,7 @@ def check_bf16(name: str, x, contiguous: bool = True) -> None:
 
 # ---------------------------------------------------------------- GEMM (cuBLAS)
 
-_CUDA_R_16BF, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT, _OP_N, _OP_T = 14, 68, -1, 0, 1
+_CUDA_R_32F, _CUDA_R_16BF, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT, _OP_N, _OP_T = 0, 14, 68, -1, 0, 1
 _ONE, _ZERO = np.ones(1, np.float32), np.zeros(1, np.float32)  # host scalars, alive for the process
 _WORKSPACE_BYTES = 64 << 20
 
@@ -67,6 +67,8 @@ class _Cublas:
         self.lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self.lib.cublasSetSmCountTarget.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self.sm_target = 0  # what the handle holds now (0: cuBLAS plans for every SM)
+        # cuBLAS >= 12.5 (tw/moe_ops.grouped_linear); None on an older library
+        self.grouped = getattr(self.lib, "cublasGemmGroupedBatchedEx", None)
 
     def set_sm_target(self, n: int) -> None:
         """cublasSetSmCountTarget: the GEMM heuristics plan for n SMs (0 = all). It is read when a GEMM is
@@ -80,13 +82,34 @@ class _Cublas:
         if status != 0:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
-    def gemm_tn(self, stream_ptr, n, m, k, w_ptr, x_ptr, out_ptr):
-        """Column-major out^T[N, M] = op_T(w[K, N]) @ x[K, M], bf16 in/out, fp32 accumulation."""
+    def gemm_tn(self, stream_ptr, n, m, k, w_ptr, x_ptr, out_ptr, out_type=_CUDA_R_16BF):
+        """Column-major out^T[N, M] = op_T(w[K, N]) @ x[K, M], bf16 in, fp32 accumulation, bf16 (or
+        out_type) out."""
         self._check(self.lib.cublasSetStream_v2(self.handle, stream_ptr), "cublasSetStream")
         self._check(self.lib.cublasGemmEx(self.handle, _OP_T, _OP_N, n, m, k, _ONE.ctypes.data, w_ptr,
                                           _CUDA_R_16BF, k, x_ptr, _CUDA_R_16BF, k, _ZERO.ctypes.data, out_ptr,
-                                          _CUDA_R_16BF, n, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT),
+                                          out_type, n, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT),
                     f"cublasGemmEx(m={m}, n={n}, k={k})")
+
+    def gemm_grouped_tn(self, stream_ptr, n: int, ms, k: int, w_ptrs, x_ptrs, out_ptrs):
+        """gemm_tn for len(ms) problems of one (N, K) and M = ms[g] rows each, in one
+        cublasGemmGroupedBatchedEx (one problem per group). *_ptrs: device arrays of device pointers."""
+        if self.grouped is None:
+            raise RuntimeError("cublasGemmGroupedBatchedEx needs cuBLAS >= 12.5; this libcublas lacks it "
+                               "(use the loop of GEMMs: tw.moe.GEMM_MODE = ['loop'])")
+        g = len(ms)
+        i32 = lambda v: np.full(g, v, np.int32)
+        args = {"ta": i32(_OP_T), "tb": i32(_OP_N), "m": i32(n), "n": np.ascontiguousarray(ms, np.int32),
+                "k": i32(k), "alpha": np.ones(g, np.float32), "beta": np.zeros(g, np.float32), "ld_w": i32(k),
+                "ld_x": i32(k), "ld_out": i32(n), "size": i32(1)}
+        p = {name: a.ctypes.data_as(ctypes.c_void_p) for name, a in args.items()}
+        vp = ctypes.c_void_p
+        self._check(self.lib.cublasSetStream_v2(self.handle, stream_ptr), "cublasSetStream")
+        self._check(self.grouped(self.handle, p["ta"], p["tb"], p["m"], p["n"], p["k"], p["alpha"], vp(w_ptrs),
+                                 ctypes.c_int(_CUDA_R_16BF), p["ld_w"], vp(x_ptrs), ctypes.c_int(_CUDA_R_16BF),
+                                 p["ld_x"], p["beta"], vp(out_ptrs), ctypes.c_int(_CUDA_R_16BF), p["ld_out"],
+                                 ctypes.c_int(g), p["size"], ctypes.c_int(_CUBLAS_COMPUTE_32F)),
+                    f"cublasGemmGroupedBatchedEx(groups={g}, n={n}, k={k})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,8 +136,9 @@ def sm_target(n: int | None):
 def linear(x, w, out, stream=None):
     """out[M, N] = x[M, K] @ w[N, K]^T  (weights stored [out_features, in_features], as nn.Linear).
 
-    GPU: one cublasGemmEx, bf16 operands, fp32 accumulation, bf16 output; `out` may be a row range of a
-    larger buffer (e.g. the registered communication buffer) as long as its rows are contiguous.
+    GPU: one cublasGemmEx, bf16 operands, fp32 accumulation, bf16 output (or float32 where `out` is
+    float32: the MoE router's logits); `out` may be a row range of a larger buffer (e.g. the
+    registered communication buffer) as long as its rows are contiguous.
     """
     m, k = x.shape
     n = w.shape[0]
@@ -124,15 +148,18 @@ def linear(x, w, out, stream=None):
         np.matmul(x, w.T, out=out)
         return out
     import cupy as cp
-    for name, a in (("x", x), ("w", w), ("out", out)):
+    f32 = out.dtype == np.float32
+    for name, a in (("x", x), ("w", w)) + ((("out", out),) if not f32 else ()):
         check_bf16(f"linear {name}", a)
+    if f32 and not (out.flags.c_contiguous and out.data.ptr % 16 == 0):
+        raise ValueError(f"linear out (float32) must be C-contiguous and 16-byte aligned, got {out.strides}")
     if m == 0:
         return out
     stream = stream or cp.cuda.get_current_stream()
     blas = _cublas(cp.cuda.Device().id)
     blas.set_sm_target(_SM_TARGET[0])
     # Row-major out[M,N] = x w^T is column-major out^T[N,M] = op_T(w_cm[K,N]) @ x_cm[K,M].
-    blas.gemm_tn(stream.ptr, n, m, k, w.data.ptr, x.data.ptr, out.data.ptr)
+    blas.gemm_tn(stream.ptr, n, m, k, w.data.ptr, x.data.ptr, out.data.ptr, _CUDA_R_32F if f32 else _CUDA_R_16BF)
     return out
 
 

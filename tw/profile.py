@@ -85,6 +85,8 @@ class GemmProfile:
         from .layers import layer_gemms
         if not self._filled:
             fill_random(self.model.ws, ("x", "attn", "act"))
+            if self.model.ws.moe is not None:
+                fill_random(self.model.ws.moe, ("xs", "act"))
             self._stream = cp.cuda.Stream(non_blocking=True)
             self._filled = True
         if not self.loaded:
@@ -125,19 +127,17 @@ class GemmProfile:
 
 
 def block_gemms(model, num_tokens: int, stream=None):
-    """(attention GEMMs, MLP GEMMs) of layer 0 on rows [0, num_tokens), as two launch functions."""
+    """(attention GEMMs, MLP GEMMs) of layer 0 on rows [0, num_tokens), as two launch functions (an MoE
+    layer's MLP GEMMs: every expert's at balanced row counts, tw/layers.mlp_gemms)."""
     from . import ops
+    from .layers import mlp_gemms
     w, ws, r = model.layers[0], model.ws, slice(0, num_tokens)
 
     def attn():
         ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
         ops.linear(ws.attn[r], w.wo, ws.residual[r], stream)
 
-    def mlp():
-        ops.linear(ws.x[r], w.wgate_up, ws.gate_up[r], stream)
-        ops.linear(ws.act[r], w.wdown, ws.residual[r], stream)
-
-    return attn, mlp
+    return attn, mlp_gemms(model, num_tokens, stream)[0]
 
 
 def fill_random(ws, names) -> None:

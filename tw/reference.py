@@ -27,7 +27,9 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
 # MoE routing: the reference routes from its float64 logits, the model from its own (float32 on the
 # CPU, ~1e-6 off). They pick the same experts unless a token's k-th and (k+1)-th logits lie within that
 # rounding, so forward() refuses (RouterNearTie) a token whose gap is below this: 100x the float32
-# logits' error. bfloat16 (the GPU model, no MoE kernels yet): a guess at ~10x its logits' error.
+# logits' error. bfloat16 (the GPU model): ~5x the logits' error after a few layers (their inputs carry
+# bf16 rounding; the logits themselves are float32). A GPU check passes the model's routing (forward's
+# `routing`): near-ties follow it, every other token must agree (RoutingMismatch).
 ROUTER_MIN_GAP = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
@@ -85,8 +87,13 @@ def attention(q, k_cache, v_cache, batch: Batch, scale: float):
     return out
 
 
-def forward(cfg, batch: Batch, ids, seed: int, xp, dtype):
-    """Final normed hidden states [T, H] in float64 for token ids `ids` (host int array)."""
+def forward(cfg, batch: Batch, ids, seed: int, xp, dtype, routing: dict | None = None):
+    """Final normed hidden states [T, H] in float64 for token ids `ids` (host int array).
+
+    routing (MoE): the model's chosen experts per layer ({layer: host [T, k]}, tw/moe.moe_block's
+    record). Where given, a token whose own top-k is a near-tie (router gap < ROUTER_MIN_GAP) follows
+    the model's choice, and every other token must have chosen as the reference does (RoutingMismatch).
+    Without it, a near-tie anywhere is refused (RouterNearTie)."""
     f64 = xp.float64
 
     def stored(a):  # the value the model holds in `dtype`
@@ -115,7 +122,7 @@ def forward(cfg, batch: Batch, ids, seed: int, xp, dtype):
         h = h + attn @ stored(w["wo"]).T
         x = _rmsnorm(h, stored(w["post_norm"]), cfg.eps)
         if cfg.num_experts:
-            h = h + _moe(cfg, x, w, stored, layer, np.dtype(dtype).name)
+            h = h + _moe(cfg, x, w, stored, layer, np.dtype(dtype).name, None if routing is None else routing[layer][:len(pos)])
         else:
             gate_up = x @ stored(w["wgate_up"]).T
             g, u = gate_up[:, :cfg.ffn], gate_up[:, cfg.ffn:]
@@ -127,14 +134,17 @@ def forward(cfg, batch: Batch, ids, seed: int, xp, dtype):
     return x
 
 
-def moe(x, router, gate_up, down, top_k: int):
+def moe(x, router, gate_up, down, top_k: int, forced=None):
     """The MoE block in float64 from float64 weights: router [E, H], gate_up [E, 2F, H], down [E, H, F];
-    returns (out [n, H], logits [n, E]). Plain: top-k by a stable sort of the logits (the lower index
-    on ties), softmax over the selected, every expert on the tokens that chose it."""
+    returns (out [n, H], logits [n, E], top [n, k]). Plain: top-k by a stable sort of the logits (the
+    lower index on ties), softmax over the selected, every expert on the tokens that chose it.
+    forced [n, k] (ints in x's array module, or None): these experts instead of the own top-k (_moe)."""
     xp = _xp(x)
     num_experts, f = router.shape[0], down.shape[2]
     logits = x @ router.T
     top = xp.argsort(-logits, axis=1, **({"kind": "stable"} if xp is np else {}))[:, :top_k]
+    if forced is not None:
+        top = xp.asarray(forced, dtype=top.dtype)
     chosen = xp.take_along_axis(logits, top, axis=1)
     p = xp.exp(chosen - chosen.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
@@ -146,31 +156,52 @@ def moe(x, router, gate_up, down, top_k: int):
         h = x[tok] @ gate_up[e].T
         g, u = h[:, :f], h[:, f:]
         out[tok] += p[tok, slot, None] * ((g / (1 + xp.exp(-g)) * u) @ down[e].T)
-    return out, logits
+    return out, logits, top
 
 
-def _moe(cfg, x, w, stored, layer: int, dtype_name: str):
-    """moe() on the stored weights of `layer`, refusing near-ties of the routing (ROUTER_MIN_GAP)."""
+class RoutingMismatch(AssertionError):
+    """The model routed a token differently from the reference where rounding cannot explain it."""
+
+
+def _moe(cfg, x, w, stored, layer: int, dtype_name: str, model_routing=None):
+    """moe() on the stored weights of `layer`. Without the model's routing: refuses near-ties
+    (RouterNearTie). With it ([T, k] host ints): near-tie tokens follow the model, the others must
+    match the reference's own choice as sets (RoutingMismatch), so the block is checked everywhere."""
     from .moe import router_gap
-    out, logits = moe(x, stored(w["router"]), stored(w["experts_gate_up"]), stored(w["experts_down"]), cfg.top_k)
+    args = (stored(w["router"]), stored(w["experts_gate_up"]), stored(w["experts_down"]), cfg.top_k)
+    out, logits, top = moe(x, *args)
     gap = router_gap(logits, cfg.top_k)
     min_gap = ROUTER_MIN_GAP.get(dtype_name, 0.0)
-    t = int(gap.argmin())
-    if float(gap[t]) < min_gap:
-        raise RouterNearTie(f"{cfg.name} layer {layer}, token {t}: its top-{cfg.top_k} and next router logits "
-                            f"differ by {float(gap[t]):.2e} < {min_gap:g}, within what {dtype_name} rounding can "
-                            "flip: the model and the reference could route it to different experts. Use "
-                            "another seed or batch for this check.")
-    return out
+    if model_routing is None:
+        t = int(gap.argmin())
+        if float(gap[t]) < min_gap:
+            raise RouterNearTie(f"{cfg.name} layer {layer}, token {t}: its top-{cfg.top_k} and next router logits "
+                                f"differ by {float(gap[t]):.2e} < {min_gap:g}, within what {dtype_name} rounding can "
+                                "flip: the model and the reference could route it to different experts. Use "
+                                "another seed or batch for this check.")
+        return out
+    host = lambda a: np.asarray(a.get() if hasattr(a, "get") else a)
+    own, model_routing = host(top), np.asarray(model_routing)
+    mine, theirs = np.sort(own, axis=1), np.sort(model_routing, axis=1)
+    near = host(gap) < min_gap
+    wrong = np.nonzero((mine != theirs).any(axis=1) & ~near)[0]
+    if len(wrong):
+        t = int(wrong[0])
+        raise RoutingMismatch(f"{cfg.name} layer {layer}: {len(wrong)} token(s) routed differently from the float64 "
+                              f"reference although their router gap is >= {min_gap:g} (token {t}: model "
+                              f"{theirs[t].tolist()}, reference {mine[t].tolist()}, gap {float(gap[t]):.2e})")
+    if not near.any():
+        return out
+    return moe(x, *args, forced=_xp(x).asarray(np.where(near[:, None], model_routing, own)))[0]
 
 
-def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype):
+def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype, routing: dict | None = None):
     """forward() computed once, on world rank 0, and broadcast: [T, H] float64 on every rank, in xp.
     (Every rank computing its own copy cost the CPU path ~40 s per rank-count at 5K tokens.)"""
     import numpy
     ref = None
     if world.rank == 0:
-        ref = forward(cfg, batch, ids, seed, xp, dtype)
+        ref = forward(cfg, batch, ids, seed, xp, dtype, routing)
         ref = ref.get() if hasattr(ref, "get") else numpy.ascontiguousarray(ref)
     else:
         ref = numpy.empty((batch.num_tokens, cfg.hidden), dtype=numpy.float64)

@@ -18,6 +18,8 @@ data flow (which rows, which halves, which norm weight) of exactly the code the 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 from . import comm as transports
@@ -160,6 +162,22 @@ class FineGrained:
         self.streams.signal(f"{tag}done", comm_stream)
         self.streams.wait(stream, f"{tag}done")
 
+    def _moe_chunks(self, w, part, y, chunks, stream, name):
+        """The MoE block chunk by chunk (each routes, permutes and runs its experts on its own tokens),
+        each chunk's all-reduce on the comm stream beside the next chunk's block."""
+        comm_stream = self.streams.comm or stream
+        layer, block, op = name.split(".")
+        tag = f"{block}{op}"
+        for c, (lo, hi) in enumerate(chunks):
+            sub = dataclasses.replace(part, offset=lo, num_tokens=hi - lo, label=f"c{c}")
+            mlp_block(self.model, w, self.model.ws.x[lo:hi], sub, y[lo:hi], stream)
+            self.streams.signal(f"{tag}{c}", stream)
+            self.streams.wait(comm_stream, f"{tag}{c}")
+            with span(f"{layer}.comm.c{c}.{op}_allreduce", comm_stream, "comm"):
+                self.comm.all_reduce(lo, hi, comm_stream)
+        self.streams.signal(f"{tag}done", comm_stream)
+        self.streams.wait(stream, f"{tag}done")
+
     def forward(self, plan: Plan, stream=None):
         m, (part,) = self.model, plan.parts
         r, eps, ws = part.rows, m.cfg.eps, m.ws
@@ -171,8 +189,11 @@ class FineGrained:
             self._row_parallel(ws.attn, w.wo, y, chunks, stream, f"L{i}.attn.o_proj")
             with span(f"L{i}.norm.all.post_attn_norm", stream):
                 ops.add_rmsnorm(y[r], ws.residual[r], w.post_norm, eps, ws.x[r], stream)
-            mlp_block(m, w, ws.x[r], part, None, stream)         # stops before down_proj
-            self._row_parallel(ws.act, w.wdown, y, chunks, stream, f"L{i}.mlp.down")
+            if m.cfg.num_experts:   # MoE: each chunk is a block of its own (its down GEMMs are per expert)
+                self._moe_chunks(w, part, y, chunks, stream, f"L{i}.mlp.down")
+            else:
+                mlp_block(m, w, ws.x[r], part, None, stream)     # stops before down_proj
+                self._row_parallel(ws.act, w.wdown, y, chunks, stream, f"L{i}.mlp.down")
             with span(f"L{i}.norm.all.{_next_norm(m, i)}", stream):
                 ops.add_rmsnorm(y[r], ws.residual[r], m.norm_weight_after(i), eps, ws.x[r], stream)
         return ws.x[r]
