@@ -208,9 +208,9 @@ def main(argv=None):
         batch = batches[tokens]
         ids = batching.token_ids(tokens, cfg.vocab, args.seed)
         ref = None
-        # MoE on the GPU: bf16 rounding flips near-tie routings, so each strategy gets a reference that
-        # follows its own routing at near-ties (tw/reference.forward's `routing`), computed after its pass.
-        routed_refs = bool(args.check and cfg.num_experts and world.is_gpu and not model.emulated)
+        # MoE: rounding can flip near-tie routings, so each strategy gets a reference that follows its own
+        # routing at near-ties (tw/reference.forward's `routing`), computed after its pass.
+        routed_refs = bool(args.check and cfg.num_experts and not model.emulated)
         if args.check and not model.emulated and not routed_refs:
             world.print0(f"float64 reference for {tokens} tokens (rank 0, then broadcast) ...")
             t0 = time.perf_counter()

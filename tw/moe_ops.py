@@ -63,6 +63,7 @@ def read_offsets(offsets, host, stream) -> np.ndarray:
     """The device offsets [E + 1] copied into the pinned `host` array, waiting for them (a host wait on
     `stream` only: work queued on other streams keeps running). Returns a copy."""
     import cupy as cp
+    stream = stream or cp.cuda.get_current_stream()
     cp.cuda.runtime.memcpyAsync(host.ctypes.data, offsets.data.ptr, offsets.nbytes,
                                 cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
     stream.synchronize()
