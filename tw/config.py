@@ -118,7 +118,7 @@ PRESETS = {
     "tiny-qwen": ModelConfig("tiny-qwen", hidden=256, num_heads=8, num_kv_heads=4, head_dim=32, ffn=640,
                              num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-6, qkv_bias=True),
     # CPU-sized mixture of experts: router, top-2, 4 TP-sharded experts (TP up to 4).
-    "tiny-moe": ModelConfig("tiny-moe", hidden=256, num_heads=4, num_kv_heads=4, head_dim=64, ffn=256,
+    "tiny-moe": ModelConfig("tiny-moe", hidden=512, num_heads=8, num_kv_heads=8, head_dim=64, ffn=512,
                             num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-5, num_experts=4, top_k=2),
 }
 
