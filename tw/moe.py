@@ -8,7 +8,7 @@ router is replicated (every rank routes every token the same way: same x, same w
 
 Steps (the GPU kernels are cuda/moe.cu, called through tw/moe_ops.py):
 1. router GEMM: logits [n, E] = x @ w_router^T, kept in float32 (on the GPU a bf16-in, float32-out
-   GEMM: rounding the logits to bf16 would make ~1 in 200 tokens' 2nd and 3rd choices tie);
+   GEMM: logits rounded to bf16's 8 bits would tie a token's k-th and (k+1)-th choices far more often);
 2. top-k by logit (highest first, the lower expert index on ties), softmax over the k selected logits
    (the renormalised weights: equal to Mixtral's softmax over all E followed by top-k and renormalising);
 3. permutation: the n k (token, slot) pairs sorted by expert, stably (token order within an expert),

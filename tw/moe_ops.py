@@ -64,6 +64,9 @@ def read_offsets(offsets, host, stream) -> np.ndarray:
     `stream` only: work queued on other streams keeps running). Returns a copy."""
     import cupy as cp
     stream = stream or cp.cuda.get_current_stream()
+    if stream.is_capturing():
+        raise RuntimeError("an MoE block cannot be captured in a CUDA graph: it reads its per-expert row counts "
+                           "back to the host (cuBLAS takes GEMM sizes from there); run MoE models eagerly")
     cp.cuda.runtime.memcpyAsync(host.ctypes.data, offsets.data.ptr, offsets.nbytes,
                                 cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
     stream.synchronize()
