@@ -147,14 +147,15 @@ class FineGrained:
         bounds = [part.offset + (n * i) // k for i in range(k + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
 
-    def _row_parallel(self, inp, w, y_full, chunks, stream, name):
-        """name: e.g. 'L3.attn.o_proj'; chunk c is traced as L3.attn.c<c>.o_proj and L3.comm.c<c>.o_proj."""
+    def _chunked(self, compute, chunks, stream, name):
+        """compute(c, lo, hi) writes the partial sums of rows [lo, hi) on `stream`; each chunk's
+        all-reduce then runs on the comm stream beside the next chunk's compute. name: e.g.
+        'L3.attn.o_proj'; chunk c's all-reduce is traced as L3.comm.c<c>.o_proj_allreduce."""
         comm_stream = self.streams.comm or stream
         layer, block, op = name.split(".")
         tag = f"{block}{op}"
         for c, (lo, hi) in enumerate(chunks):
-            with span(f"{layer}.{block}.c{c}.{op}", stream):
-                ops.linear(inp[lo:hi], w, y_full[lo:hi], stream)
+            compute(c, lo, hi)
             self.streams.signal(f"{tag}{c}", stream)
             self.streams.wait(comm_stream, f"{tag}{c}")
             with span(f"{layer}.comm.c{c}.{op}_allreduce", comm_stream, "comm"):
@@ -162,21 +163,24 @@ class FineGrained:
         self.streams.signal(f"{tag}done", comm_stream)
         self.streams.wait(stream, f"{tag}done")
 
-    def _moe_chunks(self, w, part, y, chunks, stream, name):
-        """The MoE block chunk by chunk (each routes, permutes and runs its experts on its own tokens),
-        each chunk's all-reduce on the comm stream beside the next chunk's block."""
-        comm_stream = self.streams.comm or stream
+    def _row_parallel(self, inp, w, y_full, chunks, stream, name):
+        """The row-parallel GEMM chunk by chunk (traced as L3.attn.c<c>.o_proj)."""
         layer, block, op = name.split(".")
-        tag = f"{block}{op}"
-        for c, (lo, hi) in enumerate(chunks):
+
+        def gemm(c, lo, hi):
+            with span(f"{layer}.{block}.c{c}.{op}", stream):
+                ops.linear(inp[lo:hi], w, y_full[lo:hi], stream)
+
+        self._chunked(gemm, chunks, stream, name)
+
+    def _moe_chunks(self, w, part, y, chunks, stream, name):
+        """The MoE block chunk by chunk: each chunk routes, permutes and runs its experts on its own
+        tokens (its down GEMMs are per expert, so there is no one row-parallel GEMM to cut)."""
+        def block(c, lo, hi):
             sub = dataclasses.replace(part, offset=lo, num_tokens=hi - lo, label=f"c{c}")
             mlp_block(self.model, w, self.model.ws.x[lo:hi], sub, y[lo:hi], stream)
-            self.streams.signal(f"{tag}{c}", stream)
-            self.streams.wait(comm_stream, f"{tag}{c}")
-            with span(f"{layer}.comm.c{c}.{op}_allreduce", comm_stream, "comm"):
-                self.comm.all_reduce(lo, hi, comm_stream)
-        self.streams.signal(f"{tag}done", comm_stream)
-        self.streams.wait(stream, f"{tag}done")
+
+        self._chunked(block, chunks, stream, name)
 
     def forward(self, plan: Plan, stream=None):
         m, (part,) = self.model, plan.parts
