@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.figures_moe import fig_moe
 from tw.results import RESULTS_DIR, read
 
 FIG_DIR = Path(__file__).resolve().parent / "figures"
@@ -337,6 +338,7 @@ FIGURE_FILES = {  # figure -> the committed result file(s) under experiments/res
     "split_mlp": ("split-tp2-H200.jsonl",),
     "timeline": tuple(f"traces-H200x2/trace-llama3-70b-tp2-{s}-4096.csv"
                       for s in ("finegrained4", "nccl", "tokenweave")),
+    "moe": tuple(f"moe-block-mixtral-8x22b-{t}-H200.jsonl" for t in ("tp1", "tp2-shards", "tp8-shards")),
 }
 
 
@@ -357,6 +359,7 @@ DRAW = {  # figure -> fn(paths of its FIGURE_FILES, out_dir) -> the files writte
     "overhead": _one(fig_overhead),
     "split_mlp": _one(fig_split_mlp),
     "timeline": fig_timeline,
+    "moe": fig_moe,
 }
 
 

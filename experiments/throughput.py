@@ -383,6 +383,10 @@ def main(argv=None):
     if args.min_split_tokens is None:
         args.min_split_tokens = splitting.min_split_tokens(cfg)
     validate(args, world)
+    if args.check and cfg.num_experts and world.is_gpu:
+        raise dist.UsageError(f"--check with {cfg.name} on a GPU: bf16 rounding flips near-tie routings, and the "
+                              "reference cannot yet follow the engine's routing across its steps; check the MoE "
+                              "model with python -m experiments.latency --check (it does follow it)")
     common.shared_gpu_strategies(args, world)
     common.note_tp1(world)
     loads = build_workloads(args, cfg.vocab)
