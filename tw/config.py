@@ -25,7 +25,7 @@ class ModelConfig:
     eps: float
     qkv_bias: bool = False
     rope_scaling: tuple | None = None   # (factor, low_freq_factor, high_freq_factor, original_max_pos)
-    num_experts: int = 0     # > 0: mixture of experts (tw/moe.py; the CPU path only so far)
+    num_experts: int = 0     # > 0: mixture of experts (tw/moe.py)
     top_k: int = 2           # experts per token (MoE models only)
 
     def __post_init__(self):
