@@ -25,7 +25,8 @@ time to first token from submission; tpot = tpot_ms_median: mean time between a 
 tokens; check = correct (--check): every strategy but nocomm against the float64 reference
 for the first --check-requests requests: CPU, identical tokens (check_tokens_equal) and logits within
 tolerance; GPU (bf16), the logits of the first and last output step within tolerance
-(check_logits_rel_err). Step times are rank 0's (every step ends with a TP allgather, so ranks are in
+(check_logits_rel_err); MoE models: the reference follows the engine's routing where its own is a
+near-tie (tw/reference.forward). Step times are rank 0's (every step ends with a TP allgather, so ranks are in
 step); host and GPU medians are the slowest rank's.
 """
 from __future__ import annotations
@@ -278,6 +279,7 @@ def serve(strat, model, head, world, requests, chunk, kv, args, choices, stream,
             ev[i].record(stream)
 
     records, logits, paused = [], {}, 0.0
+    routing = {}   # MoE --check: rid -> {layer: [prompt + output, k]} the engine's experts per position
     start = last_print = time.perf_counter()
     while not sched.done and (stop_after is None or sched.steps < stop_after):
         if sched.steps >= args.max_steps:
@@ -288,6 +290,8 @@ def serve(strat, model, head, world, requests, chunk, kv, args, choices, stream,
             if strat.name == "tokenweave":
                 kw["choice"] = choices.get(step.num_tokens)
             plan = strat.prepare(step.batch, step.ids, **kw)
+            record = bool(model.cfg.num_experts and capture and any(r.rid in capture for r in step.requests))
+            model.routing = {} if record else None
             h1 = time.perf_counter()
             mark(0)
             out = strat.forward(plan, stream)
@@ -307,6 +311,9 @@ def serve(strat, model, head, world, requests, chunk, kv, args, choices, stream,
                     and len(r.output) in (0, r.output_len - 1)]
             for j, row in zip(want, head.full_logits(want) if want else []):
                 logits.setdefault(step.producers[j].rid, []).append(row)
+            if record:
+                keep_routing(routing, step, model.routing, capture, model.cfg.top_k)
+                model.routing = None
             h3 = time.perf_counter()
             sched.commit(step, tokens, now - start - paused)   # the step's end on the run's timeline
             paused += h3 - now
@@ -319,7 +326,20 @@ def serve(strat, model, head, world, requests, chunk, kv, args, choices, stream,
             world.print0(f"  {label}: {len(sched.finished)}/{len(requests)} requests, step {sched.steps}, "
                          f"{made / (h4 - start - paused):,.0f} tok/s (finished requests)")
     strat.comm.check()
-    return sched, records, logits
+    return sched, records, logits, routing
+
+
+def keep_routing(routing, step, recorded, capture, top_k):
+    """The experts the step chose for the captured requests' tokens, stored by token position (the
+    reference recomputes each request as one sequence: tw/reference.forward's `routing`)."""
+    for s, (seq, r) in enumerate(zip(step.batch.seqs, step.requests)):
+        if r.rid not in capture:
+            continue
+        lo, hi = int(step.batch.cu_seqlens[s]), int(step.batch.cu_seqlens[s + 1])
+        mine = routing.setdefault(r.rid, {})
+        for layer, rec in recorded.items():
+            arr = mine.setdefault(layer, np.full((r.prompt_len + r.output_len, top_k), -1, np.int64))
+            arr[seq.prefix:seq.prefix + seq.new] = rec[lo:hi]
 
 
 class StepRecord(NamedTuple):
@@ -360,15 +380,15 @@ def run_one(args, world, cfg, model, head, strat, stream, chunk, load, steps, ch
     if args.warmup_steps:
         serve(strat, model, head, world, load.requests, chunk, kv, args, choices, stream, label,
               stop_after=args.warmup_steps)
-    sched, records, logits = serve(strat, model, head, world, load.requests, chunk, kv, args, choices, stream,
-                                   label, capture=set(refs))
+    sched, records, logits, routing = serve(strat, model, head, world, load.requests, chunk, kv, args, choices,
+                                            stream, label, capture=set(refs))
     row = {"chunk": chunk, "workload": load.name, "workload_kind": load.kind, "input_len": load.input_len,
            "output_len": load.output_len, "requests": len(load.requests), "kv_tokens": kv,
            "max_seqs": args.max_seqs, "strategy": strat.name, "transport": strat.comm.name,
            "min_split_tokens": args.min_split_tokens, "warmup_steps": args.warmup_steps,
            **engine.summary(sched.finished), **step_stats(world, records)}
     if refs and strat.name != "nocomm":
-        row.update(check(args, world, cfg, model, refs, sched, logits))
+        row.update(check(args, world, cfg, model, refs, sched, logits, routing))
     world.print0(f"  {label}: {row['total_tokens_per_s']:,.0f} tok/s, step {row['step_ms_median']:.2f} ms, "
                  f"host/gpu {row['host_over_gpu']:.1%}"
                  + (f", check {'ok' if row['correct'] else 'FAIL'}" if "correct" in row else ""))
@@ -383,10 +403,6 @@ def main(argv=None):
     if args.min_split_tokens is None:
         args.min_split_tokens = splitting.min_split_tokens(cfg)
     validate(args, world)
-    if args.check and cfg.num_experts and world.is_gpu:
-        raise dist.UsageError(f"--check with {cfg.name} on a GPU: bf16 rounding flips near-tie routings, and the "
-                              "reference cannot yet follow the engine's routing across its steps; check the MoE "
-                              "model with python -m experiments.latency --check (it does follow it)")
     common.shared_gpu_strategies(args, world)
     common.note_tp1(world)
     loads = build_workloads(args, cfg.vocab)

@@ -26,25 +26,36 @@ def references(args, world, cfg, model, load) -> dict:
     return world.comm.bcast(out, root=0)
 
 
-def check(args, world, cfg, model, refs, sched, logits) -> dict:
+def check(args, world, cfg, model, refs, sched, logits, routing=None) -> dict:
     """Compare one strategy's run with the reference: tokens (CPU), logits of the first output step and
-    of the last one (that given the strategy's own earlier tokens)."""
+    of the last one (that given the strategy's own earlier tokens). MoE: `routing` (rid -> {layer:
+    experts per position}, what the engine chose) lets the reference follow the run at near-tie
+    routings (tw/reference.forward), so both logits references are computed for this run."""
     tol = reference.tolerance(model.dtype)
     errs, equal, first_equal = [], [], []
     done = {r.rid: r for r in sched.finished}
-    last_ref = None
+    routed = bool(cfg.num_experts and routing)
+    ours = None
     if world.rank == 0:
         xp, w = model.xp, lm_head.full_weight(cfg, args.seed, model.xp).astype(model.dtype)
-        last_ref = {rid: _host(reference.next_logits(cfg, np.concatenate([done[rid].prompt, done[rid].output[:-1]])
-                                                     .astype(np.int32), args.seed, xp, model.dtype, w))
-                    for rid in refs if done[rid].output_len > 1}
-    last_ref = world.comm.bcast(last_ref, root=0)
+
+        def logits_after(rid, n_out):   # the reference's logits after the prompt and n_out outputs
+            r = done[rid]
+            ids = np.concatenate([r.prompt, r.output[:n_out]]).astype(np.int32)
+            follow = {layer: a[:len(ids)] for layer, a in routing[rid].items()} if routed else None
+            return _host(reference.next_logits(cfg, ids, args.seed, xp, model.dtype, w, follow))
+
+        ours = {rid: {"first": logits_after(rid, 0) if routed else None,
+                      "last": logits_after(rid, done[rid].output_len - 1) if done[rid].output_len > 1 else None}
+                for rid in refs}
+    ours = world.comm.bcast(ours, root=0)
     for rid, ref in refs.items():
         r, got = done[rid], logits.get(rid, [])
-        want = [ref["first"]] + ([last_ref[rid]] if rid in last_ref else [])
+        first = ours[rid]["first"] if ours[rid]["first"] is not None else ref["first"]
+        want = [first] + ([ours[rid]["last"]] if ours[rid]["last"] is not None else [])
         errs += [reference.rel_err(g, w_)["rel_err"] for g, w_ in zip(got, want)]
         errs += [float("inf")] * (len(want) - len(got))      # a captured step missing is a failure
-        first_equal.append(r.output[0] == int(np.argmax(ref["first"])))
+        first_equal.append(r.output[0] == int(np.argmax(first)))
         if ref["tokens"] is not None:
             equal.append(r.output == ref["tokens"])
     row = {"check_requests": len(refs), "check_logits_rel_err": max(errs), "check_tolerance": tol,

@@ -156,6 +156,12 @@ def test_latency_check_on_cpu():
     assert "NO GPU" in out and "FAIL" not in out and out.count(" ok") >= 4
 
 
+def test_throughput_check_on_cpu_follows_the_engines_routing():
+    out = _ok(run_mpi(2, ["-m", "experiments.throughput", "--device", "cpu", "--model", "tiny-moe", "--check",
+                          "--requests", "6", "--output-len", "4", "--out", "/tmp/tw-test-moe-throughput.jsonl"]))
+    assert "FAIL" not in out and out.count("check ok") == 3, out[-3000:]   # nccl, fused, tokenweave
+
+
 @pytest.mark.skipif(gpus() > 0, reason="checks the CPU path (a GPU is present)")
 def test_mixtral_is_too_large_for_the_cpu_path():
     proc = run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--model", "mixtral-8x22b",

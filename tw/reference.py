@@ -209,11 +209,11 @@ def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype, routing: d
     return xp.asarray(ref)
 
 
-def next_logits(cfg, ids, seed: int, xp, dtype, lm_head_weight):
+def next_logits(cfg, ids, seed: int, xp, dtype, lm_head_weight, routing: dict | None = None):
     """float64 logits [vocab] of the token after `ids` (one sequence, no cache): the last row of
-    forward() times the LM-head matrix (float64 of its stored values, [vocab, H])."""
+    forward() times the LM-head matrix (float64 of its stored values, [vocab, H]). routing: as forward's."""
     from .batch import mixed
-    x = forward(cfg, mixed([(len(ids), 0)]), ids, seed, xp, dtype)
+    x = forward(cfg, mixed([(len(ids), 0)]), ids, seed, xp, dtype, routing)
     return xp.asarray(lm_head_weight).astype(xp.float64, copy=False) @ x[-1]
 
 
