@@ -15,10 +15,10 @@ Only time inside a step is bounded; a rank outside any step (before the first on
 
 How it works. `dist.init()` starts the watchdog (`start`), `dist.shutdown()` stops it. A daemon thread
 on each rank wakes about once a second and publishes this rank's step counter (+1 on every step entry
-and exit), step name, source location and a heartbeat into a small table shared by the ranks of one node:
-a file in /dev/shm (or the temp dir) mapped into every rank and unlinked as soon as all of them have it
-open, so nothing is left behind, not even after kill -9. When a rank has been inside one step longer than
-TW_TIMEOUT_S, its watchdog (the lowest such rank of the node; the others stay quiet) prints one message,
+and exit), step name, source location and a heartbeat into a small table shared by the ranks of one node
+(tw/rank_table.py: a file in /dev/shm or the temp dir, mapped into every rank and unlinked at once).
+When a rank has been inside one step longer than TW_TIMEOUT_S, its watchdog (the lowest such rank of the
+node; the others stay quiet) prints one message,
 
     error: timed out after 300 s in step 'X' on rank 0: rank(s) 1 did not arrive (rank 1 last seen in step 'Y' 312 s ago ...)
 
@@ -34,28 +34,19 @@ every rank of the node is in the same step and alive, the message says so rather
 from __future__ import annotations
 
 import atexit
-import fcntl
-import mmap
 import os
 import select
 import signal
-import struct
 import sys
-import tempfile
 import threading
 import time
+
+from .rank_table import IDLE, IN_STEP, STOPPED, RankTable
 
 TIMEOUT_ENV = "TW_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
 EXIT_CODE = 1  # the job's exit status after a timeout
 INTERRUPT_GRACE_S = 2.0  # after Ctrl-C, how long the main thread has to raise KeyboardInterrupt itself
-
-# One record per local rank: seq (odd while being written), step counter, heartbeat, time the current
-# step (or idleness) began, world rank, state, pid, step name, source location of the main thread.
-_REC = struct.Struct("<qqddiii100s124s")
-_HEADER = 64  # int32 at offset 0: 1 + local rank of the watchdog that reports (0: nobody yet)
-_UNWRITTEN, _IDLE, _IN_STEP, _STOPPED = 0, 1, 2, 3
-
 
 def timeout_from_env() -> float:
     """TW_TIMEOUT_S as seconds (0 = off); raises ValueError on a value that is not a number >= 0."""
@@ -69,87 +60,6 @@ def timeout_from_env() -> float:
     if not value >= 0:  # also rejects nan
         raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds >= 0 (0 turns the watchdog off)")
     return value
-
-
-class _Table:
-    """The node's shared table: one fixed-size record per local rank in a mapped, already unlinked file."""
-
-    def __init__(self, fd: int, nslots: int, slot: int):
-        self.fd, self.nslots, self.slot = fd, nslots, slot
-        self.map = mmap.mmap(fd, _HEADER + nslots * _REC.size)
-        self._seq = 0
-
-    @classmethod
-    def open_shared(cls, local_comm) -> "_Table | None":
-        """Collective over `local_comm`: local rank 0 makes the file, every rank maps it, then it is unlinked."""
-        rank, size = local_comm.Get_rank(), local_comm.Get_size()
-        path = None
-        if rank == 0:
-            job = next((os.environ[k] for k in ("PMI_JOBID", "SLURM_JOB_ID", "OMPI_MCA_ess_base_jobid", "PBS_JOBID")
-                        if os.environ.get(k)), "nojob")
-            name = f"tw-watchdog-{''.join(c if c.isalnum() else '_' for c in job)}-{os.getpid()}-{time.time_ns()}"
-            for folder in ("/dev/shm", tempfile.gettempdir()):
-                try:
-                    candidate = os.path.join(folder, name)
-                    fd = os.open(candidate, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                    os.ftruncate(fd, _HEADER + size * _REC.size)
-                    os.close(fd)
-                    path = candidate
-                    break
-                except OSError:
-                    continue
-        path = local_comm.bcast(path, root=0)
-        table = None
-        if path is not None:
-            try:
-                table = cls(os.open(path, os.O_RDWR), size, rank)
-            except OSError:
-                table = None
-        local_comm.Barrier()  # every rank has it open (or gave up): nothing needs the name any more
-        if rank == 0 and path is not None:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        return table
-
-    def write(self, counter, heartbeat, since, world_rank, state, name, where) -> None:
-        off = _HEADER + self.slot * _REC.size
-        self._seq += 1
-        struct.pack_into("<q", self.map, off, self._seq)  # odd: being written
-        _REC.pack_into(self.map, off, self._seq, counter, heartbeat, since, world_rank, state, os.getpid(),
-                       (name or "").encode()[:100], (where or "").encode()[:124])
-        self._seq += 1
-        struct.pack_into("<q", self.map, off, self._seq)
-
-    def read(self, slot: int) -> dict | None:
-        off = _HEADER + slot * _REC.size
-        for _ in range(20):
-            rec = _REC.unpack_from(self.map, off)
-            if rec[0] % 2 == 0 and struct.unpack_from("<q", self.map, off)[0] == rec[0]:
-                break
-            time.sleep(0.001)
-        _, counter, heartbeat, since, world_rank, state, pid, name, where = rec
-        if state == _UNWRITTEN:
-            return None
-        name = name.rstrip(b"\0").decode(errors="replace")
-        return {"slot": slot, "counter": counter, "heartbeat": heartbeat, "since": since, "rank": world_rank,
-                "state": state, "pid": pid, "name": name if state == _IN_STEP else None,
-                "where": where.rstrip(b"\0").decode(errors="replace")}
-
-    def peers(self) -> list[dict]:
-        return [r for s in range(self.nslots) if s != self.slot and (r := self.read(s)) is not None]
-
-    def claim(self) -> bool:
-        """True for the first rank of the node to ask (it is the one that reports)."""
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        try:
-            if struct.unpack_from("<i", self.map, 0)[0] != 0:
-                return False
-            struct.pack_into("<i", self.map, 0, 1 + self.slot)
-            return True
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 class Step:
@@ -172,7 +82,7 @@ class Step:
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, world_rank: int, table: _Table | None):
+    def __init__(self, timeout_s: float, world_rank: int, table: RankTable | None):
         self.timeout_s, self.world_rank, self.table = timeout_s, world_rank, table
         self.poll_s = min(1.0, max(0.05, timeout_s / 10))
         self.stale_s = max(3 * self.poll_s, 2.0)  # a heartbeat older than this: the process is not running
@@ -214,7 +124,7 @@ class Watchdog:
 
     def _publish_locked(self, now: float, state: int | None = None) -> None:
         if self.table is not None:
-            state = state if state is not None else (_IDLE if self._name is None else _IN_STEP)
+            state = state if state is not None else (IDLE if self._name is None else IN_STEP)
             self.table.write(self._counter, now, self._since, self.world_rank, state, self._name, self._where())
 
     def _wait(self) -> bool:
@@ -259,7 +169,7 @@ class Watchdog:
     def _defer(self, peers: list[dict], now: float) -> bool:
         """Leave the report to a lower local rank that is alive and (about to be) timed out too, so that a
         node prints one message; but not for long, in case that rank is stuck in some other way."""
-        lower = [p for p in peers if p["slot"] < self.table.slot and p["state"] == _IN_STEP
+        lower = [p for p in peers if p["slot"] < self.table.slot and p["state"] == IN_STEP
                  and now - p["heartbeat"] <= self.stale_s and now - p["since"] >= self.timeout_s - 2 * self.poll_s]
         if not lower:
             return False
@@ -269,7 +179,7 @@ class Watchdog:
     def message(self, counter: int, name: str, peers: list[dict], now: float) -> str:
         late, ahead = [], []
         for p in sorted(peers, key=lambda p: p["rank"]):
-            if p["state"] == _STOPPED:
+            if p["state"] == STOPPED:
                 continue  # that rank finished (dist.shutdown) and is waiting for the others
             stale = now - p["heartbeat"] > self.stale_s
             at = f" at {p['where']}" if p["where"] else ""
@@ -354,7 +264,7 @@ class Watchdog:
             os.close(self._wake_w)
             self._wake_r = self._wake_w = None
         with self._lock:
-            self._publish_locked(time.monotonic(), _STOPPED)
+            self._publish_locked(time.monotonic(), STOPPED)
 
 
 def abort(code: int) -> None:
@@ -392,7 +302,7 @@ def start(comm=None, local_comm=None, timeout_s: float | None = None) -> Watchdo
     from mpi4py import MPI
     comm = comm or MPI.COMM_WORLD
     local_comm = local_comm or comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    table = _Table.open_shared(local_comm)
+    table = RankTable.open_shared(local_comm)
     _DOG = Watchdog(timeout_s, comm.Get_rank(), table)
     _DOG.start()
     atexit.register(stop)  # before mpi4py's own atexit MPI_Finalize (atexit runs last-registered first)
