@@ -130,12 +130,8 @@ def main(argv=None) -> int:
 
 
 def _with_mode(mode, fn):
-    old = moe.GEMM_MODE[0]
-    moe.GEMM_MODE[0] = mode
-    try:
+    with moe.gemm_mode(mode):
         return fn()
-    finally:
-        moe.GEMM_MODE[0] = old
 
 
 if __name__ == "__main__":

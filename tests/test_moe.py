@@ -196,6 +196,15 @@ def test_reference_follows_the_model_only_at_near_ties():
     assert np.array_equal(forced, want_forced) and not np.allclose(forced[t], want[t])
 
 
+def test_gemm_mode_is_scoped_and_checked():
+    with moe_mod.gemm_mode("grouped"):
+        assert moe_mod._GEMM_MODE[0] == "grouped"
+    assert moe_mod._GEMM_MODE[0] == "loop"
+    with pytest.raises(ValueError, match="choose one of"):
+        with moe_mod.gemm_mode("fast"):
+            pass
+
+
 def test_the_moe_block_needs_its_output_rows():
     from tw.layers import mlp_block
 
@@ -215,12 +224,8 @@ def test_gpu_block_matches_the_cpu_block_and_float64(n, k, mode):
     x = np.random.default_rng(n).standard_normal((n, 128), dtype=np.float32)
     bf = lambda a: a.astype(ops.BF16).astype(np.float32)   # what the GPU holds
     xb, rb, gb, db = (bf(a) for a in (x, router, gate_up, down))
-    old = moe_mod.GEMM_MODE[0]
-    moe_mod.GEMM_MODE[0] = mode
-    try:
+    with moe_mod.gemm_mode(mode):
         y, experts, w = _run(xb, rb, gb, db, k, xp=cp, dtype=ops.BF16)
-    finally:
-        moe_mod.GEMM_MODE[0] = old
     y_cpu, e_cpu, w_cpu = _run(xb, rb, gb, db, k)
     logits = xb.astype(np.float64) @ rb.astype(np.float64).T
     sure = router_gap(logits, k) > 1e-4   # float32 logits on both: only true near-ties may differ

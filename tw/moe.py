@@ -14,7 +14,7 @@ Steps (the GPU kernels are cuda/moe.cu, called through tw/moe_ops.py):
 3. permutation: the n k (token, slot) pairs sorted by expert, stably (token order within an expert),
    and the token rows gathered into that order;
 4. per expert e, on its contiguous rows: gate_up GEMM, SiLU * mul, down GEMM (on the GPU a loop of
-   cuBLAS GEMMs or one cuBLAS grouped GEMM per projection: GEMM_MODES);
+   cuBLAS GEMMs, the default, or one cuBLAS grouped GEMM per projection: gemm_mode);
 5. un-permute: y[t] = sum_j weight[t, j] * out[row of (t, j)], float32 sums rounded once.
 
 The expert GEMMs need each expert's row count on the host (cuBLAS takes sizes from the host), so the
@@ -27,6 +27,7 @@ own) route each token as the whole batch does.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,21 @@ from .arrays import xp_of
 from .trace import span
 
 GEMM_MODES = ("loop", "grouped")
-GEMM_MODE = ["loop"]   # the GPU's expert GEMMs (experiments/moe.py measures both; see docs/design.md#moe)
+_GEMM_MODE = ["loop"]   # the GPU's expert GEMMs: the faster of the two (experiments/moe.py; docs/design.md#moe)
+
+
+@contextlib.contextmanager
+def gemm_mode(mode: str):
+    """Expert GEMMs issued inside use `mode` (GEMM_MODES) on the GPU: a loop of cuBLAS GEMMs (the
+    default) or one cublasGemmGroupedBatchedEx per projection."""
+    if mode not in GEMM_MODES:
+        raise ValueError(f"MoE GEMM mode {mode!r}; choose one of {GEMM_MODES}")
+    old = _GEMM_MODE[0]
+    _GEMM_MODE[0] = mode
+    try:
+        yield
+    finally:
+        _GEMM_MODE[0] = old
 
 
 @dataclass
@@ -189,7 +204,7 @@ def _expert_gemms(bufs, moe, offsets, name, stream):
     """gate_up, SiLU * mul and down of every expert on its rows [offsets[e], offsets[e + 1])."""
     nk = int(offsets[-1])
     spans = [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
-    if GEMM_MODE[0] == "grouped" and not ops.is_cpu(bufs.xs):
+    if _GEMM_MODE[0] == "grouped" and not ops.is_cpu(bufs.xs):
         from . import moe_ops
         with span(name + "experts_gate_up", stream):
             moe_ops.grouped_linear(bufs.xs, moe.gate_up, bufs.gate_up, spans, 0, stream)

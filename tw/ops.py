@@ -96,7 +96,7 @@ class _Cublas:
         cublasGemmGroupedBatchedEx (one problem per group). *_ptrs: device arrays of device pointers."""
         if self.grouped is None:
             raise RuntimeError("cublasGemmGroupedBatchedEx needs cuBLAS >= 12.5; this libcublas lacks it "
-                               "(use the loop of GEMMs: tw.moe.GEMM_MODE = ['loop'])")
+                               "(the MoE block's default, a loop of GEMMs, does not need it: tw.moe.gemm_mode)")
         g = len(ms)
         i32 = lambda v: np.full(g, v, np.int32)
         args = {"ta": i32(_OP_T), "tb": i32(_OP_N), "m": i32(n), "n": np.ascontiguousarray(ms, np.int32),
