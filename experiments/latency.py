@@ -75,7 +75,8 @@ def parse_args(argv=None):
     common.add_timing_flags(p)
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay a CUDA graph of the whole forward (GPU only; --no-graph launches eagerly) "
-                        "(default: on; off with --paper)")
+                        "(default: on; off with --paper and for MoE models, whose blocks wait on the host for "
+                        "their routed row counts)")
     p.add_argument("--graph-priority", action=argparse.BooleanOptionalAction, default=True,
                    help="instantiate graphs so each kernel keeps its stream's priority (tokenweave's comm stream "
                         "is high priority); --no-graph-priority replays every kernel at one priority, as a "
