@@ -49,6 +49,8 @@ def topk_softmax(logits, top_k: int, experts, weights, stream=None):
 def permute(experts, num_experts: int, offsets, inverse, source, stream=None):
     """offsets [E + 1], inverse [n k], source [n k] (int32) from experts [n, k] int32: one CTA."""
     n, k = experts.shape
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"MoE permute: {num_experts} experts; the kernel takes 1..{MAX_EXPERTS}")
     for name, a in (("experts", experts), ("offsets", offsets), ("inverse", inverse), ("source", source)):
         _check_int32(name, a)
     if offsets.shape != (num_experts + 1,) or inverse.shape != (n * k,) or source.shape != (n * k,):
