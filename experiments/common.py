@@ -322,3 +322,13 @@ def validate_strategies(strategies) -> None:
         raise dist.UsageError(f"--strategies: {dup} given more than once")
     if any(schedules.finegrained_k(s) == 0 for s in strategies):
         raise dist.UsageError("--strategies: finegrained needs k >= 1 chunks")
+
+
+def comm_paid(cost: float, nccl: float, nocomm: float) -> float | None:
+    """The share of the communication cost a strategy still pays: (cost - nocomm) / (nccl - nocomm), from
+    one run's costs (ms per pass, or s per token). 0: all of it hidden; 1: as much as nccl; < 0: faster
+    than removing the communication. None where nccl is not slower than nocomm (nothing to hide)."""
+    if cost is None or nccl is None or nocomm is None or not nccl > nocomm:
+        return None
+    return (cost - nocomm) / (nccl - nocomm)
+

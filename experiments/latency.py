@@ -23,7 +23,9 @@ tokenweave (two halves, one half's fused comm overlapping the other half's compu
 
 Columns (table and rows): layers = decoder layers of each forward pass (--layers; all = the preset's
 full depth); ms = median_ms, one forward pass of that many layers (min_ms, max_ms in the rows);
-vs_nccl = speedup_vs_nccl, nccl's ms / this ms; rel_err = ||out - ref|| / ||ref|| (--check);
+vs_nccl = speedup_vs_nccl, nccl's ms / this ms; paid = comm_paid, the share of the communication cost
+still paid, (ms - nocomm's) / (nccl's - nocomm's) (0%: all hidden; 100%: as much as nccl; needs nccl
+and nocomm in the run, and nccl slower than nocomm); rel_err = ||out - ref|| / ||ref|| (--check);
 check = correct, rel_err <= the dtype's tolerance; split_at = tokenweave's first token of half B (`-`:
 not split) and split_source (tuned, tuned-unsplit, wave, naive, below-threshold: see --split);
 ctas, ctas_attn / ctas_mlp = the fused kernel's CTA budgets that ran; sm_target_attn / sm_target_mlp =
@@ -293,8 +295,11 @@ def main(argv=None):
             world.print0(f"        tokens={tokens:>6} {row['strategy']:<12} {row['median_ms']:9.3f} ms")
         rows += point_rows
     base = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nccl"}
+    bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
     for r in rows:
         r["speedup_vs_nccl"] = base[r["tokens"]] / r["median_ms"] if r["tokens"] in base else None
+        if r["strategy"] not in ("nccl", "nocomm"):
+            r["comm_paid"] = common.comm_paid(r["median_ms"], base.get(r["tokens"]), bound.get(r["tokens"]))
         writer.write(r)
     print_table(world, rows, cfg, args)
     world.print0(f"wrote {writer.path}")
@@ -380,8 +385,8 @@ def print_table(world, rows, cfg, args):
                  f"{launch}; median of {args.repeats} x "
                  f"{args.iters} passes, slowest rank" + ("" if world.is_gpu else " (CPU: timings mean nothing)")
                  + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
-    head = (f"{'layers':>6} {'tokens':>7} {'strategy':<12} {'ms':>9} {'vs_nccl':>8} {'rel_err':>9} {'check':>6} "
-            f"{'split_at':>8}")
+    head = (f"{'layers':>6} {'tokens':>7} {'strategy':<12} {'ms':>9} {'vs_nccl':>8} {'paid':>6} {'rel_err':>9} "
+            f"{'check':>6} {'split_at':>8}")
     if world.is_gpu:
         head += f" {'gemm_tflops':>11}"
     world.print0(head)
@@ -390,8 +395,9 @@ def print_table(world, rows, cfg, args):
         err = f"{r['rel_err']:.2e}" if "rel_err" in r else "-"
         ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
         split = str(r["split_at"]) if r["split_at"] is not None else "-"
-        line = (f"{cfg.num_layers:>6} {r['tokens']:>7} {r['strategy']:<12} {r['median_ms']:>9.3f} {sp:>8} {err:>9} "
-                f"{ok:>6} {split:>8}")
+        paid = f"{100 * r['comm_paid']:.0f}%" if r.get("comm_paid") is not None else "-"
+        line = (f"{cfg.num_layers:>6} {r['tokens']:>7} {r['strategy']:<12} {r['median_ms']:>9.3f} {sp:>8} {paid:>6} "
+                f"{err:>9} {ok:>6} {split:>8}")
         if world.is_gpu:
             line += f" {r['gemm_tflops']:>11.0f}"
         world.print0(line)

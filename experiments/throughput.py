@@ -16,7 +16,8 @@ the chunk size, else the wave rule.
 
 Columns (table and rows, one row per chunk, workload and strategy): tok/s = total_tokens_per_s (prompt
 + output tokens / makespan); out_tok/s = output_tokens_per_s; requests_per_s; vs_nccl =
-speedup_vs_nccl, this tok/s / nccl's; step_ms = step_ms_median (wall time of a step: scheduling,
+speedup_vs_nccl, this tok/s / nccl's; paid = comm_paid, the share of the communication cost still paid
+in time per token, (1/tok/s - nocomm's) / (nccl's - nocomm's) (0%: all hidden); step_ms = step_ms_median (wall time of a step: scheduling,
 prepare, forward, LM head, token exchange), step_ms_p99; host% = host_ms_median / gpu_ms_median, where
 host_ms = Python time scheduling, preparing (metadata to the device) and committing a step
 (perf_counter) and gpu_ms = the forward + LM head on the stream (CUDA events; on the CPU perf_counter
@@ -437,9 +438,14 @@ def main(argv=None):
                              kv, refs) for strat in strategies[k:] + strategies[:k]]
             rows += sorted(point, key=lambda r: order[r["strategy"]])
     base = {(r["chunk"], r["workload"]): r["total_tokens_per_s"] for r in rows if r["strategy"] == "nccl"}
+    bound = {(r["chunk"], r["workload"]): r["total_tokens_per_s"] for r in rows if r["strategy"] == "nocomm"}
+    inv = lambda v: 1.0 / v if v else None   # noqa: E731 (seconds per token)
     for r in rows:
-        b = base.get((r["chunk"], r["workload"]))
+        key = (r["chunk"], r["workload"])
+        b = base.get(key)
         r["speedup_vs_nccl"] = r["total_tokens_per_s"] / b if b else None
+        if r["strategy"] not in ("nccl", "nocomm"):
+            r["comm_paid"] = common.comm_paid(inv(r["total_tokens_per_s"]), inv(b), inv(bound.get(key)))
         writer.write(r)
     print_table(world, rows, cfg, model.emulated and args.shard_as_tp)
     world.print0(f"wrote {writer.path}")
@@ -456,13 +462,14 @@ def print_table(world, rows, cfg, shard_as_tp=None):
                  + ("" if world.is_gpu else " (CPU: timings mean nothing)")
                  + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
     world.print0(f"{'chunk':>6} {'workload':<22} {'strategy':<12} {'tok/s':>10} {'out_tok/s':>10} {'vs_nccl':>8} "
-                 f"{'step_ms':>8} {'host%':>6} {'ttft_ms':>9} {'tpot_ms':>8} {'check':>6}")
+                 f"{'paid':>6} {'step_ms':>8} {'host%':>6} {'ttft_ms':>9} {'tpot_ms':>8} {'check':>6}")
     for r in rows:
         sp = f"{r['speedup_vs_nccl']:.3f}x" if r.get("speedup_vs_nccl") else "-"
         ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
         tpot = f"{r['tpot_ms_median']:.2f}" if "tpot_ms_median" in r else "-"
+        paid = f"{100 * r['comm_paid']:.0f}%" if r.get("comm_paid") is not None else "-"
         world.print0(f"{r['chunk']:>6} {r['workload']:<22} {r['strategy']:<12} {r['total_tokens_per_s']:>10,.0f} "
-                     f"{r['output_tokens_per_s']:>10,.0f} {sp:>8} {r['step_ms_median']:>8.2f} "
+                     f"{r['output_tokens_per_s']:>10,.0f} {sp:>8} {paid:>6} {r['step_ms_median']:>8.2f} "
                      f"{100 * r['host_over_gpu']:>5.1f}% {r['ttft_ms_median']:>9.1f} {tpot:>8} {ok:>6}")
     world.print0("columns: see python -m experiments.throughput --help")
 

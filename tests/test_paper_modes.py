@@ -39,6 +39,22 @@ def test_one_prompt_per_batch_is_split_by_tokenweave_and_passes_check(tmp_path):
     assert tw[300]["split_at"] is None and tw[1100]["split_at"] == 550
     checked = [r for r in rows if r["strategy"] != "nocomm"]
     assert checked and all(r["correct"] and r["rel_err"] <= 1e-5 for r in checked)
+    ms = {(r["tokens"], r["strategy"]): r["median_ms"] for r in rows}
+    for r in rows:   # the share of the comm cost still paid, from the same run's rows
+        if r["strategy"] in ("nccl", "nocomm"):
+            assert "comm_paid" not in r
+        else:
+            want = common.comm_paid(r["median_ms"], ms[r["tokens"], "nccl"], ms[r["tokens"], "nocomm"])
+            assert r["comm_paid"] == want
+    assert " paid " in stdout
+
+
+def test_comm_paid_is_the_share_of_nccls_comm_cost():
+    assert common.comm_paid(11.0, 12.0, 10.0) == 0.5      # half of nccl's 2 ms of comm still paid
+    assert common.comm_paid(10.0, 12.0, 10.0) == 0.0      # all hidden
+    assert common.comm_paid(9.0, 12.0, 10.0) == -0.5     # faster than removing the comm
+    assert common.comm_paid(12.0, 12.0, 12.0) is None    # nothing to hide: no share
+    assert common.comm_paid(12.0, None, 10.0) is None     # no nccl in the run
 
 
 def test_layers_all_runs_the_presets_depth(tmp_path):
