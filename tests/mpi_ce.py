@@ -25,39 +25,19 @@ that the blocked work still uses and could hang; os._exit leaves it to the drive
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
-import traceback
 
 import numpy as np
 
-from tests.mpi_p2p import BF16, TOL, partials, reference, to_dev, to_host
+from tests.mpi_checks import FAILS, expect, rel_err, report, same_on_all_ranks, section as run_section
+from tests.mpi_p2p import BF16, partials, reference, to_dev, to_host
 from tw import comm as transports
 from tw import dist
 from tw.comm import owned_rows
 from tw.comm.ce import CeComm, CeTimeout
 from tw.graph import Graph
 
-FAILS: list[str] = []
 EPS = 1e-5
-
-
-def expect(cond: bool, what: str) -> None:
-    if not cond:
-        FAILS.append(what)
-
-
-def rel_err(got, ref, what: str) -> None:
-    got = np.asarray(got, dtype=np.float64)
-    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
-    if not err <= TOL:
-        FAILS.append(f"{what}: relative norm error {err:.3e} > {TOL} (max abs err {np.abs(got - ref).max():.3e}, "
-                     f"nan={np.isnan(got).sum()})")
-
-
-def same_on_all_ranks(world, x, what: str) -> None:
-    digest = hashlib.sha256(np.ascontiguousarray(x).view(np.uint8).tobytes()).hexdigest()
-    expect(len(set(world.tp_comm.allgather(digest))) == 1, f"{what}: differs between ranks")
 
 
 def bf16_zeros(shape, fill=0.0):
@@ -324,14 +304,7 @@ def main():
     keep = []
 
     def section(name, fn, *a, **k):
-        before = len(FAILS)
-        try:
-            r = fn(*a, **k)
-        except Exception:  # noqa: BLE001 - a crash is a failure of this rank, reported below
-            FAILS.append(f"{name}: exception\n{traceback.format_exc()}")
-            r = None
-        nfail = world.tp_comm.allreduce(len(FAILS) - before)
-        say(f"  {name}: {'ok' if nfail == 0 else f'{nfail} FAILURES'}")
+        r = run_section(world, name, fn, *a, **k)
         keep.append(r)
         return r
 
@@ -376,16 +349,7 @@ def main():
     section("make('ce')", test_make, world, 8192)
     section("dead peer: CeTimeout, then a late call releases the stream", test_dead_peer, world, 1024)
 
-    all_fails = world.tp_comm.gather(FAILS, root=0)
-    code = 0
-    if world.tp_rank == 0:
-        flat = [f"[rank {r}] {f}" for r, fs in enumerate(all_fails) for f in fs]
-        for f in flat[:60]:
-            print("FAIL", f)
-        print("CE TESTS PASSED" if not flat else f"CE TESTS FAILED: {len(flat)} failures", flush=True)
-        code = 0 if not flat else 1
-    code = world.tp_comm.bcast(code, root=0)
-    dist.shutdown(code)  # MPI_Finalize, then os._exit: see the module docstring
+    dist.shutdown(report(world, "CE"))  # MPI_Finalize, then os._exit: see the module docstring
 
 
 if __name__ == "__main__":

@@ -15,19 +15,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import traceback
 
 import ml_dtypes
 import numpy as np
 
+from tests.mpi_checks import FAILS, expect, rel_err, report, section as run_section
 from tw import dist
 from tw.graph import Graph
 from tw.comm import owned_rows
 from tw.comm.p2p import P2PComm, P2PTimeout
 
 BF16 = ml_dtypes.bfloat16
-TOL = 1e-2
-FAILS: list[str] = []
 
 
 def to_dev(x):
@@ -38,20 +36,6 @@ def to_dev(x):
 def to_host(d):
     import cupy as cp
     return d.view(cp.uint16).get().view(BF16)
-
-
-def expect(cond: bool, what: str) -> None:
-    if not cond:
-        FAILS.append(what)
-
-
-def rel_err(got, ref, what: str) -> None:
-    got = np.asarray(got, dtype=np.float64)
-    diff = np.abs(got - ref)
-    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
-    if not err <= TOL:
-        FAILS.append(f"{what}: relative norm error {err:.3e} > {TOL} (max abs err {diff.max():.3e}, "
-                     f"mean abs err {diff.mean():.3e}, nan={np.isnan(got).sum()})")
 
 
 def encoded(rank: int, rows: int, hidden: int, tp: int) -> np.ndarray:
@@ -296,19 +280,9 @@ def main():
     tp = world.tp_size
     say(f"P2P tests on {tp} ranks, GPU {cp.cuda.runtime.getDeviceProperties(0)['name']}")
     keep = []
-    sections = []
 
     def section(name, fn, *a, **k):
-        before = len(FAILS)
-        try:
-            r = fn(*a, **k)
-        except Exception:  # noqa: BLE001 - a crash is a failure of this rank, reported below
-            FAILS.append(f"{name}: exception\n{traceback.format_exc()}")
-            r = None
-        nfail = world.tp_comm.allreduce(len(FAILS) - before)
-        say(f"  {name}: {'ok' if nfail == 0 else f'{nfail} FAILURES'}")
-        sections.append(name)
-        return r
+        return run_section(world, name, fn, *a, **k)
 
     hiddens = (8192,) if args.quick else (5120, 6144, 8192)
     for H in hiddens:
@@ -339,17 +313,7 @@ def main():
     section("bad input raises", test_bad_input, world, comm)
     keep.append(section("timeout raises", test_timeout, world, comm.hidden))
 
-    all_fails = world.tp_comm.gather(FAILS, root=0)
-    if world.tp_rank == 0:
-        flat = [f"[rank {r}] {f}" for r, fs in enumerate(all_fails) for f in fs]
-        for f in flat[:60]:
-            print("FAIL", f)
-        print("P2P TESTS PASSED" if not flat else f"P2P TESTS FAILED: {len(flat)} failures", flush=True)
-        code = 0 if not flat else 1
-    else:
-        code = 0
-    code = world.tp_comm.bcast(code, root=0)
-    sys.exit(code)
+    sys.exit(report(world, "P2P"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ if mode == "args":
     sys.exit(0)
 world = dist.init(None, "cpu")
 if mode == "all" or (mode == "one" and world.rank == 1) or (mode == "zero" and world.rank == 0):
-    raise dist.UsageError(f"--thing must be positive, got -1")
+    raise dist.UsageError("--thing must be positive, got -1")
 if mode == "internal" and world.rank == 1:
     raise RuntimeError("deliberate internal failure on rank 1")
 world.comm.Barrier()

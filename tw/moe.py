@@ -186,7 +186,7 @@ def _forward_cpu(x, moe, k, bufs, y, name, stream):
 
 def _forward_gpu(x, moe, k, bufs, y, name, stream):
     from . import moe_ops
-    n, num_experts = x.shape[0], moe.router.shape[0]
+    num_experts = moe.router.shape[0]
     with span(name + "router", stream):
         ops.linear(x, moe.router, bufs.logits, stream)          # float32 logits
         moe_ops.topk_softmax(bufs.logits, k, bufs.experts, bufs.weights, stream)

@@ -21,7 +21,6 @@ arrive makes the others' kernels time out (`timeout_s`) and return; `check()` th
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
