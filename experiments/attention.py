@@ -127,7 +127,7 @@ def torch_stream(cp, torch):
         return cp.cuda.ExternalStream(ts.cuda_stream)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = common.parser("attention", __doc__)
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384],
                    help="total new tokens per batch")
@@ -142,7 +142,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
     p.add_argument("--no-torch", action="store_true", help="do not time torch SDPA even if importable")
     common.add_run_flags(p, tp=False)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     world = common.init(args, gpu_only="it times CUDA attention kernels against torch SDPA")
     if world.size > 1:
         raise dist.UsageError("experiments.attention runs on one GPU: start it without mpirun")
