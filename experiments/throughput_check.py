@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from tw import dist, lm_head, reference
+from tw.arrays import to_host
 
 
 def references(args, world, cfg, model, load) -> dict:
@@ -22,7 +23,7 @@ def references(args, world, cfg, model, load) -> dict:
             first = reference.next_logits(cfg, r.prompt, args.seed, xp, model.dtype, w)
             toks = (None if world.is_gpu else
                     reference.generate(cfg, r.prompt, r.output_len, args.seed, xp, model.dtype, w))
-            out[r.rid] = {"first": _host(first), "tokens": toks}
+            out[r.rid] = {"first": to_host(first), "tokens": toks}
     return world.comm.bcast(out, root=0)
 
 
@@ -43,7 +44,7 @@ def check(args, world, cfg, model, refs, sched, logits, routing=None) -> dict:
             r = done[rid]
             ids = np.concatenate([r.prompt, r.output[:n_out]]).astype(np.int32)
             follow = {layer: a[:len(ids)] for layer, a in routing[rid].items()} if routed else None
-            return _host(reference.next_logits(cfg, ids, args.seed, xp, model.dtype, w, follow))
+            return to_host(reference.next_logits(cfg, ids, args.seed, xp, model.dtype, w, follow))
 
         ours = {rid: {"first": logits_after(rid, 0) if routed else None,
                       "last": logits_after(rid, done[rid].output_len - 1) if done[rid].output_len > 1 else None}
@@ -62,10 +63,6 @@ def check(args, world, cfg, model, refs, sched, logits, routing=None) -> dict:
            "check_first_token_equal": all(first_equal), "check_tokens_equal": all(equal) if equal else None}
     row["correct"] = bool(row["check_logits_rel_err"] <= tol and row["check_tokens_equal"] is not False)
     return row
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def check_refs(args, world, cfg, model, load) -> dict:

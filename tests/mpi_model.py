@@ -17,11 +17,8 @@ from tw import batch as batching
 from tw import config, dist, reference, schedules
 from tw import comm as transports
 from tw.comm import owned_rows
+from tw.arrays import to_host
 from tw.model import Model
-
-
-def to_host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def check_strategies(world, cfg, strategies, batches, seed=1):

@@ -6,6 +6,7 @@ import pytest
 from conftest import gpus, requires_gpu, run_mpi
 from tw import config, reference, weights
 from tw import moe as moe_mod
+from tw.arrays import to_host
 from tw.moe import MoEBuffers, MoEWeights, moe_forward, permute, route, router_gap
 
 
@@ -54,9 +55,8 @@ def _run(x, router, gate_up, down, k, xp=np, dtype=np.float32):
     cast = lambda a: xp.asarray(a).astype(dtype)
     y = xp.full((n, x.shape[1]), np.nan, dtype)  # every row must be written
     counts = moe_forward(cast(x), MoEWeights(cast(router), cast(gate_up), cast(down)), k, bufs, y)
-    host = lambda a: a.get() if hasattr(a, "get") else a
     assert counts.sum() == n * k
-    return host(y).astype(np.float32), host(bufs.experts), host(bufs.weights)
+    return to_host(y).astype(np.float32), to_host(bufs.experts), to_host(bufs.weights)
 
 
 def _per_token_loop(x, router, gate_up, down, k):

@@ -1,5 +1,6 @@
-"""Array helpers shared by the NumPy and CuPy paths: which array library an array belongs to, and
-bf16 <-> fp32 on the GPU with integer ops only (CuPy's bfloat16 casts are not used in hot test code)."""
+"""Array helpers shared by the NumPy and CuPy paths: which array library an array belongs to, a host
+copy, and bf16 <-> fp32 on the GPU with integer ops only (CuPy's bfloat16 casts are not used in hot
+test code)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,11 @@ def xp_of(a):
         return np
     import cupy
     return cupy
+
+
+def to_host(a) -> np.ndarray:
+    """A NumPy array of `a` (a CuPy array is copied to the host; a NumPy array is returned as is)."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def f32_from_bf16(x):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import weights
-from .arrays import xp_of as _xp
+from .arrays import to_host, xp_of as _xp
 from .batch import Batch
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
@@ -142,9 +142,7 @@ def moe(x, router, gate_up, down, top_k: int, forced=None):
     xp = _xp(x)
     num_experts, f = router.shape[0], down.shape[2]
     logits = x @ router.T
-    top = xp.argsort(-logits, axis=1, **({"kind": "stable"} if xp is np else {}))[:, :top_k]
-    if forced is not None:
-        top = xp.asarray(forced, dtype=top.dtype)
+    top = _top_k(logits, top_k) if forced is None else xp.asarray(forced, dtype=xp.int64)
     chosen = xp.take_along_axis(logits, top, axis=1)
     p = xp.exp(chosen - chosen.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
@@ -159,6 +157,12 @@ def moe(x, router, gate_up, down, top_k: int, forced=None):
     return out, logits, top
 
 
+def _top_k(logits, top_k: int):
+    """[n, k] the k largest logits' experts, highest first (a stable sort: the lower index on ties)."""
+    xp = _xp(logits)
+    return xp.argsort(-logits, axis=1, **({"kind": "stable"} if xp is np else {}))[:, :top_k]
+
+
 class RoutingMismatch(AssertionError):
     """The model routed a token differently from the reference where rounding cannot explain it."""
 
@@ -168,10 +172,11 @@ def _moe(cfg, x, w, stored, layer: int, dtype_name: str, model_routing=None):
     (RouterNearTie). With it ([T, k] host ints): near-tie tokens follow the model, the others must
     match the reference's own choice as sets (RoutingMismatch), so the block is checked everywhere."""
     from .moe import router_gap
-    args = (stored(w["router"]), stored(w["experts_gate_up"]), stored(w["experts_down"]), cfg.top_k)
-    out, logits, top = moe(x, *args)
+    router = stored(w["router"])
+    logits = x @ router.T          # the routing is decided first, so the experts run once
     gap = router_gap(logits, cfg.top_k)
     min_gap = ROUTER_MIN_GAP.get(dtype_name, 0.0)
+    forced = None
     if model_routing is None:
         t = int(gap.argmin())
         if float(gap[t]) < min_gap:
@@ -179,20 +184,18 @@ def _moe(cfg, x, w, stored, layer: int, dtype_name: str, model_routing=None):
                                 f"differ by {float(gap[t]):.2e} < {min_gap:g}, within what {dtype_name} rounding can "
                                 "flip: the model and the reference could route it to different experts. Use "
                                 "another seed or batch for this check.")
-        return out
-    host = lambda a: np.asarray(a.get() if hasattr(a, "get") else a)
-    own, model_routing = host(top), np.asarray(model_routing)
-    mine, theirs = np.sort(own, axis=1), np.sort(model_routing, axis=1)
-    near = host(gap) < min_gap
-    wrong = np.nonzero((mine != theirs).any(axis=1) & ~near)[0]
-    if len(wrong):
-        t = int(wrong[0])
-        raise RoutingMismatch(f"{cfg.name} layer {layer}: {len(wrong)} token(s) routed differently from the float64 "
-                              f"reference although their router gap is >= {min_gap:g} (token {t}: model "
-                              f"{theirs[t].tolist()}, reference {mine[t].tolist()}, gap {float(gap[t]):.2e})")
-    if not near.any():
-        return out
-    return moe(x, *args, forced=_xp(x).asarray(np.where(near[:, None], model_routing, own)))[0]
+    else:
+        own, model_routing = to_host(_top_k(logits, cfg.top_k)), np.asarray(model_routing)
+        mine, theirs = np.sort(own, axis=1), np.sort(model_routing, axis=1)
+        near = to_host(gap) < min_gap
+        wrong = np.nonzero((mine != theirs).any(axis=1) & ~near)[0]
+        if len(wrong):
+            t = int(wrong[0])
+            raise RoutingMismatch(f"{cfg.name} layer {layer}: {len(wrong)} token(s) routed differently from the "
+                                  f"float64 reference although their router gap is >= {min_gap:g} (token {t}: model "
+                                  f"{theirs[t].tolist()}, reference {mine[t].tolist()}, gap {float(gap[t]):.2e})")
+        forced = np.where(near[:, None], model_routing, own)
+    return moe(x, router, stored(w["experts_gate_up"]), stored(w["experts_down"]), cfg.top_k, forced)[0]
 
 
 def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype, routing: dict | None = None):
@@ -202,7 +205,7 @@ def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype, routing: d
     ref = None
     if world.rank == 0:
         ref = forward(cfg, batch, ids, seed, xp, dtype, routing)
-        ref = ref.get() if hasattr(ref, "get") else numpy.ascontiguousarray(ref)
+        ref = numpy.ascontiguousarray(to_host(ref))
     else:
         ref = numpy.empty((batch.num_tokens, cfg.hidden), dtype=numpy.float64)
     world.comm.Bcast(ref, root=0)
