@@ -55,7 +55,6 @@ def main(argv=None) -> int:
         raise dist.UsageError("--tokens, --iters and --rounds must be >= 1, --warmup >= 0")
     world = common.init(args, gpu_only="it times the GPU MoE block")
     import cupy as cp
-    from tw import moe_ops
     dt, k, e = ops.BF16, cfg.top_k, cfg.num_experts
     shard = config.ShardConfig(cfg, args.shard_tp, 0)
     w = weights.shard_layer(weights.full_layer(cfg, 0, args.seed, cp), shard)
@@ -83,15 +82,13 @@ def main(argv=None) -> int:
         m_dense = max(1, int(round(mean_rows)))
 
         def router():
-            ops.linear(x, mw.router, b.logits, stream)
-            moe_ops.topk_softmax(b.logits, k, b.experts, b.weights, stream)
+            moe.route_gpu(x, mw, k, b, stream)
 
         def permute():
-            moe_ops.permute(b.experts, e, b.offsets, b.inverse, b.source, stream)
-            moe_ops.gather_rows(x, b.source, b.xs, stream)
+            moe.permute_gpu(x, mw, b, stream)
 
         def unpermute():
-            moe_ops.unpermute(b.out, b.inverse, b.weights, y, stream)
+            moe.unpermute_gpu(b, y, stream)
 
         def act():
             ops.silu_mul(b.gate_up[:n * k], b.act[:n * k], stream)

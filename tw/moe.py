@@ -186,18 +186,36 @@ def _forward_cpu(x, moe, k, bufs, y, name, stream):
 
 def _forward_gpu(x, moe, k, bufs, y, name, stream):
     from . import moe_ops
-    num_experts = moe.router.shape[0]
     with span(name + "router", stream):
-        ops.linear(x, moe.router, bufs.logits, stream)          # float32 logits
-        moe_ops.topk_softmax(bufs.logits, k, bufs.experts, bufs.weights, stream)
+        route_gpu(x, moe, k, bufs, stream)
     with span(name + "permute", stream):
-        moe_ops.permute(bufs.experts, num_experts, bufs.offsets, bufs.inverse, bufs.source, stream)
-        moe_ops.gather_rows(x, bufs.source, bufs.xs, stream)
+        permute_gpu(x, moe, bufs, stream)
         offsets = moe_ops.read_offsets(bufs.offsets, bufs.offsets_host, stream)   # the one host wait
     _expert_gemms(bufs, moe, offsets, name, stream)
     with span(name + "unpermute", stream):
-        moe_ops.unpermute(bufs.out, bufs.inverse, bufs.weights, y, stream)
+        unpermute_gpu(bufs, y, stream)
     return np.diff(offsets)
+
+
+# The GPU block's phases (experiments/moe.py times each alone).
+def route_gpu(x, moe, k, bufs, stream):
+    """Router GEMM (float32 logits), then top-k and softmax into bufs.experts / bufs.weights."""
+    from . import moe_ops
+    ops.linear(x, moe.router, bufs.logits, stream)
+    moe_ops.topk_softmax(bufs.logits, k, bufs.experts, bufs.weights, stream)
+
+
+def permute_gpu(x, moe, bufs, stream):
+    """The permutation by expert (offsets, inverse, source) and x's rows gathered into that order."""
+    from . import moe_ops
+    moe_ops.permute(bufs.experts, moe.router.shape[0], bufs.offsets, bufs.inverse, bufs.source, stream)
+    moe_ops.gather_rows(x, bufs.source, bufs.xs, stream)
+
+
+def unpermute_gpu(bufs, y, stream):
+    """y = the weighted sum of each token's k expert outputs."""
+    from . import moe_ops
+    moe_ops.unpermute(bufs.out, bufs.inverse, bufs.weights, y, stream)
 
 
 def _expert_gemms(bufs, moe, offsets, name, stream):
@@ -225,7 +243,7 @@ def _expert_gemms(bufs, moe, offsets, name, stream):
 
 def moe_block(model, w, x, part, y, stream=None):
     """tw/layers.mlp_block for an MoE layer, on the workspace rows of `part`. With model.routing a dict
-    (a --check run on the GPU), the chosen experts of every token are recorded there per layer
+    (a --check run), the chosen experts of every token are recorded there per layer
     (host int arrays [T, k]): the float64 reference follows them where its own choice is a near-tie."""
     k = model.cfg.top_k
     bufs = model.ws.moe.rows(part.offset, part.num_tokens, k)

@@ -4,6 +4,8 @@ Like tw/ops.py, each takes preallocated outputs and checks what a kernel would s
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import kernels, ops
@@ -121,7 +123,9 @@ class _Grouped:
         self.ptrs_dev = [cp.zeros(3 * MAX_EXPERTS, cp.uint64) for _ in range(2)]
 
 
-_GROUPED = []
+@functools.lru_cache(maxsize=None)
+def _grouped(device_id: int) -> _Grouped:
+    return _Grouped()
 
 
 def grouped_linear(x, w, out, spans, slot: int, stream=None):
@@ -132,12 +136,10 @@ def grouped_linear(x, w, out, spans, slot: int, stream=None):
         return
     for name, a in (("x", x), ("w", w), ("out", out)):
         ops.check_bf16(f"grouped linear {name}", a)
-    num, n, k = w.shape
+    _, n, k = w.shape
     if x.shape[1] != k or out.shape[1] != n:
         raise ValueError(f"grouped linear: x {x.shape} @ w {w.shape}^T -> out {out.shape} do not fit")
-    if not _GROUPED:
-        _GROUPED.append(_Grouped())
-    g = _GROUPED[0]
+    g = _grouped(cp.cuda.Device().id)
     count = len(spans)
     e, lo = np.array([s[0] for s in spans]), np.array([s[1] for s in spans], np.uint64)
     m = np.array([s[2] - s[1] for s in spans], np.int32)
