@@ -33,6 +33,20 @@ def same_on_all_ranks(world, x, what: str) -> None:
     expect(len(set(world.tp_comm.allgather(digest))) == 1, f"{what}: differs between ranks")
 
 
+def expect_user_errors(cases: dict) -> None:
+    """Each callable of `cases` ({name: fn}) must raise ValueError or TypeError with a message that says
+    something; any other outcome is a failure named after its case."""
+    for name, fn in cases.items():
+        try:
+            fn()
+        except (ValueError, TypeError) as e:
+            expect(len(str(e)) > 10, f"bad input '{name}': error message too short: {e!r}")
+        except Exception as e:  # noqa: BLE001
+            FAILS.append(f"bad input '{name}': raised {type(e).__name__} instead of ValueError/TypeError: {e}")
+        else:
+            FAILS.append(f"bad input '{name}': no error raised")
+
+
 def section(world, name: str, fn, *args, **kwargs):
     """fn(*args, **kwargs) as one named section: an exception is this rank's failure; rank 0 prints ok
     or the failures of all ranks, and the seconds it took. Returns fn's result (None after an exception)."""

@@ -33,3 +33,14 @@ def test_sections_collect_failures_and_exceptions_and_report_them(world, capsys)
 def test_a_clean_run_passes(world, capsys):
     mpi_checks.section(world, "fine", mpi_checks.same_on_all_ranks, world, np.arange(4), "arange")
     assert mpi_checks.report(world, "Y") == 0 and "Y TESTS PASSED" in capsys.readouterr().out
+
+
+def test_user_error_cases_must_raise_a_clear_value_or_type_error(world):
+    def bad(exc, msg):
+        def fn():
+            raise exc(msg)
+        return fn
+    mpi_checks.expect_user_errors({"good": bad(ValueError, "--x must be >= 1, got 0"), "terse": bad(TypeError, "no"),
+                                   "wrong kind": bad(RuntimeError, "boom"), "silent": lambda: None})
+    assert [f.split("'")[1] for f in mpi_checks.FAILS] == ["terse", "wrong kind", "silent"]
+

@@ -18,9 +18,7 @@ data flow (which rows, which halves, which norm weight) of exactly the code the 
 """
 from __future__ import annotations
 
-import dataclasses
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import comm as transports
 from . import ops
@@ -177,7 +175,7 @@ class FineGrained:
         """The MoE block chunk by chunk: each chunk routes, permutes and runs its experts on its own
         tokens (its down GEMMs are per expert, so there is no one row-parallel GEMM to cut)."""
         def block(c, lo, hi):
-            sub = dataclasses.replace(part, offset=lo, num_tokens=hi - lo, label=f"c{c}")
+            sub = replace(part, offset=lo, num_tokens=hi - lo, label=f"c{c}")
             mlp_block(self.model, w, self.model.ws.x[lo:hi], sub, y[lo:hi], stream)
 
         self._chunked(block, chunks, stream, name)
