@@ -128,17 +128,22 @@ def init(args, gpu_only: str | None = None):
     return world
 
 
-def layers_value(value) -> int | str:
-    """--layers as given: a positive int, or "all" (the preset's full depth, resolved by model_config)."""
+def positive_int_or_all(value, flag: str) -> int | str:
+    """A flag's value as given: a positive int, or "all"; anything else is a usage error naming `flag`."""
     if value == "all":
         return value
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise dist.UsageError(f"--layers must be a positive integer or 'all', got {value!r}") from None
+        n = 0
     if n < 1:
-        raise dist.UsageError(f"--layers must be >= 1, got {n}")
+        raise dist.UsageError(f"{flag} must be a positive integer or 'all', got {str(value)!r}")
     return n
+
+
+def layers_value(value) -> int | str:
+    """--layers as given: a positive int, or "all" (the preset's full depth, resolved by model_config)."""
+    return positive_int_or_all(value, "--layers")
 
 
 def model_config(args, world, gpu_layers: int = 4, banner: bool = True):
@@ -287,15 +292,7 @@ def note_tp1(world) -> None:
 
 def seq_len_value(value) -> int | str:
     """--seq-len as given: a positive int, or "all" (each batch is one sequence)."""
-    if value == "all":
-        return value
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise dist.UsageError(f"--seq-len must be a positive integer or 'all', got {str(value)!r}")
-    return n
+    return positive_int_or_all(value, "--seq-len")
 
 
 def seq_len_of(args, tokens: int) -> int:

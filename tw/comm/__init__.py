@@ -87,19 +87,15 @@ def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool
     if kind == "nccl":
         return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
     if kind == "ce":
-        from .ce import CeComm, CeUnavailable
-        try:
-            return CeComm(world, hidden, max_tokens, dtype, sharded=sharded, **options)
-        except CeUnavailable as e:
-            if world.rank == 0:
-                warnings.warn(f"CE transport unavailable, falling back to NCCL: {e}", RuntimeWarning, stacklevel=2)
-            return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
-    from .p2p import P2PComm, P2PUnavailable
+        from .ce import CeComm as peer, CeUnavailable as unavailable
+    else:
+        from .p2p import P2PComm as peer, P2PUnavailable as unavailable
     try:
-        return P2PComm(world, hidden, max_tokens, dtype, sharded=sharded, **options)
-    except P2PUnavailable as e:
+        return peer(world, hidden, max_tokens, dtype, sharded=sharded, **options)
+    except unavailable as e:
         if world.rank == 0:
-            warnings.warn(f"P2P transport unavailable, falling back to NCCL: {e}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{kind.upper()} transport unavailable, falling back to NCCL: {e}", RuntimeWarning,
+                          stacklevel=2)
         return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
 
 
