@@ -255,3 +255,25 @@ def test_gpu_moe_model_check_at_tp1():
     out = _ok(run_mpi(1, ["-m", "experiments.latency", "--device", "gpu", "--model", "tiny-moe", "--tokens", "256",
                           "1500", "--check", "--out", "/tmp/tw-test-moe-gpu.jsonl"], timeout=600))
     assert "FAIL" not in out and out.count(" ok") >= 6, out[-3000:]
+
+
+@requires_gpu
+def test_gpu_moe_refuses_graph_capture_plainly():
+    import cupy as cp
+    from tw import moe_ops
+    offsets, host = cp.zeros(9, cp.int32), np.zeros(9, np.int32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+                moe_ops.read_offsets(offsets, host, stream)
+        finally:
+            stream.end_capture()
+
+
+@requires_gpu
+def test_gpu_latency_refuses_an_explicit_graph_for_moe():
+    r = run_mpi(1, ["-m", "experiments.latency", "--device", "gpu", "--model", "tiny-moe", "--tokens", "256",
+                    "--graph", "--out", "/tmp/tw-test-moe-graph.jsonl"], timeout=300)
+    assert r.returncode != 0 and "use --no-graph" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
