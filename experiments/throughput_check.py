@@ -14,9 +14,13 @@ from tw.arrays import to_host
 
 def references(args, world, cfg, model, load) -> dict:
     """Rank 0's float64 reference for the checked requests, broadcast: per request id, the logits of
-    its first output token and (CPU only: O(n^2) recomputation) its greedy tokens."""
+    its first output token and (CPU only: O(n^2) recomputation) its greedy tokens. MoE models: none
+    here; check() computes both per run, following that run's routing at near-ties (without it a
+    bf16 near-tie router gap is refused, tw/reference.RouterNearTie)."""
     out = None
-    if world.rank == 0:
+    if cfg.num_experts:
+        out = {r.rid: {"first": None, "tokens": None} for r in load.requests[:args.check_requests]}
+    elif world.rank == 0:
         xp, w = model.xp, lm_head.full_weight(cfg, args.seed, model.xp).astype(model.dtype)
         out = {}
         for r in load.requests[:args.check_requests]:
@@ -31,11 +35,15 @@ def check(args, world, cfg, model, refs, sched, logits, routing=None) -> dict:
     """Compare one strategy's run with the reference: tokens (CPU), logits of the first output step and
     of the last one (that given the strategy's own earlier tokens). MoE: `routing` (rid -> {layer:
     experts per position}, what the engine chose) lets the reference follow the run at near-tie
-    routings (tw/reference.forward), so both logits references are computed for this run."""
+    routings (tw/reference.forward), so both logits references and (CPU) the greedy tokens are
+    computed for this run."""
     tol = reference.tolerance(model.dtype)
     errs, equal, first_equal = [], [], []
     done = {r.rid: r for r in sched.finished}
     routed = bool(cfg.num_experts and routing)
+    if cfg.num_experts and refs and not routed:
+        raise RuntimeError(f"{cfg.name}: the MoE check needs the run's routing (serve() records it for the checked "
+                           "requests), and none was recorded")
     ours = None
     if world.rank == 0:
         xp, w = model.xp, lm_head.full_weight(cfg, args.seed, model.xp).astype(model.dtype)
@@ -46,8 +54,13 @@ def check(args, world, cfg, model, refs, sched, logits, routing=None) -> dict:
             follow = {layer: a[:len(ids)] for layer, a in routing[rid].items()} if routed else None
             return to_host(reference.next_logits(cfg, ids, args.seed, xp, model.dtype, w, follow))
 
+        def tokens(rid):        # CPU, MoE: the greedy reference along this run's routing
+            r = done[rid]
+            return reference.generate(cfg, r.prompt, r.output_len, args.seed, xp, model.dtype, w, routing[rid])
+
         ours = {rid: {"first": logits_after(rid, 0) if routed else None,
-                      "last": logits_after(rid, done[rid].output_len - 1) if done[rid].output_len > 1 else None}
+                      "last": logits_after(rid, done[rid].output_len - 1) if done[rid].output_len > 1 else None,
+                      "tokens": tokens(rid) if routed and not world.is_gpu else None}
                 for rid in refs}
     ours = world.comm.bcast(ours, root=0)
     for rid, ref in refs.items():
@@ -57,8 +70,9 @@ def check(args, world, cfg, model, refs, sched, logits, routing=None) -> dict:
         errs += [reference.rel_err(g, w_)["rel_err"] for g, w_ in zip(got, want)]
         errs += [float("inf")] * (len(want) - len(got))      # a captured step missing is a failure
         first_equal.append(r.output[0] == int(np.argmax(first)))
-        if ref["tokens"] is not None:
-            equal.append(r.output == ref["tokens"])
+        want_tokens = ref["tokens"] if ref["tokens"] is not None else ours[rid]["tokens"]
+        if want_tokens is not None:
+            equal.append(r.output == want_tokens)
     row = {"check_requests": len(refs), "check_logits_rel_err": max(errs), "check_tolerance": tol,
            "check_first_token_equal": all(first_equal), "check_tokens_equal": all(equal) if equal else None}
     row["correct"] = bool(row["check_logits_rel_err"] <= tol and row["check_tokens_equal"] is not False)

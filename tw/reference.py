@@ -220,14 +220,16 @@ def next_logits(cfg, ids, seed: int, xp, dtype, lm_head_weight, routing: dict | 
     return xp.asarray(lm_head_weight).astype(xp.float64, copy=False) @ x[-1]
 
 
-def generate(cfg, prompt_ids, num_new: int, seed: int, xp, dtype, lm_head_weight) -> list:
+def generate(cfg, prompt_ids, num_new: int, seed: int, xp, dtype, lm_head_weight, routing: dict | None = None) -> list:
     """Greedy decoding: `num_new` token ids after `prompt_ids`, each the argmax (lowest index on ties)
     of next_logits() over the whole sequence so far, recomputed from scratch every step: O(n^2), no KV
-    cache, nothing shared with the serving engine (tw/engine.py) it checks."""
+    cache, nothing shared with the serving engine (tw/engine.py) it checks. routing (MoE): {layer:
+    [positions, k]} a run's experts per token position, followed at near-ties as in forward()."""
     ids = [int(t) for t in prompt_ids]
     out = []
     for _ in range(num_new):
-        logits = next_logits(cfg, np.asarray(ids, np.int32), seed, xp, dtype, lm_head_weight)
+        follow = None if routing is None else {layer: a[:len(ids)] for layer, a in routing.items()}
+        logits = next_logits(cfg, np.asarray(ids, np.int32), seed, xp, dtype, lm_head_weight, follow)
         out.append(int(xp.argmax(logits)))
         ids.append(out[-1])
     return out
