@@ -71,6 +71,7 @@
 // within N s". After that the object is unusable.
 #include "common.cuh"
 #include "peer_sync.cuh"
+#include "row_norm.cuh"
 
 // TW_TP: the TP degree as a compile-time constant (tw/comm/p2p.py compiles with -DTW_TP=<tp>), so
 // the loops over ranks unroll and peer pointers stay in registers; 0 = read it from the arguments at
@@ -227,7 +228,7 @@ TW_DEVICE const uint4* source_row(const Args& a, int k, int row, int chunk_lo, u
 //   pass 2: the lane reads back its own residual columns (its own stores: program order makes them
 //           visible) and the weight, y = bf16(h) * rsqrt(mean + eps) * w, stores y locally and pushes it.
 // Without a norm (all-reduce, reduce-scatter) pass 1 stores the bf16 sum and there is no pass 2.
-constexpr int kStep = TW_TP == 0 ? 2 : (TW_TP <= 2 ? 4 : (TW_TP <= 4 ? 2 : 1));
+constexpr int kStep = tw::rownorm::step_for_tp(TW_TP);  // cuda/row_norm.cuh: part of the arithmetic
 constexpr int kSources = TW_TP > 0 ? TW_TP : kMaxTp;  // compile-time bound on the sources
 
 // One step of pass 1 for columns c0, c0 + 32, ... (N of them, all < H8): returns the sum of squares.
@@ -247,15 +248,8 @@ TW_DEVICE float pass1_step(const uint4* const (&src)[kSources], int num_src, con
 #pragma unroll
   for (int s = 0; s < N; ++s) {
     const int col = c0 + 32 * s;
-    float acc[8], f[8];
-    tw::unpack8(raw[0][s], acc);
-#pragma unroll
-    for (int k = 1; k < kSources; ++k) {
-      if (k >= num_src) break;
-      tw::unpack8(raw[k][s], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += f[e];
-    }
+    float acc[8];
+    tw::rownorm::sum_sources<kSources, N>(raw, s, num_src, acc);
     if (!norm) {
       const uint4 v = tw::pack8(acc);
       stage_row[col] = v;
@@ -266,14 +260,7 @@ TW_DEVICE float pass1_step(const uint4* const (&src)[kSources], int num_src, con
       }
       continue;
     }
-    tw::unpack8(rr[s], f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] += f[e];
-    const uint4 hv = tw::pack8(acc);
-    res_row[col] = hv;
-    tw::unpack8(hv, f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) ss += f[e] * f[e];
+    res_row[col] = tw::rownorm::add_residual(acc, rr[s], ss);
   }
   return ss;
 }
@@ -291,12 +278,7 @@ TW_DEVICE void pass2_step(const uint4* w_vec, const uint4* res_row, uint4* out_r
 #pragma unroll
   for (int s = 0; s < N; ++s) {
     const int col = c0 + 32 * s;
-    float h[8], w[8];
-    tw::unpack8(hv[s], h);
-    tw::unpack8(wv[s], w);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) h[e] = h[e] * rinv * w[e];
-    const uint4 y = tw::pack8(h);
+    const uint4 y = tw::rownorm::scale(hv[s], wv[s], rinv);
     out_row[col] = y;
     if (MODE == kArNorm) {  // normed rows to every peer
 #pragma unroll

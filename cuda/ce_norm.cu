@@ -8,11 +8,9 @@
 //   ce_reduce            staging[row] = bf16(P_0[row] + ... + P_{tp-1}[row])           (the all-reduce)
 // where P_src[row] = staging[row] for src == rank (my own partial, read in place) and
 // recv[src][row - own_lo] otherwise (src's partial of my row, copied here by src's copy engine).
-// The arithmetic is that of warp_rows<kArNorm> / warp_rows<kAllReduce> in cuda/ar_norm_p2p.cu, on purpose
-// step for step: the same summation order, the same grouping of the sum of squares (kStep vectors per
-// lane per step, from TW_TP by the same rule), the same rounding points (the norm is taken of the residual
-// as stored, bf16). So for one TW_TP the results are bit-identical to the P2P transport's; keep the two in
-// step (tests/mpi_ce.py compares them bit for bit).
+// The arithmetic is cuda/row_norm.cuh's, which warp_rows<kArNorm> / warp_rows<kAllReduce> in
+// cuda/ar_norm_p2p.cu also use, with the same step count (kStep): so for one TW_TP the results are
+// bit-identical to the P2P transport's (tests/mpi_ce.py compares them bit for bit).
 //
 // LAUNCH SHAPE. grid = k CTAs (1..SM count: the caller's budget), block = kThreads = 512 (16 warps;
 // tw/comm/ce.py THREADS, checked against the PTX's .maxntid by tests/test_ce.py). One warp per row: warp w
@@ -31,6 +29,7 @@
 // writes before the flag), and the "gathered" flags this rank sets after its last kernel of the call are
 // what every peer waits for before its next call can write into recv again.
 #include "common.cuh"
+#include "row_norm.cuh"
 
 // TW_TP: the TP degree as a compile-time constant (tw/comm/ce.py compiles with -DTW_TP=<tp>, as
 // P2PComm does, so the loops over ranks unroll); 0 = read it from the arguments at run time.
@@ -42,8 +41,7 @@ namespace {
 
 constexpr int kThreads = 512;  // tw/comm/ce.py THREADS
 constexpr int kMaxTp = 8;      // tw/comm/ce.py MAX_TP
-// As in cuda/ar_norm_p2p.cu (the grouping of the sum of squares depends on it: keep them equal).
-constexpr int kStep = TW_TP == 0 ? 2 : (TW_TP <= 2 ? 4 : (TW_TP <= 4 ? 2 : 1));
+constexpr int kStep = tw::rownorm::step_for_tp(TW_TP);  // as in cuda/ar_norm_p2p.cu: part of the arithmetic
 constexpr int kSources = TW_TP > 0 ? TW_TP : kMaxTp;  // compile-time bound on the sources
 
 struct Args {
@@ -73,27 +71,13 @@ TW_DEVICE float pass1_step(const uint4* const (&src)[kSources], int num_src, uin
 #pragma unroll
   for (int s = 0; s < N; ++s) {
     const int col = c0 + 32 * s;
-    float acc[8], f[8];
-    tw::unpack8(raw[0][s], acc);
-#pragma unroll
-    for (int k = 1; k < kSources; ++k) {
-      if (k >= num_src) break;
-      tw::unpack8(raw[k][s], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += f[e];
-    }
+    float acc[8];
+    tw::rownorm::sum_sources<kSources, N>(raw, s, num_src, acc);
     if (!kNorm) {
       stage_row[col] = tw::pack8(acc);  // in place: this lane loaded this vector above
       continue;
     }
-    tw::unpack8(rr[s], f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] += f[e];
-    const uint4 hv = tw::pack8(acc);
-    res_row[col] = hv;
-    tw::unpack8(hv, f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) ss += f[e] * f[e];
+    res_row[col] = tw::rownorm::add_residual(acc, rr[s], ss);
   }
   return ss;
 }
@@ -108,14 +92,7 @@ TW_DEVICE void pass2_step(const uint4* w_vec, const uint4* res_row, uint4* out_r
     wv[s] = __ldg(w_vec + c0 + 32 * s);
   }
 #pragma unroll
-  for (int s = 0; s < N; ++s) {
-    float h[8], w[8];
-    tw::unpack8(hv[s], h);
-    tw::unpack8(wv[s], w);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) h[e] = h[e] * rinv * w[e];
-    out_row[c0 + 32 * s] = tw::pack8(h);
-  }
+  for (int s = 0; s < N; ++s) out_row[c0 + 32 * s] = tw::rownorm::scale(hv[s], wv[s], rinv);
 }
 
 template <bool kNorm>

@@ -83,8 +83,23 @@ class Model:
         if e:
             from .moe import MoEBuffers
             self.ws.moe = MoEBuffers.allocate(xp, t, cfg.hidden, s.ffn, e, k, dt)
+        self._own_x = self.ws.x
         self.routing = None   # MoE: a dict to record the routing of each layer in (tw/moe.moe_block)
         self.sync()
+
+    def bind_x(self, comm) -> None:
+        """Point ws.x (the normed input of every block, which each ar_add_norm writes) at the transport's
+        registered output when it has one covering the workspace (p2p, ce), else at the model's own array.
+        Registered, the owners of a row write its normalized values straight into every rank's next-GEMM
+        input; a private x costs the P2P kernel a copy of the (tp-1)/tp gathered rows at the end of every
+        call and the CE transport a device-local copy of all of them. Every strategy binds at the start of
+        its forward (a CUDA graph keeps the pointers it was captured with); the strategies' transports are
+        distinct objects, so one strategy's pass never writes another's x."""
+        output = getattr(comm, "output", None)
+        if output is not None and comm.max_tokens >= self.max_tokens:
+            self.ws.x = output(self.max_tokens)
+        else:
+            self.ws.x = self._own_x
 
     def sync(self) -> None:
         """Wait for all setup work on the device. Setup runs on CuPy's default stream and forward passes

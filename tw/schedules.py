@@ -79,6 +79,7 @@ class Sequential:
 
     def forward(self, plan: Plan, stream=None):
         m, comm, (part,) = self.model, self.comm, plan.parts
+        m.bind_x(comm)
         r, eps = part.rows, m.cfg.eps
         x, residual = m.ws.x, m.ws.residual
         m.embed(part, stream)
@@ -182,6 +183,7 @@ class FineGrained:
 
     def forward(self, plan: Plan, stream=None):
         m, (part,) = self.model, plan.parts
+        m.bind_x(self.comm)
         r, eps, ws = part.rows, m.cfg.eps, m.ws
         y = self.comm.staging(part.offset + part.num_tokens)
         chunks = self._chunks(part)
@@ -267,6 +269,7 @@ class TokenWeave:
         if len(plan.parts) == 1:
             return self.unsplit.forward(plan, stream)
         m, comm, st = self.model, self.comm, self.streams
+        m.bind_x(comm)
         a, b = plan.parts
         eps, x, res = m.cfg.eps, m.ws.x, m.ws.residual
         cs = st.comm or stream                      # comm stream (the same stream on CPU)

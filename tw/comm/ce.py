@@ -60,13 +60,13 @@ import time
 import numpy as np
 
 from . import check_range, owned_rows
+from .ipc import SharedBuffer, check_norm, check_rows
 from .. import kernels
 
 MAX_TP = 8        # cuda/ce_norm.cu kMaxTp
 MAX_CHUNKS = 16   # chunks per owner's block at most
 THREADS = 512     # cuda/ce_norm.cu kThreads (tests/test_ce.py checks the PTX's .maxntid)
 DEFAULT_CTAS = 8
-_ALIGN = 256
 # flag words: ready[src][chunk], gathered[src], probe[3][src]
 READY, GATHERED, PROBE = 0, MAX_TP * MAX_CHUNKS, MAX_TP * MAX_CHUNKS + MAX_TP
 NUM_FLAGS = PROBE + 3 * MAX_TP
@@ -130,10 +130,6 @@ def _check(result, what: str) -> None:
         raise RuntimeError(f"{what} failed: {result[0]}")
 
 
-def _overlaps(ptr: int, nbytes: int, lo: int, hi: int) -> bool:
-    return ptr < hi and lo < ptr + nbytes
-
-
 class CeComm:
     """Fused AllReduce + residual-add + RMSNorm over copy engines and stream memory operations.
 
@@ -174,58 +170,25 @@ class CeComm:
         self.chunks, self.timeout_s = int(chunks), float(timeout_s)
         self.chunk_max = -(-max_tokens // self.tp)
         self._row = hidden * 2
-        self._fns, self._opened, self._streams, self._calls, self._broken = {}, [], {}, 0, None
+        self._fns, self._streams, self._calls, self._broken = {}, {}, 0, None
 
         sizes = {"staging": max_tokens * self._row, "recv": self.tp * self.chunk_max * self._row,
                  "out": max_tokens * self._row, "flags": NUM_FLAGS * 4}
-        self._off, total = {}, 0
-        for name, size in sizes.items():
-            self._off[name] = total
-            total += -(-size // _ALIGN) * _ALIGN
-        self._mem = cp.cuda.Memory(total)  # a plain cudaMalloc: IPC handles need the allocation base
-        self.base = self._mem.ptr
-        cp.cuda.runtime.memset(self.base, 0, total)
-        self._side = cp.cuda.Stream(non_blocking=True)
-        self._events = {"fork": cp.cuda.Event(disable_timing=True), "join": cp.cuda.Event(disable_timing=True)}
-        cp.cuda.Device().synchronize()  # flags initialised before any peer can open this buffer
-
-        # ---- exchange IPC handles; every rank must agree that the transport works ----
-        dev = cp.cuda.Device().id
-        peer_devices = world.tp_comm.allgather(dev)
-        ptrs, err, handle = [0] * self.tp, None, None
-        try:
+        err = None
+        try:  # the driver's stream memory operations (cuda-bindings)
             from cuda.bindings import driver
             self._drv = driver
             self._eq = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
             self._barrier = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
-            for r, d in enumerate(peer_devices):
-                # Same device (TW_SHARE_GPU=1): cudaDeviceCanAccessPeer(d, d) is 0, yet IPC works across processes.
-                if r != self.rank and d != dev and not cp.cuda.runtime.deviceCanAccessPeer(dev, d):
-                    raise CeUnavailable(f"GPU {dev} cannot access GPU {d} (cudaDeviceCanAccessPeer = 0)")
-            handle = cp.cuda.runtime.ipcGetMemHandle(self.base)
-        except Exception as e:  # noqa: BLE001 - reported collectively below
+        except Exception as e:  # noqa: BLE001 - reported collectively by SharedBuffer
             err = e
-        handles = world.tp_comm.allgather(handle)
-        if err is None and all(h is not None for h in handles):
-            try:
-                for r, h in enumerate(handles):
-                    ptrs[r] = self.base if r == self.rank else cp.cuda.runtime.ipcOpenMemHandle(h)
-                    if r != self.rank:
-                        self._opened.append(ptrs[r])
-            except Exception as e:  # noqa: BLE001
-                err = e
-        self._raise_if_any(err, "cuda-bindings and the peers' CUDA IPC handles")
-        self.peer_bases = ptrs
+        self._side = cp.cuda.Stream(non_blocking=True)
+        self._events = {"fork": cp.cuda.Event(disable_timing=True), "join": cp.cuda.Event(disable_timing=True)}
+        self.buf = SharedBuffer(world, sizes, CeUnavailable, "the CE transport", prior_error=err)
+        self.base, self.peer_bases = self.buf.base, self.buf.peer_bases
         self._probe()
 
     # ------------------------------------------------------------------ set-up helpers
-    def _raise_if_any(self, err, what: str) -> None:
-        from mpi4py import MPI
-        if self.world.tp_comm.allreduce(err is not None, op=MPI.LOR):
-            self.close()
-            detail = f"{type(err).__name__}: {err}" if err is not None else "failed on another rank"
-            raise CeUnavailable(f"the CE transport does not work between the TP ranks ({what}): {detail}")
-
     @staticmethod
     def _probe_value(src: int, dst: int, kind: int) -> int:
         return 0x7C000000 | (kind << 16) | (src << 8) | dst
@@ -261,7 +224,7 @@ class CeComm:
                 s.synchronize()
             except Exception as e:  # noqa: BLE001
                 err = e
-        self._raise_if_any(err, "the start-up probe (stream write, peer copy, stream wait)")
+        self.buf.agree(err, "the start-up probe (stream write, peer copy, stream wait)")
 
     def _check_ctas(self, ctas) -> int:
         ctas = int(ctas)
@@ -271,21 +234,12 @@ class CeComm:
 
     def close(self) -> None:
         """Close the peers' IPC mappings (skipped after a CeTimeout: the stream that uses them is blocked)."""
-        import cupy as cp
-        for p in [] if self._broken else getattr(self, "_opened", []):
-            try:
-                cp.cuda.runtime.ipcCloseMemHandle(p)
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-        self._opened = []
+        if not self._broken and getattr(self, "buf", None) is not None:
+            self.buf.close()
 
     # ------------------------------------------------------------------ buffers
     def _view(self, name: str, num_tokens: int):
-        import cupy as cp
-        if not 0 <= num_tokens <= self.max_tokens:
-            raise ValueError(f"num_tokens={num_tokens} must be in 0..max_tokens={self.max_tokens}")
-        return cp.ndarray((num_tokens, self.hidden), dtype=self.dtype,
-                          memptr=cp.cuda.MemoryPointer(self._mem, self._off[name]))
+        return self.buf.rows(name, num_tokens, self.hidden, self.dtype, self.max_tokens)
 
     def staging(self, num_tokens: int):
         """[num_tokens, hidden] bf16 view of this rank's registered staging buffer (GEMM output)."""
@@ -297,33 +251,16 @@ class CeComm:
         return self._view("out", num_tokens)
 
     def _addr(self, rank: int, buf: str, row: int) -> int:
-        return self.peer_bases[rank] + self._off[buf] + row * self._row
+        return self.buf.addr(rank, buf, row * self._row)
 
     def _flag(self, rank: int, word: int) -> int:
-        return self.peer_bases[rank] + self._off["flags"] + 4 * word
+        return self.buf.addr(rank, "flags", 4 * word)
 
     # ------------------------------------------------------------------ checks
     def _check_rows(self, name: str, x, end: int, registered_ok: bool) -> None:
-        import cupy as cp
-        if not isinstance(x, cp.ndarray):
-            raise TypeError(f"{name} must be a cupy array, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"{name} must be bfloat16, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.hidden or x.shape[0] < end:
-            raise ValueError(f"{name} must be [>= {end}, {self.hidden}] (rows are indexed absolutely), "
-                             f"got {tuple(x.shape)}")
-        if not x.flags.c_contiguous or x.data.ptr % 16:
-            raise ValueError(f"{name} must be C-contiguous and 16-byte aligned (pointer {x.data.ptr:#x})")
-        ptr, nbytes = x.data.ptr, x.nbytes
-        for buf in ("out", "staging") if registered_ok else ():
-            lo = self.base + self._off[buf]
-            if ptr == lo:
-                return
-            if _overlaps(ptr, nbytes, lo, lo + self.max_tokens * self._row):
-                raise ValueError(f"{name} overlaps the registered {buf} buffer but does not start at its row 0; "
-                                 f"pass comm.{'output' if buf == 'out' else 'staging'}(n) itself")
-        if _overlaps(ptr, nbytes, self.base, self.base + self._mem.size):
-            raise ValueError(f"{name} overlaps CeComm's internal buffers")
+        check_rows(name, x, end, self.hidden, self.dtype)
+        self.buf.region_of(name, x, ("out", "staging") if registered_ok else (),
+                           {"out": "output", "staging": "staging"})
 
     # ------------------------------------------------------------------ calls
     def all_reduce(self, start: int, end: int, stream=None, ctas=None) -> None:
@@ -337,19 +274,12 @@ class CeComm:
         """For rows [start, end): h = sum over ranks of staging + residual; residual <- h on the rows this
         rank owns; out <- RMSNorm(h) * weight on every rank. residual, out: bf16 [>= end, hidden]
         C-contiguous, indexed by absolute row; weight: bf16 [hidden]. out = comm.output(n): no final copy."""
-        import cupy as cp
         if sharded is False:
             raise ValueError("ce implements the sharded order only (sharded=False asked for the baseline order)")
         check_range(start, end, self.max_tokens)
         self._check_rows("residual", residual, end, registered_ok=False)
         self._check_rows("out", out, end, registered_ok=True)
-        if not isinstance(weight, cp.ndarray) or weight.dtype != self.dtype or weight.shape != (self.hidden,):
-            raise ValueError(f"weight must be a bf16 cupy array of shape ({self.hidden},), got "
-                             f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
-        if not weight.flags.c_contiguous or weight.data.ptr % 16:
-            raise ValueError("weight must be C-contiguous and 16-byte aligned")
-        if not float(eps) > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        check_norm(weight, eps, self.hidden, self.dtype)
         if end > start:
             self._run(start, end, stream, ctas, (residual, weight, float(eps)), out)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import check_range
+from .ipc import SharedBuffer, check_norm, check_rows
 from .. import kernels
 from ..dist import env_flag
 
@@ -84,7 +85,6 @@ def kernel_defines(tp: int) -> dict | None:
 DEFAULT_CTAS = 8      # the CTA budget when none is given (8 CTAs push ~338 GB/s with plain stores,
                       # the fused kernel moves 166-176 GB/s at 8 CTAs: docs/hardware.md#measured)
 DEFAULT_ONESHOT_MAX_TOKENS = 256
-_ALIGN = 256
 
 OUT_PRIVATE, OUT_STAGING, OUT_REGISTERED = 0, 1, 2
 
@@ -95,10 +95,6 @@ class P2PUnavailable(RuntimeError):
 
 class P2PTimeout(RuntimeError):
     """A peer did not arrive at a P2P kernel in time; the P2PComm is unusable afterwards."""
-
-
-def _align(x: int) -> int:
-    return -(-x // _ALIGN) * _ALIGN
 
 
 class P2PComm:
@@ -137,66 +133,23 @@ class P2PComm:
         self.chunk_max = -(-max_tokens // self.tp)
         self._fns = {}
 
-        # ---- one allocation, laid out as in the module docstring ----
+        # ---- one allocation, laid out as in the module docstring, shared with the peers ----
         row = hidden * 2
         osm = max(1, self.oneshot_max_tokens)
         sizes = {"staging": max_tokens * row, "recv": self.tp * self.chunk_max * row,
                  "out": max_tokens * row, "osum": 2 * self.tp * osm * row, "ores": 2 * osm * row,
                  "flags": 2 * MAX_CTAS * MAX_TP * 4, "probe": MAX_TP * 4}
-        self._off, total = {}, 0
-        for name, size in sizes.items():
-            self._off[name] = total
-            total += _align(size)
-        self._mem = cp.cuda.Memory(total)  # a plain cudaMalloc: IPC handles need the allocation base
-        self.base = self._mem.ptr
-        cp.cuda.runtime.memset(self.base, 0, total)
         self._state = cp.zeros(8, dtype=cp.uint32)  # [epoch, ctas done, error, peer, cta, phase]
-        cp.cuda.Device().synchronize()
-
-        # ---- exchange IPC handles; every rank must agree that P2P works, or all fall back ----
-        self._opened = []
-        ptrs, err = [0] * self.tp, None
-        try:
-            peer_devices = world.tp_comm.allgather(cp.cuda.Device().id)
-            for r in range(self.tp):
-                same = peer_devices[r] == cp.cuda.Device().id  # TW_SHARE_GPU=1: IPC across processes, one GPU
-                if r != self.rank and not same and not cp.cuda.runtime.deviceCanAccessPeer(cp.cuda.Device().id,
-                                                                                           peer_devices[r]):
-                    raise P2PUnavailable(f"GPU {cp.cuda.Device().id} cannot access GPU {peer_devices[r]} "
-                                         "(cudaDeviceCanAccessPeer = 0)")
-            handle = cp.cuda.runtime.ipcGetMemHandle(self.base)
-        except Exception as e:  # noqa: BLE001 - reported collectively below
-            err, handle = e, None
-        handles = world.tp_comm.allgather(handle)
-        if err is None and all(h is not None for h in handles):
-            try:
-                for r, h in enumerate(handles):
-                    if r == self.rank:
-                        ptrs[r] = self.base
-                    else:
-                        ptrs[r] = cp.cuda.runtime.ipcOpenMemHandle(h)
-                        self._opened.append(ptrs[r])
-            except Exception as e:  # noqa: BLE001
-                err = e
-        self._raise_if_any(err, "opening the peers' CUDA IPC handles")
-        self.peer_bases = ptrs
-        slots = SLOT_NAMES
+        self.buf = SharedBuffer(world, sizes, P2PUnavailable, "P2P")
+        self.base, self.peer_bases = self.buf.base, self.buf.peer_bases
         table = np.zeros(self.tp * NUM_SLOTS, dtype=np.uint64)
         for r in range(self.tp):
-            for k, name in enumerate(slots):
-                table[r * NUM_SLOTS + k] = ptrs[r] + self._off[name]
+            for k, name in enumerate(SLOT_NAMES):
+                table[r * NUM_SLOTS + k] = self.buf.addr(r, name)
         self._table = cp.asarray(table)
         self._probe()
 
     # ------------------------------------------------------------------ set-up helpers
-    def _raise_if_any(self, err, what: str) -> None:
-        from mpi4py import MPI
-        failed = self.world.tp_comm.allreduce(err is not None, op=MPI.LOR)
-        if failed:
-            self.close()
-            detail = f"{type(err).__name__}: {err}" if err is not None else "failed on another rank"
-            raise P2PUnavailable(f"P2P between the TP ranks does not work ({what}): {detail}")
-
     def _probe(self) -> None:
         """Every rank stores a value into every peer's probe word with a real kernel store over the
         peer pointer, then reads back its own words and the peers' copies of its value."""
@@ -206,7 +159,7 @@ class P2PComm:
             fn = self._fn("p2p_probe")
             for r in range(self.tp):
                 if r != self.rank:
-                    remote = self.peer_bases[r] + self._off["probe"] + 4 * self.rank
+                    remote = self.buf.addr(r, "probe", 4 * self.rank)
                     kernels.launch(fn, 1, 32, (np.uint64(remote), np.uint32(self._probe_value(self.rank, r))))
             cp.cuda.Device().synchronize()
         except Exception as e:  # noqa: BLE001
@@ -215,7 +168,7 @@ class P2PComm:
         if err is None:
             try:
                 got = np.zeros(MAX_TP, dtype=np.uint32)
-                cp.cuda.runtime.memcpy(got.ctypes.data, self.base + self._off["probe"], got.nbytes,
+                cp.cuda.runtime.memcpy(got.ctypes.data, self.buf.addr(self.rank, "probe"), got.nbytes,
                                        cp.cuda.runtime.memcpyDeviceToHost)
                 back = np.zeros(1, dtype=np.uint32)
                 for r in range(self.tp):
@@ -224,13 +177,13 @@ class P2PComm:
                     if got[r] != self._probe_value(r, self.rank):
                         raise P2PUnavailable(f"probe word from rank {r} reads {got[r]:#x}, "
                                              f"expected {self._probe_value(r, self.rank):#x}")
-                    cp.cuda.runtime.memcpy(back.ctypes.data, self.peer_bases[r] + self._off["probe"] + 4 * self.rank,
+                    cp.cuda.runtime.memcpy(back.ctypes.data, self.buf.addr(r, "probe", 4 * self.rank),
                                            4, cp.cuda.runtime.memcpyDeviceToHost)
                     if back[0] != self._probe_value(self.rank, r):
                         raise P2PUnavailable(f"reading back my probe word on rank {r} gave {back[0]:#x}")
             except Exception as e:  # noqa: BLE001
                 err = e
-        self._raise_if_any(err, "the start-up probe (remote store + read back)")
+        self.buf.agree(err, "the start-up probe (remote store + read back)")
 
     @staticmethod
     def _probe_value(src: int, dst: int) -> int:
@@ -252,21 +205,13 @@ class P2PComm:
         return ctas
 
     def close(self) -> None:
-        import cupy as cp
-        for p in getattr(self, "_opened", []):
-            try:
-                cp.cuda.runtime.ipcCloseMemHandle(p)
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-        self._opened = []
+        """Close the peers' IPC mappings."""
+        if getattr(self, "buf", None) is not None:
+            self.buf.close()
 
     # ------------------------------------------------------------------ buffers
     def _view(self, name: str, num_tokens: int):
-        import cupy as cp
-        if not 0 <= num_tokens <= self.max_tokens:
-            raise ValueError(f"num_tokens={num_tokens} must be in 0..max_tokens={self.max_tokens}")
-        mp = cp.cuda.MemoryPointer(self._mem, self._off[name])
-        return cp.ndarray((num_tokens, self.hidden), dtype=self.dtype, memptr=mp)
+        return self.buf.rows(name, num_tokens, self.hidden, self.dtype, self.max_tokens)
 
     def staging(self, num_tokens: int):
         """[num_tokens, hidden] bf16 view of this rank's registered staging buffer (GEMM output)."""
@@ -282,33 +227,11 @@ class P2PComm:
         check_range(start, end, self.max_tokens)
 
     def _check_rows_array(self, name: str, x, end: int) -> None:
-        import cupy as cp
-        if not isinstance(x, cp.ndarray):
-            raise TypeError(f"{name} must be a cupy array, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"{name} must be bfloat16, got {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != self.hidden or x.shape[0] < end:
-            raise ValueError(f"{name} must be [>= {end}, {self.hidden}] (rows are indexed absolutely), "
-                             f"got {tuple(x.shape)}")
-        if not x.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (the kernel reads rows at a fixed stride)")
-        if x.data.ptr % 16:
-            raise ValueError(f"{name} must be 16-byte aligned (pointer {x.data.ptr:#x}); the kernel moves "
-                             "16-byte vectors")
+        check_rows(name, x, end, self.hidden, self.dtype)
 
-    def _out_kind(self, out) -> int:
-        ptr, nbytes = out.data.ptr, out.nbytes
-        for name, kind in (("staging", OUT_STAGING), ("out", OUT_REGISTERED)):
-            lo = self.base + self._off[name]
-            if ptr == lo:
-                return kind
-            if ptr < lo + self.max_tokens * self.hidden * 2 and lo < ptr + nbytes:
-                raise ValueError(f"out overlaps the registered {name} buffer but does not start at its row 0; "
-                                 f"pass comm.{'staging' if name == 'staging' else 'output'}(n) itself")
-        lo, hi = self.base, self.base + self._mem.size
-        if ptr < hi and lo < ptr + nbytes:
-            raise ValueError("out overlaps P2PComm's internal buffers")
-        return OUT_PRIVATE
+    def _out_kind(self, out, what: str = "out") -> int:
+        region = self.buf.region_of(what, out, ("staging", "out"), {"staging": "staging", "out": "output"})
+        return {None: OUT_PRIVATE, "staging": OUT_STAGING, "out": OUT_REGISTERED}[region]
 
     # ------------------------------------------------------------------ launches
     def _launch(self, op: str, start: int, end: int, stream, ctas, residual=None, weight=None, eps=0.0,
@@ -359,19 +282,12 @@ class P2PComm:
         row; weight: bf16 [hidden]. `out` may be comm.output(n) (zero-copy) or comm.staging(n)
         (in place). oneshot: None = by size; sync_all: wait for all peer CTAs between phases (the
         simple three-phase fusion, for comparison)."""
-        import cupy as cp
         self._check_range(start, end)
         self._check_rows_array("residual", residual, end)
         self._check_rows_array("out", out, end)
-        if not isinstance(weight, cp.ndarray) or weight.dtype != self.dtype or weight.shape != (self.hidden,):
-            raise ValueError(f"weight must be a bf16 cupy array of shape ({self.hidden},), got "
-                             f"{getattr(weight, 'dtype', type(weight).__name__)} {getattr(weight, 'shape', '')}")
-        if not weight.flags.c_contiguous or weight.data.ptr % 16:
-            raise ValueError("weight must be C-contiguous and 16-byte aligned")
-        if not float(eps) > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        check_norm(weight, eps, self.hidden, self.dtype)
         out_kind = self._out_kind(out)
-        if self._out_kind(residual) != OUT_PRIVATE:
+        if self._out_kind(residual, "residual") != OUT_PRIVATE:
             raise ValueError("residual must not live in the P2PComm's registered buffers")
         if end == start:
             return
