@@ -12,8 +12,9 @@ trained model's (imbalance is reported). Each configuration is timed --iters tim
 
 Columns (rows carry the same names): tokens; mode (loop / grouped); imbalance = the largest expert's rows
 / the mean (n k / E); router_ms (router GEMM with float32 logits + top-k softmax), permute_ms (permutation
-+ row gather), unpermute_ms; readback_ms = the block's host wait for the row counts, measured as a whole
-block minus its parts on the GPU stream (it includes the host launch gap after the wait);
++ row gather), unpermute_ms; readback_ms = what the block's host wait for the row counts adds, measured
+as a whole block minus its parts on the GPU stream (the row gather runs during the wait, so this is the
+exposed rest, host launch gap after the wait included; ~0 when the gather outlasts it);
 experts_ms (gate_up GEMMs, SiLU * mul, down GEMMs); act_ms (the SiLU * mul alone); block_ms (the whole
 block, tw/moe.moe_forward); routing% = (router + permute + unpermute + readback) / block (target < 10%);
 tflops = expert GEMM flops / (experts_ms - act_ms); dense_tflops = the same two GEMMs at M = the mean

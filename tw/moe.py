@@ -189,8 +189,8 @@ def _forward_gpu(x, moe, k, bufs, y, name, stream):
     with span(name + "router", stream):
         route_gpu(x, moe, k, bufs, stream)
     with span(name + "permute", stream):
-        permute_gpu(x, moe, bufs, stream)
-        offsets = moe_ops.read_offsets(bufs.offsets, bufs.offsets_host, stream)   # the one host wait
+        copied = permute_gpu(x, moe, bufs, stream)
+        offsets = moe_ops.wait_offsets(copied, bufs.offsets_host)   # the one host wait (the gather runs meanwhile)
     _expert_gemms(bufs, moe, offsets, name, stream)
     with span(name + "unpermute", stream):
         unpermute_gpu(bufs, y, stream)
@@ -206,10 +206,14 @@ def route_gpu(x, moe, k, bufs, stream):
 
 
 def permute_gpu(x, moe, bufs, stream):
-    """The permutation by expert (offsets, inverse, source) and x's rows gathered into that order."""
+    """The permutation by expert (offsets, inverse, source), the offsets' copy to the host queued, then x's
+    rows gathered into that order, so the gather runs while the host waits for the copy. Returns the
+    copy's event (moe_ops.wait_offsets)."""
     from . import moe_ops
     moe_ops.permute(bufs.experts, moe.router.shape[0], bufs.offsets, bufs.inverse, bufs.source, stream)
+    copied = moe_ops.start_offsets_copy(bufs.offsets, bufs.offsets_host, stream)
     moe_ops.gather_rows(x, bufs.source, bufs.xs, stream)
+    return copied
 
 
 def unpermute_gpu(bufs, y, stream):

@@ -63,9 +63,10 @@ def permute(experts, num_experts: int, offsets, inverse, source, stream=None):
                                             offsets.data.ptr, inverse.data.ptr, source.data.ptr), stream=stream)
 
 
-def read_offsets(offsets, host, stream) -> np.ndarray:
-    """The device offsets [E + 1] copied into the pinned `host` array, waiting for them (a host wait on
-    `stream` only: work queued on other streams keeps running). Returns a copy."""
+def start_offsets_copy(offsets, host, stream):
+    """Queue the copy of the device offsets [E + 1] into the pinned `host` array on `stream` and return an
+    event recorded right after it: work queued after (the row gather) keeps the GPU busy while the host
+    waits for the event (wait_offsets). One event per device: wait before starting the next copy."""
     import cupy as cp
     stream = stream or cp.cuda.get_current_stream()
     if stream.is_capturing():
@@ -73,8 +74,26 @@ def read_offsets(offsets, host, stream) -> np.ndarray:
                            "back to the host (cuBLAS takes GEMM sizes from there); run MoE models eagerly")
     cp.cuda.runtime.memcpyAsync(host.ctypes.data, offsets.data.ptr, offsets.nbytes,
                                 cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
-    stream.synchronize()
+    done = _copy_event(cp.cuda.Device().id)
+    done.record(stream)
+    return done
+
+
+def wait_offsets(done, host) -> np.ndarray:
+    """The host wait of an MoE block: until the copy behind event `done` has landed; a copy of `host`."""
+    done.synchronize()
     return host.astype(np.int64)
+
+
+def read_offsets(offsets, host, stream) -> np.ndarray:
+    """start_offsets_copy, then wait_offsets: the offsets with nothing queued between."""
+    return wait_offsets(start_offsets_copy(offsets, host, stream), host)
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_event(device_id: int):
+    import cupy as cp
+    return cp.cuda.Event(disable_timing=True)
 
 
 def _grid(work: int) -> int:
@@ -114,8 +133,9 @@ def unpermute(out, inverse, weights, y, stream=None):
 
 class _Grouped:
     """Host and device argument arrays of cublasGemmGroupedBatchedEx for up to MAX_EXPERTS groups, one
-    per call site (`slot`), reused: each use is followed by the next block's host wait (read_offsets)
-    before its arrays are rewritten, so the asynchronous copy of the last use has finished."""
+    per call site (`slot`), reused: each use is followed by the next block's host wait (wait_offsets, on
+    an event recorded after it on the same stream) before its arrays are rewritten, so the asynchronous
+    copy of the last use has finished."""
 
     def __init__(self):
         import cupy as cp
@@ -156,4 +176,4 @@ def grouped_linear(x, w, out, spans, slot: int, stream=None):
     blas.gemm_grouped_tn(stream.ptr, n, m, k, dev.data.ptr, dev.data.ptr + 8 * count, dev.data.ptr + 16 * count)
 
 
-__all__ = ["topk_softmax", "permute", "read_offsets", "gather_rows", "unpermute", "grouped_linear", "pinned_int32"]
+__all__ = ["topk_softmax", "permute", "start_offsets_copy", "wait_offsets", "read_offsets", "gather_rows", "unpermute", "grouped_linear", "pinned_int32"]
