@@ -338,7 +338,8 @@ FIGURE_FILES = {  # figure -> the committed result file(s) under experiments/res
     "split_mlp": ("split-tp2-H200.jsonl",),
     "timeline": tuple(f"traces-H200x2/trace-llama3-70b-tp2-{s}-4096.csv"
                       for s in ("finegrained4", "nccl", "tokenweave")),
-    "moe": tuple(f"moe-block-mixtral-8x22b-{t}-H200.jsonl" for t in ("tp1", "tp2-shards", "tp8-shards")),
+    "moe": tuple(f"moe-block-mixtral-8x22b-{t}-H200.jsonl" for t in ("tp1", "tp2-shards", "tp8-shards",
+                                                                       "tp8-shards-gather-overlap")),
 }
 
 

@@ -1,6 +1,7 @@
 """The MoE block's figure (experiments/moe.py's rows), registered in experiments/figures.py as `moe`:
 left, the routing share of the block (router + permutation + un-permute + host wait) per token count,
-one line per expert shard (TP=1, 2, 8), with the < 10% target; right, the expert GEMMs' TFLOP/s per
+one line per expert shard (TP=1, 2, 8; a shard measured at two commits gets a line each, named by
+commit), with the < 10% target; right, the expert GEMMs' TFLOP/s per
 mode (loop, grouped) beside dense GEMMs of the same per-expert M."""
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ def fig_moe(paths: list[Path], out_dir: Path):
     plt = _plt()
     files = [(p, sorted(load(p), key=lambda r: r["tokens"])) for p in paths]
     fig, (share, rate) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for path, rows in files:
+    shards = [next(r for r in rows if r["mode"] == "loop")["shard_tp"] for _, rows in files]
+    for (path, rows), shard in zip(files, shards):
         loop = [r for r in rows if r["mode"] == "loop"]
+        again = f" (commit {loop[0]['commit'][:7]})" if shards.count(shard) > 1 else ""  # one shard, two versions
         share.plot([r["tokens"] for r in loop], [100 * r["routing_share"] for r in loop], marker="o",
-                   label=f"TP={loop[0]['shard_tp']} expert shards")
+                   label=f"TP={shard} expert shards{again}")
     share.axhline(10, color="r", ls="--", lw=0.8, label="target < 10% (TP=1 shapes)")
     share.set_xscale("log", base=2)
     share.set_xlabel("tokens")
