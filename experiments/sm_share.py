@@ -7,7 +7,9 @@ The k SMs are held by k CTAs that spin and take all of their SM's shared memory 
 no GEMM CTA fits there: a comm kernel's SM share without its memory traffic. With --beside norm the
 GEMMs run instead beside the real local add + RMSNorm kernel of the copy-engine transport (a one-rank
 CeComm: no copies, only its k-CTA kernel, on --norm-rows rows, launched back to back so it outlasts the
-GEMMs): SM share plus its HBM traffic (rows kind=norm). Per model, shard (TP
+GEMMs): SM share plus its HBM traffic (rows kind=norm). --beside pairs holds the k SMs as k/2 clusters
+of 2 CTAs (rows kind=pairs): cuBLAS's Hopper GEMMs run 2-CTA clusters, and single held SMs may strand
+their cluster partners. Per model, shard (TP
 degree whose shard shapes are used), GEMM (qkv, o_proj, gate_up, down: out[M, N] = x[M, K] w[N, K]^T)
 and M rows: alone_ms (no SM held, no target), then for every k and target: ms beside k held SMs.
 Targets: off (none), left (SMs - k), half (SMs - k/2); the row k = 0, target left_of_8 is the target
@@ -39,8 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="SM-count targets tried")
     p.add_argument("--gemms", nargs="+", choices=("qkv", "o_proj", "gate_up", "down"),
                    default=["qkv", "o_proj", "gate_up", "down"], help="which layer GEMMs")
-    p.add_argument("--beside", nargs="+", choices=("held", "norm"), default=["held"],
-                   help="what runs beside the GEMMs: held SMs (spinning CTAs) and/or the CE transport's norm kernel")
+    p.add_argument("--beside", nargs="+", choices=("held", "pairs", "norm"), default=["held"],
+                   help="what runs beside the GEMMs: held SMs (spinning CTAs), held SMs as 2-CTA clusters "
+                        "(pairs in a GPC; even k only) and/or the CE transport's norm kernel")
     p.add_argument("--norm-rows", type=int, default=4096, help="rows of each norm call (--beside norm)")
     p.add_argument("--reps", type=int, default=3, help="GEMMs back to back per sample")
     p.add_argument("--iters", type=int, default=7, help="rounds (one sample of every configuration each)")
@@ -61,6 +64,8 @@ def target_value(name, k, sms):
 
 def main(argv=None):
     args = parse_args(argv)
+    if "pairs" in args.beside and any(k % 2 for k in args.held):
+        raise dist.UsageError(f"--beside pairs holds SMs in pairs: every --held must be even, got {args.held}")
     world = common.init(args, gpu_only="it times cuBLAS GEMMs beside SMs held by a kernel")
     if world.size > 1:
         raise dist.UsageError("experiments.sm_share runs on one GPU: start it without mpirun")
@@ -127,9 +132,9 @@ def measure_point(args, world, writer, compute, side, model, tp, gemm, x, w, out
         k, t, beside = config
         target = sms - 8 if t == "left_of_8" else target_value(t, k, sms)
         cp.cuda.Device().synchronize()
-        if k and beside == "held":
+        if k and beside in ("held", "pairs"):
             hold_us = 300 + 2 * rough.get("alone", 1.0) * 1e3  # outlasts the GEMMs even at 2x slower
-            bench.hold_sms(side, k, hold_us)
+            bench.hold_sms(side, k, hold_us, cluster=2 if beside == "pairs" else 1)
         elif k:  # enough norm calls to outlast the GEMMs at 2x slower
             norm(k, max(1, int(2 * rough["alone"] / rough[("norm", k)]) + 1))
         bench.hold(compute, 300)

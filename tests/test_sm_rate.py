@@ -40,3 +40,12 @@ def test_help_names_the_columns():
     text = sm_rate.__doc__
     for col in ("ctas", "bytes", "ms", "gbps", "gbps_per_sm"):
         assert f"\n  {col} " in text
+
+
+def test_held_pairs_need_even_counts():
+    from tw import bench
+    with pytest.raises(ValueError, match="cluster must be 1 or 2 and divide k"):
+        bench.hold_sms(None, 7, 10.0, cluster=2)
+    proc = subprocess.run([sys.executable, "-m", "experiments.sm_share", "--beside", "pairs", "--held", "8", "5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "every --held must be even, got [8, 5]" in proc.stdout + proc.stderr

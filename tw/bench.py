@@ -39,15 +39,18 @@ def hold(stream, us: float = 1000.0) -> None:
     kernels.launch(kernels.function("hold", "hold"), 1, 1, (np.uint64(int(us * 1e3)),), stream=stream)
 
 
-def hold_sms(stream, k: int, us: float) -> None:
+def hold_sms(stream, k: int, us: float, cluster: int = 1) -> None:
     """Occupy k SMs for `us` microseconds: k CTAs of the hold kernel, each with all the shared memory a
     CTA may have, so no other CTA (a cuBLAS GEMM's needs ~100-230 KiB) fits beside it on its SM. What a
-    comm kernel of k CTAs takes from the GEMMs beside it, with no memory traffic of its own."""
+    comm kernel of k CTAs takes from the GEMMs beside it, with no memory traffic of its own.
+    cluster=2: as k/2 clusters of 2 CTAs (k even), i.e. SMs taken in pairs within a GPC."""
+    if cluster not in (1, 2) or k % cluster:
+        raise ValueError(f"hold_sms: cluster must be 1 or 2 and divide k, got cluster={cluster}, k={k}")
     import cupy as cp
     from . import kernels
     smem = int(cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
-    kernels.launch(kernels.function("hold", "hold"), k, 32, (np.uint64(int(us * 1e3)),), shared_mem=smem,
-                   stream=stream)
+    kernels.launch(kernels.function("hold", "hold" if cluster == 1 else "hold_pair"), k, 32,
+                   (np.uint64(int(us * 1e3)),), shared_mem=smem, stream=stream)
 
 
 def time_cpu(fn, iters: int = 3, warmup: int = 1) -> np.ndarray:
