@@ -436,8 +436,22 @@ __device__ void run(const Args& a) {
   Args{table, rank,     tp,  hidden,   start,    end,        chunk_max, oneshot_max,                    \
        residual, weight, eps, out, out_kind, sync_all, timeout_ns, state}
 
+// TW_CLUSTER: CTAs per thread-block cluster (tw/comm/p2p.py compiles -DTW_CLUSTER=2 with TW_P2P_CLUSTER=2).
+// A cluster's CTAs are co-scheduled on SMs of one GPC, so the kernel takes its SMs in pairs; held SMs
+// taken in pairs cost cuBLAS's 2-CTA-cluster GEMMs beside them about a quarter less at 16 SMs
+// (experiments/NOTES.md, "The cluster hypothesis"). Nothing else changes: CTA c still talks to CTA c of
+// every peer, and the grid (the CTA budget) must be a multiple of TW_CLUSTER (checked in Python).
+#ifndef TW_CLUSTER
+#define TW_CLUSTER 1
+#endif
+#if TW_CLUSTER > 1
+#define TW_CLUSTER_DIMS __cluster_dims__(TW_CLUSTER, 1, 1)
+#else
+#define TW_CLUSTER_DIMS
+#endif
+
 #define TW_P2P_KERNELS(NAME, MODE) \
-  extern "C" __global__ void __launch_bounds__(kThreads, 1) NAME(TW_P2P_PARAMS) { run<MODE>(TW_P2P_ARGS); }
+  extern "C" __global__ void __launch_bounds__(kThreads, 1) TW_CLUSTER_DIMS NAME(TW_P2P_PARAMS) { run<MODE>(TW_P2P_ARGS); }
 
 TW_P2P_KERNELS(p2p_all_reduce, kAllReduce)
 TW_P2P_KERNELS(p2p_reduce_scatter, kReduceScatter)

@@ -23,7 +23,7 @@ from tests.mpi_checks import FAILS, expect, expect_user_errors, rel_err, report,
 from tw import dist
 from tw.graph import Graph
 from tw.comm import owned_rows
-from tw.comm.p2p import P2PComm, P2PTimeout
+from tw.comm.p2p import P2PComm, P2PTimeout, cluster_size
 
 BF16 = ml_dtypes.bfloat16
 
@@ -64,6 +64,12 @@ def reference(parts, residual, weight, eps, rounded_sum=False):
     return h, y
 
 
+def budget(comm, ctas: int) -> int:
+    """A case's CTA count as this build launches it: rounded up to a multiple of the kernels' cluster
+    size (TW_P2P_CLUSTER=2 runs every case with even budgets; 1 leaves them as written)."""
+    return ctas + (-ctas) % comm.cluster
+
+
 # --------------------------------------------------------------------------------------------- tests
 def test_exact_collectives(world, comm, hidden, cases):
     import cupy as cp
@@ -74,6 +80,7 @@ def test_exact_collectives(world, comm, hidden, cases):
     total = sum(enc)
     base = enc[me]
     for start, end, ctas, oneshot in cases:
+        ctas = budget(comm, ctas)
         for op in ("all_reduce", "reduce_scatter", "all_gather"):
             stage[...] = to_dev(base)
             if op == "all_reduce":
@@ -102,6 +109,7 @@ def run_fused(world, comm, start, end, ctas, seed, *, out_kind="private", sharde
               sync_all=False, eps=1e-5, check=True, stream=None):
     """One fused call with fresh random data; compares out (every row) and residual (owned rows)."""
     import cupy as cp
+    ctas = budget(comm, ctas)
     me, tp, H, n = world.tp_rank, world.tp_size, comm.hidden, end - start
     parts = partials(seed, tp, n, H)
     rng = np.random.default_rng(seed + 7)
@@ -157,7 +165,7 @@ def test_stress(world, comm, num_calls, seed):
     for i in range(num_calls):
         n = int(rng.integers(1, M + 1)) if rng.random() < 0.7 else int(rng.integers(1, 300))
         start = int(rng.integers(0, M - n + 1))
-        ctas = int(rng.choice([1, 2, 3, 4, 8, 16, 32, 64, 132]))
+        ctas = budget(comm, int(rng.choice([1, 2, 3, 4, 8, 16, 32, 64, 132])))
         op = rng.choice(["fused", "fused", "all_reduce", "fused_out_reg"])
         stage[start:start + n] = src[start:start + n]
         check = i % 25 == 24
@@ -192,6 +200,7 @@ def test_stress(world, comm, num_calls, seed):
 def test_graph(world, comm, start, end, ctas, replays=5):
     """Capture one fused call in a CUDA graph; replay it on fresh data written between replays."""
     import cupy as cp
+    ctas = budget(comm, ctas)
     me, tp, H, M = world.tp_rank, world.tp_size, comm.hidden, comm.max_tokens
     n = end - start
     stream = cp.cuda.Stream(non_blocking=True)
@@ -242,6 +251,8 @@ def test_bad_input(world, comm):
         "hidden % 8": lambda: P2PComm(world, H - 4, 16),
         "dtype": lambda: P2PComm(world, H, 16, dtype="float16"),
     }
+    if comm.cluster > 1:
+        cases["ctas not a multiple of the cluster"] = lambda: comm.all_reduce(0, 4, ctas=comm.cluster + 1)
     expect_user_errors(cases)
     comm.check()  # nothing was launched, nothing hung
 
@@ -270,7 +281,8 @@ def main():
     import cupy as cp
     say = world.print0
     tp = world.tp_size
-    say(f"P2P tests on {tp} ranks, GPU {cp.cuda.runtime.getDeviceProperties(0)['name']}")
+    say(f"P2P tests on {tp} ranks, GPU {cp.cuda.runtime.getDeviceProperties(0)['name']}"
+        + (f", {cluster_size()}-CTA clusters (TW_P2P_CLUSTER)" if cluster_size() > 1 else ""))
     keep = []
 
     def section(name, fn, *a, **k):

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu-check"
 VARS = {"OUT": "/tmp/tw-gpu-check", "ALL": "nccl nocomm fused finegrained4 tokenweave", "TOKENS": "1024 4096",
-        "m": "llama3-70b", "t": "2"}   # loop variables and the script's own defaults
+        "m": "llama3-70b", "t": "2", "c": "2"}   # loop variables and the script's own defaults
 
 
 def commands():

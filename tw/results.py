@@ -32,6 +32,9 @@ def git_commit() -> str:
         return "unknown"
 
 
+BUILD_ENV = ("TW_P2P_CLUSTER", "TW_P2P_RUNTIME_TP")
+
+
 def metadata(world=None, **extra) -> dict:
     """What a number depends on: hardware, versions, commit, world shape, plus `extra`."""
     meta = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -55,6 +58,9 @@ def metadata(world=None, **extra) -> dict:
                      "dp": world.dp_size, "shared_gpu": world.shared_gpu})
         if world.shared_gpu:
             meta["timing_note"] = "TW_SHARE_GPU=1: several ranks on one GPU, timings meaningless"
+    knobs = {k: os.environ[k] for k in BUILD_ENV if os.environ.get(k)}
+    if knobs:   # environment switches that change what the kernels are (tw/comm/p2p.py)
+        meta["build_env"] = knobs
     meta.update(extra)
     return meta
 

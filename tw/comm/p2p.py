@@ -21,6 +21,7 @@ arrive makes the others' kernels time out (`timeout_s`) and return; `check()` th
 """
 from __future__ import annotations
 
+import os
 
 import numpy as np
 
@@ -75,11 +76,24 @@ if [v for v, _ in _SLOTS] != list(range(len(_SLOTS))) or len(_SLOTS) > NUM_SLOTS
     raise RuntimeError(f"{LAYOUT_HEADER}: the kSlot* indices must be 0..n-1 with n <= kSlots, got {_LAYOUT}")
 
 
+def cluster_size() -> int:
+    """CTAs per thread-block cluster of the P2P kernels: $TW_P2P_CLUSTER, 1 (plain launch, the default)
+    or 2 (the kernel takes its SMs in pairs within a GPC; CTA budgets must then be even)."""
+    raw = os.environ.get("TW_P2P_CLUSTER", "1").strip() or "1"
+    if raw not in ("1", "2"):
+        raise ValueError(f"TW_P2P_CLUSTER={raw!r}: expected 1 (plain launch) or 2 (2-CTA clusters)")
+    return int(raw)
+
+
 def kernel_defines(tp: int) -> dict | None:
     """The -D defines P2PComm compiles cuda/ar_norm_p2p.cu with for TP degree `tp`: TP as a
     compile-time constant (loops over ranks unroll), or none (TP read at run time) with
-    TW_P2P_RUNTIME_TP=1. The layout constants are not defines: they come from cuda/peer_sync.cuh."""
-    return None if env_flag("TW_P2P_RUNTIME_TP") else {"TW_TP": int(tp)}
+    TW_P2P_RUNTIME_TP=1; TW_CLUSTER=2 with TW_P2P_CLUSTER=2. The layout constants are not defines:
+    they come from cuda/peer_sync.cuh."""
+    defines = {} if env_flag("TW_P2P_RUNTIME_TP") else {"TW_TP": int(tp)}
+    if cluster_size() > 1:
+        defines["TW_CLUSTER"] = cluster_size()
+    return defines or None
 
 
 DEFAULT_CTAS = 8      # the CTA budget when none is given (8 CTAs push ~338 GB/s with plain stores,
@@ -127,6 +141,7 @@ class P2PComm:
         self.dtype = cp.dtype("bfloat16")
         self.rank, self.tp = world.tp_rank, world.tp_size
         self.num_sms = world.sm_count
+        self.cluster = cluster_size()   # CTAs per cluster of the kernels (TW_P2P_CLUSTER)
         self.ctas = self._check_ctas(ctas or min(DEFAULT_CTAS, self.num_sms))
         self.oneshot_max_tokens = max(0, min(int(oneshot_max_tokens), max_tokens))
         self.timeout_s = float(timeout_s)
@@ -202,6 +217,9 @@ class P2PComm:
         if not 1 <= ctas <= limit:
             raise ValueError(f"ctas={ctas} must be in 1..{limit} (the SM count): every CTA must be "
                              "resident at once, because CTAs wait for their partners on the peers")
+        if ctas % self.cluster:
+            raise ValueError(f"ctas={ctas} must be a multiple of {self.cluster}: the P2P kernels launch "
+                             f"{self.cluster}-CTA clusters (TW_P2P_CLUSTER={self.cluster})")
         return ctas
 
     def close(self) -> None:
