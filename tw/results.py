@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -18,7 +19,6 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "results"
 
 def git_commit() -> str:
     """HEAD's short hash (+ "-dirty"), or $TW_COMMIT where the tree was copied without .git."""
-    import os
     if os.environ.get("TW_COMMIT"):
         return os.environ["TW_COMMIT"]
     root = Path(__file__).resolve().parent.parent

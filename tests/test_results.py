@@ -1,0 +1,17 @@
+"""tw/results.py: every row's metadata, including the build switches that change the P2P kernels."""
+from tw import results
+
+
+def test_metadata_names_commit_and_hardware(monkeypatch):
+    monkeypatch.setenv("TW_COMMIT", "abc123def456")
+    for k in results.BUILD_ENV:
+        monkeypatch.delenv(k, raising=False)
+    meta = results.metadata(None, experiment="x")
+    assert meta["commit"] == "abc123def456" and meta["experiment"] == "x" and "gpu" in meta
+    assert "build_env" not in meta   # nothing switched: the default kernels
+
+
+def test_metadata_records_the_kernel_build_switches(monkeypatch):
+    monkeypatch.setenv("TW_P2P_CLUSTER", "2")
+    monkeypatch.delenv("TW_P2P_RUNTIME_TP", raising=False)
+    assert results.metadata(None)["build_env"] == {"TW_P2P_CLUSTER": "2"}
