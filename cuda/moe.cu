@@ -91,33 +91,70 @@ extern "C" __global__ void moe_permute(const int* __restrict__ experts, int pair
   }
 }
 
-// xs[r, :] = x[source[r], :], rows of `hidden` bf16 (hidden % 8 == 0); grid-stride over 16-byte vectors.
+// The two row copies below are memory-bound: ONE WARP PER ROW (grid-stride over rows, 8 warps per CTA),
+// the row's index (and weights) read once, each lane moving the 16-byte vectors lane, lane + 32, ...
+// with kUnroll of them loaded before any is stored, so every lane keeps kUnroll (gather) or k x 2
+// (un-permute) independent loads in flight, as cuda/copy_rate.cu does. hidden % 8 == 0 (checked in Python).
+constexpr int kUnroll = 4;
+
+// xs[r, :] = x[source[r], :], rows of `hidden` bf16.
 extern "C" __global__ void moe_gather_rows_bf16(const __nv_bfloat16* __restrict__ x, const int* __restrict__ source,
                                                 __nv_bfloat16* __restrict__ xs, int rows, int hidden) {
-  const int vec = hidden / 8;
-  const size_t total = (size_t)rows * vec;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-    const size_t r = i / vec, c = (i % vec) * 8;
-    *reinterpret_cast<uint4*>(xs + r * hidden + c) =
-        *reinterpret_cast<const uint4*>(x + (size_t)source[r] * hidden + c);
+  const int vec = hidden / 8, lane = threadIdx.x & 31, per_cta = blockDim.x >> 5;
+  for (int r = blockIdx.x * per_cta + (threadIdx.x >> 5); r < rows; r += gridDim.x * per_cta) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)source[r] * hidden);
+    uint4* dst = reinterpret_cast<uint4*>(xs + (size_t)r * hidden);
+    int c = lane;
+    for (; c + 32 * (kUnroll - 1) < vec; c += 32 * kUnroll) {
+      uint4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = src[c + 32 * u];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) dst[c + 32 * u] = v[u];
+    }
+    for (; c < vec; c += 32) dst[c] = src[c];
   }
 }
 
-// y[t, :] = sum_j weights[t, j] * out[inverse[t k + j], :], float32 sums, rounded to bf16 once.
+// y[t, :] = sum_j weights[t, j] * out[inverse[t k + j], :], float32 sums in slot order, rounded to bf16 once.
 extern "C" __global__ void moe_unpermute_bf16(const __nv_bfloat16* __restrict__ out, const int* __restrict__ inverse,
                                               const float* __restrict__ weights, __nv_bfloat16* __restrict__ y,
                                               int n, int top_k, int hidden) {
-  const int vec = hidden / 8;
-  const size_t total = (size_t)n * vec;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-    const size_t t = i / vec, c = (i % vec) * 8;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, v[8];
-    for (int j = 0; j < top_k; ++j) {
-      const float w = weights[t * top_k + j];
-      tw::load8(out + (size_t)inverse[t * top_k + j] * hidden + c, v);
+  const int vec = hidden / 8, lane = threadIdx.x & 31, per_cta = blockDim.x >> 5;
+  for (int t = blockIdx.x * per_cta + (threadIdx.x >> 5); t < n; t += gridDim.x * per_cta) {
+    const uint4* src[TW_MOE_MAX_K];
+    float w[TW_MOE_MAX_K];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] += w * v[q];
+    for (int j = 0; j < TW_MOE_MAX_K; ++j) {
+      if (j < top_k) {
+        src[j] = reinterpret_cast<const uint4*>(out + (size_t)inverse[(size_t)t * top_k + j] * hidden);
+        w[j] = weights[(size_t)t * top_k + j];
+      }
     }
-    tw::store8(y + t * hidden + c, acc);
+    uint4* dst = reinterpret_cast<uint4*>(y + (size_t)t * hidden);
+    for (int c = lane; c < vec; c += 64) {   // two columns per lane per step: 2 k loads in flight
+      const bool two = c + 32 < vec;
+      uint4 raw[2][TW_MOE_MAX_K];
+#pragma unroll
+      for (int j = 0; j < TW_MOE_MAX_K; ++j) {
+        if (j < top_k) {
+          raw[0][j] = src[j][c];
+          if (two) raw[1][j] = src[j][c + 32];
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && !two) break;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, v[8];
+#pragma unroll
+        for (int j = 0; j < TW_MOE_MAX_K; ++j) {
+          if (j >= top_k) break;
+          tw::unpack8(raw[h][j], v);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) acc[q] += w[j] * v[q];
+        }
+        dst[c + 32 * h] = tw::pack8(acc);
+      }
+    }
   }
 }

@@ -96,8 +96,9 @@ def _copy_event(device_id: int):
     return cp.cuda.Event(disable_timing=True)
 
 
-def _grid(work: int) -> int:
-    return max(1, min(ops._num_sms() * 8, -(-work // 256)))
+def _grid_rows(rows: int) -> int:
+    """CTAs of 256 threads for the warp-per-row copies (cuda/moe.cu): 8 rows each, at most 8 per SM."""
+    return max(1, min(ops._num_sms() * 8, -(-rows // 8)))
 
 
 def gather_rows(x, source, xs, stream=None):
@@ -110,7 +111,7 @@ def gather_rows(x, source, xs, stream=None):
         raise ValueError(f"MoE gather: x {x.shape}, source {source.shape}, xs {xs.shape} do not fit")
     if rows:
         fn = kernels.function("moe", "moe_gather_rows_bf16")
-        kernels.launch(fn, _grid(rows * hidden // 8), 256, (x.data.ptr, source.data.ptr, xs.data.ptr,
+        kernels.launch(fn, _grid_rows(rows), 256, (x.data.ptr, source.data.ptr, xs.data.ptr,
                                                             np.int32(rows), np.int32(hidden)), stream=stream)
 
 
@@ -127,7 +128,7 @@ def unpermute(out, inverse, weights, y, stream=None):
                          f"y {y.shape} do not fit")
     if n:
         fn = kernels.function("moe", "moe_unpermute_bf16")
-        kernels.launch(fn, _grid(n * hidden // 8), 256, (out.data.ptr, inverse.data.ptr, weights.data.ptr, y.data.ptr,
+        kernels.launch(fn, _grid_rows(n), 256, (out.data.ptr, inverse.data.ptr, weights.data.ptr, y.data.ptr,
                                                          np.int32(n), np.int32(k), np.int32(hidden)), stream=stream)
 
 
