@@ -45,7 +45,8 @@ extern "C" __global__ void moe_topk_softmax(const float* __restrict__ logits, in
   }
 }
 
-// One CTA (blockDim a multiple of 32, <= 1024). Pass 1 counts the pairs of each expert; pass 2 walks
+// One CTA (blockDim a multiple of 32, <= 1024). Pass 1 counts the pairs of each expert (warp-aggregated:
+// with E = 8 experts, one atomic per pair serialized 32K atomics on 8 shared words); pass 2 walks
 // the pairs in flat order, one blockDim-sized chunk at a time, and gives each pair the next row of its
 // expert: its rank among the same expert's pairs in its warp (__match_any_sync), plus the earlier
 // warps' counts of that expert in this chunk, plus the rows taken by earlier chunks. Token order is
@@ -59,7 +60,12 @@ extern "C" __global__ void moe_permute(const int* __restrict__ experts, int pair
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
   for (int e = tid; e < num_experts; e += blockDim.x) count[e] = 0;
   __syncthreads();
-  for (int i = tid; i < pairs; i += blockDim.x) atomicAdd(&count[experts[i]], 1);
+  for (int chunk = 0; chunk < pairs; chunk += blockDim.x) {   // one shared atomic per expert and warp
+    const int i = chunk + tid;
+    const int e = i < pairs ? experts[i] : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    if (e >= 0 && (same & ((1u << lane) - 1u)) == 0) atomicAdd(&count[e], __popc(same));
+  }
   __syncthreads();
   if (tid == 0) {
     int running = 0;

@@ -12,9 +12,10 @@ trained model's (imbalance is reported). Each configuration is timed --iters tim
 
 Columns (rows carry the same names): tokens; mode (loop / grouped); imbalance = the largest expert's rows
 / the mean (n k / E); router_ms (router GEMM with float32 logits + top-k softmax), permute_ms (permutation
-+ row gather), unpermute_ms; readback_ms = what the block's host wait for the row counts adds, measured
-as a whole block minus its parts on the GPU stream (the row gather runs during the wait, so this is the
-exposed rest, host launch gap after the wait included; ~0 when the gather outlasts it);
++ row gather), gather = gather_ms (the row gather alone, part of permute_ms), unpermute_ms; readback_ms =
+what the block's host wait for the row counts adds, measured as a whole block minus its parts on the GPU
+stream (the row gather runs during the wait, so this is the exposed rest, host launch gap after the wait
+included; ~0 when the gather outlasts it);
 experts_ms (gate_up GEMMs, SiLU * mul, down GEMMs); act_ms (the SiLU * mul alone); block_ms (the whole
 block, tw/moe.moe_forward); routing% = (router + permute + unpermute + readback) / block (target < 10%);
 tflops = expert GEMM flops / (experts_ms - act_ms); dense_tflops = the same two GEMMs at M = the mean
@@ -26,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
-from tw import bench, config, dist, moe, ops, weights
+from tw import bench, config, dist, moe, moe_ops, ops, weights
 
 
 def parse_args(argv=None):
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     cp.cuda.Device().synchronize()
     writer = common.writer(args, world, "moe", cfg, shard_tp=args.shard_tp)
     print(f"{cfg.name} experts of TP={args.shard_tp} ({e} experts, top-{k}, H={h}, F/tp={f}), {world.gpu_name}")
-    print(f"{'tokens':>6} {'mode':<8} {'imbal':>6} {'router':>7} {'permute':>7} {'unperm':>7} {'readbk':>7} "
+    print(f"{'tokens':>6} {'mode':<8} {'imbal':>6} {'router':>7} {'permute':>7} {'gather':>7} {'unperm':>7} {'readbk':>7} "
           f"{'experts':>8} {'block':>8} {'routing%':>8} {'tflops':>7} {'dense':>7} {'vs_dense':>8}")
     for n in args.tokens:
         x, y, b = x_all[:n], y_all[:n], bufs.rows(0, n, k)
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
         def permute():
             moe.permute_gpu(x, mw, b, stream)
 
+        def gather():
+            moe_ops.gather_rows(x, b.source, b.xs, stream)
+
         def unpermute():
             moe.unpermute_gpu(b, y, stream)
 
@@ -99,7 +103,8 @@ def main(argv=None) -> int:
                 ops.linear(b.xs[:m_dense], mw.gate_up[0], b.gate_up[:m_dense], stream)
                 ops.linear(b.act[:m_dense], mw.down[0], b.out[:m_dense], stream)
 
-        fns = {"router": router, "permute": permute, "unpermute": unpermute, "act": act, "dense": dense}
+        fns = {"router": router, "permute": permute, "gather": gather, "unpermute": unpermute, "act": act,
+               "dense": dense}
         for mode in args.modes:
             fns[f"experts:{mode}"] = lambda mode=mode: _with_mode(mode, lambda: moe._expert_gemms(b, mw, offsets, "", stream))
             fns[f"block:{mode}"] = lambda mode=mode: _with_mode(mode, lambda: moe.moe_forward(x, mw, k, b, y, stream=stream))
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
             tflops = flops / ((ms[f"experts:{mode}"] - ms["act"]) * 1e-3) / 1e12
             row = {"tokens": n, "mode": mode, "imbalance": float(counts.max() / mean_rows),
                    "rows_per_expert": counts.tolist(), "router_ms": ms["router"], "permute_ms": ms["permute"],
-                   "unpermute_ms": ms["unpermute"], "readback_ms": readback, "experts_ms": ms[f"experts:{mode}"],
+                   "gather_ms": ms["gather"], "unpermute_ms": ms["unpermute"], "readback_ms": readback, "experts_ms": ms[f"experts:{mode}"],
                    "act_ms": ms["act"], "block_ms": ms[f"block:{mode}"],
                    "routing_share": (routing + readback) / ms[f"block:{mode}"], "expert_gemm_flops": flops,
                    "tflops": tflops, "dense_m": m_dense, "dense_ms": ms["dense"], "dense_tflops": dense_tflops,
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
                    "rounds": args.rounds}
             writer.write(row)
             print(f"{n:>6} {mode:<8} {row['imbalance']:>6.2f} {ms['router']:>7.3f} {ms['permute']:>7.3f} "
-                  f"{ms['unpermute']:>7.3f} {readback:>7.3f} {row['experts_ms']:>8.3f} {row['block_ms']:>8.3f} "
+                  f"{ms['gather']:>7.3f} {ms['unpermute']:>7.3f} {readback:>7.3f} {row['experts_ms']:>8.3f} {row['block_ms']:>8.3f} "
                   f"{100 * row['routing_share']:>7.1f}% {tflops:>7.1f} {dense_tflops:>7.1f} {row['vs_dense']:>8.3f}")
     print(f"wrote {writer.path}")
     return 0
