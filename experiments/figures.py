@@ -339,7 +339,7 @@ FIGURE_FILES = {  # figure -> the committed result file(s) under experiments/res
     "timeline": tuple(f"traces-H200x2/trace-llama3-70b-tp2-{s}-4096.csv"
                       for s in ("finegrained4", "nccl", "tokenweave")),
     "moe": tuple(f"moe-block-mixtral-8x22b-{t}-H200.jsonl" for t in ("tp1", "tp2-shards", "tp8-shards",
-                                                                       "tp8-shards-gather-overlap")),
+                                                                       "tp8-shards-gather-timed")),
 }
 
 
