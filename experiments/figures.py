@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from experiments.figures_moe import fig_moe
+from experiments.figures_sm_share import fig_sm_share
 from tw.results import RESULTS_DIR, read
 
 FIG_DIR = Path(__file__).resolve().parent / "figures"
@@ -340,6 +341,7 @@ FIGURE_FILES = {  # figure -> the committed result file(s) under experiments/res
                       for s in ("finegrained4", "nccl", "tokenweave")),
     "moe": tuple(f"moe-block-mixtral-8x22b-{t}-H200.jsonl" for t in ("tp1", "tp2-shards", "tp8-shards",
                                                                        "tp8-shards-gather-timed")),
+    "sm_share": ("sm_share-norm-llama-qwen-tp2-tp8-shards-H200.jsonl", "sm_share-pairs-llama-qwen-tp2-tp8-shards-H200.jsonl"),
 }
 
 
@@ -361,6 +363,7 @@ DRAW = {  # figure -> fn(paths of its FIGURE_FILES, out_dir) -> the files writte
     "split_mlp": _one(fig_split_mlp),
     "timeline": fig_timeline,
     "moe": fig_moe,
+    "sm_share": fig_sm_share,
 }
 
 
