@@ -13,9 +13,9 @@ def fig_moe(paths: list[Path], out_dir: Path):
     plt = _plt()
     files = [(p, sorted(load(p), key=lambda r: r["tokens"])) for p in paths]
     fig, (share, rate) = plt.subplots(1, 2, figsize=(10, 3.8))
-    shards = [next(r for r in rows if r["mode"] == "loop")["shard_tp"] for _, rows in files]
-    for (path, rows), shard in zip(files, shards):
-        loop = [r for r in rows if r["mode"] == "loop"]
+    loops = [[r for r in rows if r["mode"] == "loop"] for _, rows in files]
+    shards = [loop[0]["shard_tp"] for loop in loops]
+    for loop, shard in zip(loops, shards):
         again = f" (commit {loop[0]['commit'][:7]})" if shards.count(shard) > 1 else ""  # one shard, two versions
         share.plot([r["tokens"] for r in loop], [100 * r["routing_share"] for r in loop], marker="o",
                    label=f"TP={shard} expert shards{again}")

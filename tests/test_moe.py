@@ -267,7 +267,7 @@ def test_gpu_moe_refuses_graph_capture_plainly():
         stream.begin_capture()
         try:
             with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-                moe_ops.read_offsets(offsets, host, stream)
+                moe_ops.start_offsets_copy(offsets, host, stream)
         finally:
             stream.end_capture()
 

@@ -85,11 +85,6 @@ def wait_offsets(done, host) -> np.ndarray:
     return host.astype(np.int64)
 
 
-def read_offsets(offsets, host, stream) -> np.ndarray:
-    """start_offsets_copy, then wait_offsets: the offsets with nothing queued between."""
-    return wait_offsets(start_offsets_copy(offsets, host, stream), host)
-
-
 @functools.lru_cache(maxsize=None)
 def _copy_event(device_id: int):
     import cupy as cp
@@ -177,4 +172,4 @@ def grouped_linear(x, w, out, spans, slot: int, stream=None):
     blas.gemm_grouped_tn(stream.ptr, n, m, k, dev.data.ptr, dev.data.ptr + 8 * count, dev.data.ptr + 16 * count)
 
 
-__all__ = ["topk_softmax", "permute", "start_offsets_copy", "wait_offsets", "read_offsets", "gather_rows", "unpermute", "grouped_linear", "pinned_int32"]
+__all__ = ["topk_softmax", "permute", "start_offsets_copy", "wait_offsets", "gather_rows", "unpermute", "grouped_linear", "pinned_int32"]

@@ -185,7 +185,6 @@ class CeComm:
         self._side = cp.cuda.Stream(non_blocking=True)
         self._events = {"fork": cp.cuda.Event(disable_timing=True), "join": cp.cuda.Event(disable_timing=True)}
         self.buf = SharedBuffer(world, sizes, CeUnavailable, "the CE transport", prior_error=err)
-        self.base, self.peer_bases = self.buf.base, self.buf.peer_bases
         self._probe()
 
     # ------------------------------------------------------------------ set-up helpers

@@ -85,14 +85,15 @@ def cluster_size() -> int:
     return int(raw)
 
 
-def kernel_defines(tp: int) -> dict | None:
+def kernel_defines(tp: int, cluster: int | None = None) -> dict | None:
     """The -D defines P2PComm compiles cuda/ar_norm_p2p.cu with for TP degree `tp`: TP as a
     compile-time constant (loops over ranks unroll), or none (TP read at run time) with
-    TW_P2P_RUNTIME_TP=1; TW_CLUSTER=2 with TW_P2P_CLUSTER=2. The layout constants are not defines:
-    they come from cuda/peer_sync.cuh."""
+    TW_P2P_RUNTIME_TP=1; TW_CLUSTER for clusters of `cluster` CTAs (None: cluster_size(), from
+    TW_P2P_CLUSTER). The layout constants are not defines: they come from cuda/peer_sync.cuh."""
+    cluster = cluster_size() if cluster is None else cluster
     defines = {} if env_flag("TW_P2P_RUNTIME_TP") else {"TW_TP": int(tp)}
-    if cluster_size() > 1:
-        defines["TW_CLUSTER"] = cluster_size()
+    if cluster > 1:
+        defines["TW_CLUSTER"] = cluster
     return defines or None
 
 
@@ -156,7 +157,6 @@ class P2PComm:
                  "flags": 2 * MAX_CTAS * MAX_TP * 4, "probe": MAX_TP * 4}
         self._state = cp.zeros(8, dtype=cp.uint32)  # [epoch, ctas done, error, peer, cta, phase]
         self.buf = SharedBuffer(world, sizes, P2PUnavailable, "P2P")
-        self.base, self.peer_bases = self.buf.base, self.buf.peer_bases
         table = np.zeros(self.tp * NUM_SLOTS, dtype=np.uint64)
         for r in range(self.tp):
             for k, name in enumerate(SLOT_NAMES):
@@ -208,7 +208,7 @@ class P2PComm:
         if name not in self._fns:
             # TP compiled in as a constant (loops over ranks unroll; see cuda/ar_norm_p2p.cu);
             # TW_P2P_RUNTIME_TP=1 builds the variant that reads TP at run time instead.
-            self._fns[name] = kernels.function("ar_norm_p2p", name, kernel_defines(self.tp))
+            self._fns[name] = kernels.function("ar_norm_p2p", name, kernel_defines(self.tp, self.cluster))
         return self._fns[name]
 
     def _check_ctas(self, ctas) -> int:
