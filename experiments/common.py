@@ -55,7 +55,19 @@ def add_model_flags(p, layers: bool = True, shard: bool = True, models: tuple | 
                        help="hold weight shards sized as at TP=N (a multiple of the real TP) while communicating "
                             "over the real TP group: the paper's TP=8 compute/comm ratio on 2 GPUs; outputs are "
                             "then not the model's (default: the real TP)")
+        add_emulation_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
+
+
+def add_emulation_flags(p) -> None:
+    """--emulate-tp N and --emulate-rank R (checked in init: check_emulation)."""
+    p.add_argument("--emulate-tp", type=int, default=None, metavar="N",
+                   help="one process on one GPU plays one rank of a TP=N job (N = 2..8): that rank's shards, "
+                        "the real fused comm kernel moving its bytes through its CTAs into stand-in peers, "
+                        "the norm on its 1/N of the rows; no link time; nccl is projected, not run. Run it "
+                        "as ONE rank (no mpirun -n). Rows carry emulated_tp (docs/design.md#emulation)")
+    p.add_argument("--emulate-rank", type=int, default=None, metavar="R",
+                   help="with --emulate-tp N: which rank of the TP=N job to play, 0..N-1 (default 0)")
 
 
 def add_tokens_flag(p, gpu, cpu, help: str = "batch sizes in tokens") -> None:
@@ -115,6 +127,7 @@ def init(args, gpu_only: str | None = None):
     if getattr(args, "shard_as_tp", None) is not None and (args.shard_as_tp < 1 or args.shard_as_tp % world.tp_size):
         raise dist.UsageError(f"--shard-as-tp {args.shard_as_tp} must be a positive multiple of the TP degree "
                               f"({world.tp_size})")
+    check_emulation(args, world)
     for name in ("iters", "repeats"):
         if getattr(args, name, 1) < 1:
             raise dist.UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -126,6 +139,67 @@ def init(args, gpu_only: str | None = None):
         if hasattr(args, "repeats"):
             args.repeats = 1
     return world
+
+
+def check_emulation(args, world) -> None:
+    """--emulate-tp / --emulate-rank: one rank, no --shard-as-tp, N in 2..8, R in 0..N-1. Sets
+    args._emulation (a tw.emulation.Emulation, or None)."""
+    n, r = getattr(args, "emulate_tp", None), getattr(args, "emulate_rank", None)
+    args._emulation = None
+    if n is None:
+        if r is not None:
+            raise dist.UsageError(f"--emulate-rank {r} needs --emulate-tp N (the TP degree whose rank to play)")
+        return
+    if world.size != 1:
+        raise dist.UsageError(f"--emulate-tp {n} plays one rank of TP={n} in ONE process; this job has {world.size} "
+                              "ranks: start it without mpirun -n (or with -n 1)")
+    if getattr(args, "shard_as_tp", None) is not None:
+        raise dist.UsageError("--emulate-tp and --shard-as-tp do not combine: --emulate-tp N already holds the "
+                              "TP=N shards; drop --shard-as-tp")
+    from tw.emulation import Emulation
+    try:
+        args._emulation = Emulation(n, 0 if r is None else r)
+    except ValueError as e:
+        raise dist.UsageError(str(e)) from None
+    if getattr(args, "check", False):
+        raise dist.UsageError(f"--check with --emulate-tp {n}: the emulated rank computes only its own 1/{n} of "
+                              "each norm's rows (the stand-in peers compute nothing), so its output is not the "
+                              "model's; check correctness on ranks sharing a GPU (TW_SHARE_GPU=1) instead")
+    if getattr(args, "transport", "p2p") != "p2p":
+        raise dist.UsageError(f"--transport {args.transport} with --emulate-tp: only p2p is emulated (nccl needs real "
+                              "ranks; a same-device copy runs on the SMs, so a ce emulation would not be faithful)")
+
+
+def emulation(args):
+    """The run's tw.emulation.Emulation, or None."""
+    return getattr(args, "_emulation", None)
+
+
+def emulation_strategies(args) -> None:
+    """Under --emulate-tp, nccl and finegrained (NCCL between real ranks) cannot run: named explicitly
+    they are an error; left to the defaults, nccl is dropped and projected instead (tw/emulation.py)."""
+    from tw import schedules
+    emu = emulation(args)
+    if emu is None:
+        return
+    nccl = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
+    if nccl and getattr(args, "_strategies_given", True):
+        raise dist.UsageError(f"--strategies {' '.join(nccl)} with --emulate-tp: NCCL needs one real rank per GPU; "
+                              "an emulated run reports nccl as projected_nccl_ms instead (drop them from --strategies)")
+    args.strategies = [s for s in args.strategies if s not in nccl]
+    if "nocomm" not in args.strategies:  # the projection and every ratio are taken against it
+        args.strategies.insert(0, "nocomm")
+
+
+def tuning_key(args, world, cfg, seq_len: int):
+    """The tw.tuned.TuningKey of this run's setting. An emulated rank's choices are its own (transport
+    p2p-emulated, tp = N): tuned on stand-in peers, they must not pass for a real TP group's."""
+    from tw import tuned
+    emu = emulation(args)
+    if emu is not None:
+        return tuned.TuningKey(cfg.name, emu.tp, None, cfg.num_layers, "p2p-emulated", seq_len, world.gpu_tag)
+    return tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport, seq_len,
+                           world.gpu_tag)
 
 
 def positive_int_or_all(value, flag: str) -> int | str:
@@ -168,7 +242,8 @@ def model_config(args, world, gpu_layers: int = 4, banner: bool = True):
         layers = args.layers = gpu_layers
     cfg = config.get(args.model, None if layers == "all" else layers)
     try:
-        config.ShardConfig(cfg, getattr(args, "shard_as_tp", None) or world.tp_size, 0)
+        emu = emulation(args)
+        config.ShardConfig(cfg, emu.tp if emu else getattr(args, "shard_as_tp", None) or world.tp_size, 0)
     except ValueError as e:
         raise dist.UsageError(str(e)) from None
     if hasattr(args, "layers"):
@@ -195,8 +270,11 @@ def check_memory(args, world, cfg, max_tokens: int, kv_capacity: int | None = No
                  reference_tokens: int = 0, seq_len: int = 0) -> int:
     """Refuse (UsageError) when the memory estimate exceeds what this rank has; returns the estimate.
     Call it before building anything sized by the token counts (batches, model)."""
-    shard_tp = getattr(args, "shard_as_tp", None) or world.tp_size
-    shard = config.ShardConfig(cfg, shard_tp, world.tp_rank)
+    emu = emulation(args)
+    shard_tp = emu.tp if emu else getattr(args, "shard_as_tp", None) or world.tp_size
+    shard = config.ShardConfig(cfg, shard_tp, emu.rank if emu else world.tp_rank)
+    if emu:  # every emulated transport holds the buffers of its N - 1 stand-in peers too
+        transports *= emu.tp
     dtype_bytes = 2 if world.is_gpu else 4
     est = memory_estimate(cfg, shard, max_tokens, kv_capacity or max_tokens, dtype_bytes, transports,
                           reference_tokens if world.rank == 0 else 0, seq_len)
@@ -221,8 +299,10 @@ def build_model(args, world, cfg, max_tokens: int, kv_capacity: int | None = Non
     t0 = time.perf_counter()
     with dist.step(f"building {cfg.name}"):
         model = Model(cfg, world, max_tokens, kv_capacity, seed=getattr(args, "seed", 0),
-                      shard_as_tp=getattr(args, "shard_as_tp", None))
-    if model.emulated:
+                      shard_as_tp=getattr(args, "shard_as_tp", None), emulation=emulation(args))
+    if model.emulation is not None:
+        world.print0(model.emulation.banner + f" (playing rank {model.emulation.rank})")
+    elif model.emulated:
         world.print0(f"EMULATED: weight shards sized as at TP={args.shard_as_tp}, communication over "
                      f"TP={world.tp_size}; outputs are not the model's")
     world.print0(f"built in {time.perf_counter() - t0:.1f} s")
@@ -241,9 +321,11 @@ def release(world) -> None:
         cp.get_default_memory_pool().free_all_blocks()
 
 
-def tag(world, cfg, shard_as_tp=None) -> str:
-    """<model>-tp<TP>[-shard-as-tp<N>]-<gpu tag or cpu>: result file names (CPU files carry `-cpu-`,
-    which .gitignore keeps out of experiments/results/)."""
+def tag(world, cfg, shard_as_tp=None, emu=None) -> str:
+    """<model>-tp<TP>[-shard-as-tp<N>]-<gpu tag or cpu>, or <model>-emulated-tp<N>[-rank<R>]-<gpu tag>:
+    result file names (CPU files carry `-cpu-`, which .gitignore keeps out of experiments/results/)."""
+    if emu is not None:
+        return f"{cfg.name}-emulated-tp{emu.tp}{f'-rank{emu.rank}' if emu.rank else ''}-{world.gpu_tag}"
     shard = f"-shard-as-tp{shard_as_tp}" if shard_as_tp and shard_as_tp != world.tp_size else ""
     return f"{cfg.name}-tp{world.tp_size}{shard}-{world.gpu_tag}"
 
@@ -251,7 +333,10 @@ def tag(world, cfg, shard_as_tp=None) -> str:
 def writer(args, world, experiment: str, cfg=None, **fields) -> results.Writer:
     """The result writer: --out or experiments/results/<experiment>-<tag>-<time>.jsonl, every row
     carrying the run's metadata, the flags' values and `fields`."""
-    name = tag(world, cfg, getattr(args, "shard_as_tp", None)) if cfg else f"tp{world.tp_size}-{world.gpu_tag}"
+    emu = emulation(args)
+    name = tag(world, cfg, getattr(args, "shard_as_tp", None), emu) if cfg else f"tp{world.tp_size}-{world.gpu_tag}"
+    if emu is not None:
+        fields = {**emu.row_fields(), **fields}
     flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("out",)}
     for k in ("device", "tp"):  # the world's values (metadata) win; the flags are kept beside them
         if k in flags:

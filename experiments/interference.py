@@ -40,6 +40,9 @@ def parse_args(argv=None):
     common.add_tokens_flag(p, gpu=[2048, 4096, 8192], cpu=[64],
                            help="rows M of the GEMMs and of the comm (tokenweave's half-batch sizes)")
     p.add_argument("--ctas", type=int, nargs="+", default=[8, 16, 32], help="CTA budgets of the fused kernel")
+    p.add_argument("--private-out", action="store_true",
+                   help="time the fused call with a private output array (the kernel then ends with a copy of the "
+                        "gathered rows), as the files written before the registered output (commit 106afc7) did")
     p.add_argument("--iters", type=int, default=20, help="timed samples per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed samples first")
     common.add_run_flags(p, tp=False)
@@ -66,9 +69,11 @@ def main(argv=None):
     staging[...] = cp.random.standard_normal(staging.shape, dtype=cp.float32).astype(staging.dtype)
     residual = cp.random.standard_normal((m_max, hidden), dtype=cp.float32).astype(staging.dtype)
     weight = model.layers[0].post_norm
-    out = comm.output(m_max)
+    out = cp.empty_like(residual) if args.private_out else comm.output(m_max)
     cp.cuda.Device().synchronize()
-    writer = common.writer(args, world, "interference", cfg)
+    writer = common.writer(args, world, "interference", cfg, out_kind="private" if args.private_out else "registered")
+    if common.emulation(args) is not None:
+        world.print0(common.emulation(args).banner)
 
     world.print0(f"{'tokens':>7} {'ctas':>4} {'gemm_ms':>8} {'comm_ms':>8} {'gemm_ov':>8} {'comm_ov':>8} "
                  f"{'wall_ms':>8} {'steal':>7} {'exposed':>7} {'sm_bound':>8} {'hidden':>6}   (ms; see --help)")

@@ -82,6 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed graph replays")
     p.add_argument("--reps", type=int, default=10, help="ops captured back-to-back per graph")
     p.add_argument("--quick", action="store_true", help="a short run: fewer sizes, CTA counts, iterations")
+    common.add_emulation_flags(p)
     common.add_run_flags(p, tp=False)
     a = p.parse_args(argv)
     if a.quick:
@@ -109,20 +110,33 @@ def rel_err_rows(got_bf16, case) -> float:
 
 
 class Case:
-    """Inputs of one (tokens, hidden) size and its fp32 reference, shared by all variants."""
+    """Inputs of one (tokens, hidden) size and its fp32 reference, shared by all variants. Emulated
+    (pc an emulated P2PComm): the stand-in peers' partials of my rows go into my receive area, and the
+    checks cover my own rows only (nobody computes the others')."""
 
-    def __init__(self, world, n, hidden, eps=1e-5):
+    def __init__(self, world, n, hidden, eps=1e-5, tp=None, me=None, pc=None):
         import cupy as cp
-        tp, me = world.tp_size, world.tp_rank
+        from tw.comm import owned_rows
+        tp = world.tp_size if tp is None else tp
+        me = world.tp_rank if me is None else me
         seed = n * 7 + hidden
         parts = [randn_bf16(seed + r, (n, hidden)) for r in range(tp)]
         self.part = parts[me]
+        lo, hi = owned_rows(0, n, me, tp)
+        if pc is not None and pc.emulate is not None:
+            recv = pc.region(me, "recv")
+            for k in range(tp):
+                if k != me:
+                    recv[k, :hi - lo] = parts[k][lo:hi]
         self.sum = sum(f32_from_bf16(p) for p in parts)                      # [n, hidden] fp32
         del parts
         self.res0 = randn_bf16(seed + 100, (n, hidden))
         self.weight = bf16_from_f32(1 + 0.1 * cp.random.RandomState(seed + 200).standard_normal(hidden, dtype=cp.float32))
-        # float64 reference of the fused op on up to 256 sampled rows (first, last, evenly spaced).
-        self.rows = np.unique(np.linspace(0, n - 1, min(n, 256)).astype(np.int64))
+        # float64 reference of the fused op on up to 256 sampled rows (first, last, evenly spaced); emulated:
+        # of my own rows, the only ones computed.
+        lo, hi = (lo, hi) if pc is not None and pc.emulate is not None else (0, n)
+        self.rows = np.unique(np.linspace(lo, hi - 1, min(hi - lo, 256)).astype(np.int64))
+        self.own = (lo, hi)
         idx = cp.asarray(self.rows)
         host = lambda x: f32_from_bf16(cp.ascontiguousarray(x[idx])).get().astype(np.float64)  # noqa: E731
         h = sum(host(randn_bf16(seed + r, (n, hidden))) for r in range(tp)) + host(self.res0)
@@ -144,7 +158,8 @@ def variants(world, nc, pc, case, ctas, which):
                          lambda: rel_err_rows(c.out, c)),
         "nccl_rs_norm_ag": ("nccl", None, lambda s: nc.ar_add_norm(0, n, c.residual, c.weight, c.eps, c.out, stream=s, sharded=True),
                             lambda: rel_err_rows(c.out, c)),
-        "p2p_ar": ("p2p", ctas, lambda s: pc.all_reduce(0, n, stream=s, ctas=ctas), lambda: rel_err(pc.staging(n), c.sum)),
+        "p2p_ar": ("p2p", ctas, lambda s: pc.all_reduce(0, n, stream=s, ctas=ctas),
+                   lambda: rel_err(pc.staging(n)[c.own[0]:c.own[1]], c.sum[c.own[0]:c.own[1]])),
         "p2p_fused": ("p2p", ctas, lambda s: pc.ar_add_norm(0, n, c.residual, c.weight, c.eps, out_reg, stream=s, ctas=ctas),
                       lambda: rel_err_rows(out_reg, c)),
         "p2p_fused_copy": ("p2p", ctas, lambda s: pc.ar_add_norm(0, n, c.residual, c.weight, c.eps, c.out, stream=s, ctas=ctas),
@@ -159,7 +174,7 @@ def variants(world, nc, pc, case, ctas, which):
     return [(k, *all_v[k]) for k in which]
 
 
-def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
+def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc, tp=None):
     import cupy as cp
     stream = cp.cuda.Stream(non_blocking=True)
     n = case.n
@@ -191,7 +206,7 @@ def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
     t_us = st["median_ms"] * 1e3
     nbytes = n * case.hidden * 2
     algbw = nbytes / (t_us * 1e-6) / 1e9
-    tp = world.tp_size
+    tp = tp or world.tp_size
     through = sm_bytes(kernel, n, case.hidden, tp)
     oneshot = bool(transport == "p2p" and n <= pc.oneshot_max_tokens and "2shot" not in kernel and "simple" not in kernel)
     rate, _ = per_sm_gbps()
@@ -208,6 +223,9 @@ def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc):
 def main(argv=None):
     a = parse_args(argv)
     world = common.init(a, gpu_only="it times the P2P and NCCL kernels")
+    emu = common.emulation(a)
+    if emu is not None:
+        return main_emulated(a, world, emu)
     if world.tp_size < 2:
         raise dist.UsageError("experiments.kernels measures communication: start one rank per GPU, at least 2 "
                               "(mpirun -n 2 python -m experiments.kernels)")
@@ -254,6 +272,42 @@ def main(argv=None):
         print_tables(rows, a)
         print(f"wrote {len(rows)} rows to {path}")
     return 0
+
+
+def main_emulated(a, world, emu):
+    """The P2P variants as one emulated rank of TP=N (tw/emulation.py): the kernels' SM-side cost with
+    stand-in peers and no link. NCCL cannot run on one rank: its columns stay empty."""
+    import cupy as cp
+    from tw.comm.p2p import P2PComm
+    say = world.print0
+    rate, source = per_sm_gbps()
+    writer = common.writer(a, world, "kernels", reps_per_graph=a.reps, per_sm_gbps=rate, per_sm_gbps_source=source)
+    say(f"kernels: {emu.banner} (rank {emu.rank}) on {world.gpu_name}; hidden {a.hidden}; tokens {a.tokens}; "
+        f"P2P ctas {a.ctas}; -> {writer.path}")
+    rows, main_v = [], ["p2p_ar", "p2p_fused", "p2p_fused_copy", "p2p_fused_simple"]
+    for hidden in a.hidden:
+        max_tokens = max(a.tokens + (a.sweep_tokens if hidden == a.hidden[0] else []))
+        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=a.oneshot_max_tokens, emulate=emu)
+        sizes = sorted(set(a.tokens) | (set(a.sweep_tokens) if hidden == a.hidden[0] else set()))
+        for n in sizes:
+            case = Case(world, n, hidden, tp=emu.tp, me=emu.rank, pc=pc)
+            todo = variants(world, None, pc, case, a.ctas, main_v) if n in a.tokens else []
+            if hidden == a.hidden[0] and n in a.sweep_tokens:
+                todo += [v for c in a.sweep_ctas if not (c == a.ctas and n in a.tokens)
+                         for v in variants(world, None, pc, case, c, ["p2p_fused", "p2p_ar"])]
+            for kernel, transport, ctas, fn, check in todo:
+                row = measure(world, a, kernel, transport, ctas, fn, check, case, None, pc, tp=emu.tp)
+                row["sweep"] = not (n in a.tokens and ctas == a.ctas)
+                rows.append(row)
+                writer.write(row)
+                say(f"  H={hidden:5d} n={n:6d} {kernel:17s} ctas={row['ctas']:3d} {row['time_us']:9.1f} us "
+                    f"err={row['rel_err']:.1e} {'ok' if row['correct'] else 'WRONG'}"
+                    + (f"  vs_floor={row['vs_floor']:.2f}" if row["vs_floor"] else ""))
+            del case
+            cp.get_default_memory_pool().free_all_blocks()
+        pc.close()
+    say(f"wrote {len(rows)} rows to {writer.path}")
+    return 0 if all(r["correct"] for r in rows) else 1
 
 
 def print_tables(rows, a):

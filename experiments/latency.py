@@ -21,8 +21,14 @@ the bound; its output is not the model's), fused (one fused AR + add + RMSNorm k
 finegrained<k> (GEMMs in k token chunks overlapping their all-reduces; bare `finegrained` is k = 4),
 tokenweave (two halves, one half's fused comm overlapping the other half's compute).
 
+--emulate-tp N (one process, one GPU): rank --emulate-rank of a TP=N job, its comm kernel pushing into
+stand-in peers (tw/emulation.py). nccl and finegrained cannot run there; nccl is PROJECTED instead:
+proj_vs_nccl / proj_paid (rows: projected_nccl_ms, projected_speedup_vs_nccl, projected_comm_paid,
+projected_nccl_source) use nocomm + 2 x layers all-reduces from a named table of measured times.
+
 Columns (table and rows): layers = decoder layers of each forward pass (--layers; all = the preset's
 full depth); ms = median_ms, one forward pass of that many layers (min_ms, max_ms in the rows);
+vs_nocomm = ms / nocomm's ms (below 1: faster than removing the communication; GPU only);
 vs_nccl = speedup_vs_nccl, nccl's ms / this ms; paid = comm_paid, the share of the communication cost
 still paid, (ms - nocomm's) / (nccl's - nocomm's) (0%: all hidden; 100%: as much as nccl; needs nccl
 and nocomm in the run, and nccl slower than nocomm); rel_err = ||out - ref|| / ||ref|| (--check);
@@ -97,6 +103,11 @@ def parse_args(argv=None):
                         "experiments/tuned/ has this exact setting and token count (else wave); wave = the "
                         "wave-aware rule from a measured GEMM profile (on the CPU: naive); naive = T // 2. "
                         "Where tune.py found splitting slower than the unsplit fused kernel, tuned runs unsplit")
+    p.add_argument("--tuned-file", default=None, metavar="JSON",
+                   help="take tokenweave's split and CTA budgets from this tuned file (experiments/tuned/*.json) "
+                        "whatever setting it was tuned for, e.g. a real 2-GPU file on an emulated rank to compare "
+                        "the two at the same choices; rows name it in split_source (default: the file of this "
+                        "exact setting, see --split)")
     p.add_argument("--sm-target", choices=("tuned", "left", "off"), default="tuned",
                    help="cuBLAS SM-count target of tokenweave's GEMMs that run beside a comm kernel: tuned = the "
                         "tuned choice's (none where nothing is tuned); left = the SMs the comm leaves (SMs - CTAs); "
@@ -121,6 +132,7 @@ def paper_defaults(args):
     if args.layers is None and paper:
         args.layers = paper["layers"]
     args._graph_given = args.graph is not None
+    args._strategies_given = args.strategies is not None
     if args.graph is None:
         args.graph = paper.get("graph", True)
     if args.strategies is None:
@@ -146,6 +158,7 @@ def validate(args, world):
         v = getattr(args, flag)
         if v is not None and not 1 <= v <= (world.sm_count or 1 << 30):
             raise dist.UsageError(f"--{flag.replace('_', '-')} {v} must be in 1..{world.sm_count} (the SM count)")
+    common.emulation_strategies(args)
     if args.trace:
         from pathlib import Path
         try:
@@ -155,6 +168,21 @@ def validate(args, world):
             probe.unlink()
         except OSError as e:
             raise dist.UsageError(f"--trace {args.trace}: cannot write there ({e.strerror})") from None
+
+
+def emulated_columns(rows, emu, cfg, results_dir) -> None:
+    """projected_nccl_ms (NOT measured: nocomm + 2 x layers all-reduces from a named table) and what
+    follows from it, per row of an emulated run."""
+    from tw import emulation
+    table = emulation.allreduce_table(emu.tp, results_dir)
+    bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
+    for r in rows:
+        proj = emulation.projected_nccl(bound.get(r["tokens"]), r["tokens"], cfg.hidden, cfg.num_layers, table)
+        r.update(proj)
+        p = proj["projected_nccl_ms"]
+        r["projected_speedup_vs_nccl"] = p / r["median_ms"] if p else None
+        r["projected_comm_paid"] = (common.comm_paid(r["median_ms"], p, bound.get(r["tokens"]))
+                                    if r["strategy"] != "nocomm" else None)
 
 
 def gemm_tflops(model, num_tokens, stream, iters):
@@ -296,8 +324,13 @@ def main(argv=None):
         rows += point_rows
     base = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nccl"}
     bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
+    emu = common.emulation(args)
+    if emu is not None:
+        from tw.results import RESULTS_DIR
+        emulated_columns(rows, emu, cfg, RESULTS_DIR)
     for r in rows:
         r["speedup_vs_nccl"] = base[r["tokens"]] / r["median_ms"] if r["tokens"] in base else None
+        r["vs_nocomm"] = r["median_ms"] / bound[r["tokens"]] if r["tokens"] in bound else None
         if r["strategy"] not in ("nccl", "nocomm"):
             r["comm_paid"] = common.comm_paid(r["median_ms"], base.get(r["tokens"]), bound.get(r["tokens"]))
         writer.write(r)
@@ -333,8 +366,9 @@ def load_choices(args, world, cfg) -> dict:
     and only its entry for T (that file's other token counts were batches of several sequences)."""
     if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
         return {}
-    keys = dict.fromkeys(tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport,
-                                         common.seq_len_of(args, t), world.gpu_tag) for t in args.tokens)  # one per seq_len
+    if getattr(args, "tuned_file", None):
+        return choices_from_file(args, world)
+    keys = dict.fromkeys(common.tuning_key(args, world, cfg, common.seq_len_of(args, t)) for t in args.tokens)  # one per seq_len
     found, used, missing = {}, [], []
     for key in keys:
         got = tuned.load(key)
@@ -362,6 +396,23 @@ def load_choices(args, world, cfg) -> dict:
     return found
 
 
+def choices_from_file(args, world) -> dict:
+    """{tokens: choice} of the file --tuned-file names, for the token counts it holds."""
+    import json
+    from pathlib import Path
+    path = Path(args.tuned_file)
+    try:
+        data = json.loads(path.read_text())
+        got = {int(t): tuned.TunedChoice(**c) for t, c in data["tokens"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise dist.UsageError(f"--tuned-file {path}: not a readable tuned file ({type(e).__name__}: {e})") from None
+    got = {t: dataclasses.replace(c, extra={**c.extra, "source": f"file:{path.name}"}) for t, c in got.items()
+           if t in args.tokens}
+    world.print0(f"tokenweave: split and CTA budgets from {path.name} (tuned for {data.get('key')}) for tokens "
+                 f"{sorted(got)}; the wave rule elsewhere")
+    return got
+
+
 def write_trace(args, world, cfg, strategy, tokens, forward, stream):
     """One eager forward pass under the tracer; rank 0 writes every rank's spans."""
     from pathlib import Path
@@ -381,23 +432,33 @@ def print_table(world, rows, cfg, args):
     depth = " (full depth)" if cfg.num_layers == config.PRESETS[cfg.name].num_layers else ""
     batch = ("one prompt per batch" if args.seq_len == "all" else f"prefill sequences of {args.seq_len} tokens")
     launch = (", CUDA graphs" if args.graph else ", eager") if world.is_gpu else ""
-    world.print0(f"\n{cfg.name}, {cfg.num_layers} layers{depth}, TP={world.tp_size}, {batch}, {world.device}"
+    tp = f"one rank of TP={common.emulation(args).tp} (emulated)" if common.emulation(args) else f"TP={world.tp_size}"
+    world.print0(f"\n{cfg.name}, {cfg.num_layers} layers{depth}, {tp}, {batch}, {world.device}"
                  f"{launch}; median of {args.repeats} x "
                  f"{args.iters} passes, slowest rank" + ("" if world.is_gpu else " (CPU: timings mean nothing)")
                  + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
-    head = (f"{'layers':>6} {'tokens':>7} {'strategy':<12} {'ms':>9} {'vs_nccl':>8} {'paid':>6} {'rel_err':>9} "
-            f"{'check':>6} {'split_at':>8}")
+    emu = common.emulation(args)
+    if emu is not None:
+        world.print0(emu.banner + f" (rank {emu.rank}); proj_* columns are PROJECTED, not measured: nocomm + "
+                     f"2 x layers all-reduces from {rows[0].get('projected_nccl_source') if rows else '-'}")
+    width = max([12] + [len(r["strategy"]) for r in rows])
+    vs, paid_name, sp_key, paid_key = (("proj_vs_nccl", "proj_paid", "projected_speedup_vs_nccl", "projected_comm_paid")
+                                       if emu else ("vs_nccl", "paid", "speedup_vs_nccl", "comm_paid"))
+    head = (f"{'layers':>6} {'tokens':>7} {'strategy':<{width}} {'ms':>9} {'vs_nocomm':>9} {vs:>12} {paid_name:>9} "
+            f"{'rel_err':>9} {'check':>6} {'split_at':>8}")
     if world.is_gpu:
         head += f" {'gemm_tflops':>11}"
     world.print0(head)
     for r in rows:
-        sp = f"{r['speedup_vs_nccl']:.3f}x" if r.get("speedup_vs_nccl") else "-"
+        sp = f"{r[sp_key]:.3f}x" if r.get(sp_key) else "-"
         err = f"{r['rel_err']:.2e}" if "rel_err" in r else "-"
         ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
         split = str(r["split_at"]) if r["split_at"] is not None else "-"
-        paid = f"{100 * r['comm_paid']:.0f}%" if r.get("comm_paid") is not None else "-"
-        line = (f"{cfg.num_layers:>6} {r['tokens']:>7} {r['strategy']:<12} {r['median_ms']:>9.3f} {sp:>8} {paid:>6} "
-                f"{err:>9} {ok:>6} {split:>8}")
+        # CPU timings mean nothing: a share of them would only mislead (-694% was seen).
+        paid = f"{100 * r[paid_key]:.0f}%" if r.get(paid_key) is not None and world.is_gpu else "-"
+        vn = f"{r['vs_nocomm']:.3f}" if r.get("vs_nocomm") and world.is_gpu else "-"
+        line = (f"{cfg.num_layers:>6} {r['tokens']:>7} {r['strategy']:<{width}} {r['median_ms']:>9.3f} {vn:>9} "
+                f"{sp:>12} {paid:>9} {err:>9} {ok:>6} {split:>8}")
         if world.is_gpu:
             line += f" {r['gemm_tflops']:>11.0f}"
         world.print0(line)

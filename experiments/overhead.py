@@ -225,6 +225,10 @@ def print_point(world, cfg, rows):
 def main(argv=None):
     args = parse_args(argv)
     world = common.init(args)
+    if common.emulation(args) is not None:
+        raise dist.UsageError("experiments.overhead measures NCCL's all-reduce share, which an emulated rank cannot "
+                              "run; its norm and GEMM shares on one rank come from latency --emulate-tp (nocomm, "
+                              "fused) and experiments/NOTES.md's decomposition")
     if args.runs < 1:
         raise dist.UsageError(f"--runs must be >= 1, got {args.runs}")
     if args.seq_len < 1:

@@ -49,7 +49,7 @@ CPU_KV_TOKENS = 8192
 def parse_args(argv=None):
     p = common.parser("throughput", __doc__)
     common.add_model_flags(p)
-    p.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, metavar="S",
+    p.add_argument("--strategies", nargs="+", default=None, metavar="S",
                    help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained<k>: k token chunks); "
                         "nccl is the baseline of vs_nccl")
     p.add_argument("--workload", nargs="+", choices=workloads.KINDS, default=["random"],
@@ -110,7 +110,10 @@ def fill_defaults(args, world) -> None:
 
 def validate(args, world) -> None:
     """User errors, before anything is built (each names its flag)."""
+    args._strategies_given = args.strategies is not None
+    args.strategies = args.strategies or list(DEFAULT_STRATEGIES)
     common.validate_strategies(args.strategies)
+    common.emulation_strategies(args)
     low = {"requests": 1, "input_len": 1, "output_len": 1, "chunk": world.tp_size, "kv_tokens": 1, "max_seqs": 1,
            "max_steps": 1, "warmup_steps": 0, "check_requests": 0, "min_split_tokens": 2}
     why = {"chunk": " (the TP degree: a step has at least one token per rank)", "min_split_tokens": " (two halves)"}
@@ -184,7 +187,7 @@ def load_choices(args, world, cfg, chunk: int) -> dict:
     load_choices with that one change), else {} (the wave rule)."""
     if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
         return {}
-    key = tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport, chunk, world.gpu_tag)
+    key = common.tuning_key(args, world, cfg, chunk)
     found = tuned.load(key)
     if not found:
         world.print0(f"tokenweave: {tuned.mismatch(key) or 'no tuned choices for this setting'}; "

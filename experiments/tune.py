@@ -77,8 +77,7 @@ def main(argv=None):
     tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)
     profile = tw.split_fn.profile  # None on the CPU: the wave rule is then T/2
     def key_of(tokens):  # one key per sequence length: with --seq-len all, one per token count
-        return tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport,
-                               common.seq_len_of(args, tokens), world.gpu_tag)
+        return common.tuning_key(args, world, cfg, common.seq_len_of(args, tokens))
 
     writer = common.writer(args, world, "tune", cfg,
                            tuning_key=key_of(args.tokens[0]).tag if args.seq_len != "all" else "per token count")

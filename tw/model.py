@@ -29,16 +29,24 @@ class Workspace:
 
 class Model:
     def __init__(self, cfg: ModelConfig, world, max_tokens: int, kv_capacity: int | None = None,
-                 seed: int = 0, shard_as_tp: int | None = None):
+                 seed: int = 0, shard_as_tp: int | None = None, emulation=None):
         """shard_as_tp: hold weight shards sized as at this TP degree (a multiple of the real one) while
         communicating over the real TP group: recreates a larger TP's compute/communication ratio on
-        fewer GPUs. The output is then not the model's (only tp/shard_as_tp of it is computed)."""
+        fewer GPUs. The output is then not the model's (only tp/shard_as_tp of it is computed).
+        emulation: a tw.emulation.Emulation: this one process holds rank emulation.rank's shards of
+        TP=emulation.tp and its transports talk to stand-in peers (output not the model's either)."""
         self.cfg, self.world, self.seed = cfg, world, seed
-        shard_tp = shard_as_tp or world.tp_size
-        if shard_tp % world.tp_size:
-            raise ValueError(f"--shard-as-tp {shard_tp} must be a multiple of the TP degree {world.tp_size}")
-        self.shard = ShardConfig(cfg, shard_tp, world.tp_rank)
-        self.emulated = shard_tp != world.tp_size
+        self.emulation = emulation
+        if emulation is not None:
+            if world.tp_size != 1 or shard_as_tp is not None:
+                raise ValueError("an emulated rank runs alone (TP=1), without --shard-as-tp")
+            self.shard = ShardConfig(cfg, emulation.tp, emulation.rank)
+        else:
+            shard_tp = shard_as_tp or world.tp_size
+            if shard_tp % world.tp_size:
+                raise ValueError(f"--shard-as-tp {shard_tp} must be a multiple of the TP degree {world.tp_size}")
+            self.shard = ShardConfig(cfg, shard_tp, world.tp_rank)
+        self.emulated = self.shard.tp != world.tp_size
         if max_tokens < world.tp_size:
             raise ValueError(f"{max_tokens} tokens cannot be shared by {world.tp_size} TP ranks: "
                              f"use at least {world.tp_size} tokens")

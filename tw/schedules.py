@@ -35,6 +35,8 @@ def transport_for(kind: str, model: Model, world, sharded: bool):
     rows the one-shot path measured slower at 8 CTAs and equal at 64-132
     (experiments/results/kernels-H200x2-run14.jsonl)."""
     options = {"oneshot_max_tokens": 0} if kind == "p2p" and world.is_gpu else {}
+    if model.emulation is not None:
+        options["emulate"] = model.emulation
     return transports.make(kind, world, model.cfg.hidden, model.max_tokens, model.dtype, sharded=sharded, **options)
 
 
@@ -343,6 +345,9 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
     choice gives one, "off" or "left" (the SMs the overlapped comm leaves).
     """
     every_sm = world.sm_count or None  # None on the CPU, where CTAs mean nothing
+    if model.emulation is not None and (name == "nccl" or finegrained_k(name) is not None):
+        raise ValueError(f"strategy {name} cannot run on an emulated rank: it needs NCCL between real ranks "
+                         "(nccl is projected instead: tw/emulation.py)")
     if name == "nccl":
         return Sequential(name, model, transport_for("nccl", model, world, sharded=False))
     if name == "nocomm":

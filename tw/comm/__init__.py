@@ -10,7 +10,11 @@ One interface (`Transport`), one factory (`make`), one constructor shape:
 | `p2p`      | `p2p.py`      | our push kernels over CUDA-IPC peer pointers (cuda/ar_norm_p2p.cu)    |
 | `none`     | `nocomm.py`   | nothing: the "communication is free" bound (output not the model's)   |
 | `multimem` | `multimem.py` | NVLS multicast; compiled, refuses to run on the lab machines (Rule 1) |
+| `ce`       | `ce.py`       | peer copies on the copy engines + a local add + RMSNorm kernel        |
 | (cpu)      | `cpu.py`      | NumPy + MPI collectives: what `nccl` and `p2p` become on a CPU world  |
+
+`emulate=Emulation(tp, rank)` (tw/emulation.py) makes `p2p` play one rank of a TP group alone, over
+stand-in peers (`standin.py`; on the CPU, `cpu.CpuLoopback`); the other kinds refuse it.
 
 The contract (docs/design.md#transports):
 
@@ -74,6 +78,9 @@ def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool
     oneshot_max_tokens; ce: ctas, chunks, timeout_s; multimem: ctas, timeout_s)."""
     if kind not in KINDS:
         raise ValueError(f"unknown transport {kind!r}; expected one of {KINDS}")
+    emulate = options.pop("emulate", None)
+    if emulate is not None and kind != "none":
+        return _emulated(kind, world, hidden, max_tokens, dtype, sharded, emulate, options)
     if kind == "none":
         from .nocomm import NoComm
         return NoComm(world, hidden, max_tokens, dtype, sharded=sharded)
@@ -97,6 +104,24 @@ def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool
             warnings.warn(f"{kind.upper()} transport unavailable, falling back to NCCL: {e}", RuntimeWarning,
                           stacklevel=2)
         return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
+
+
+def _emulated(kind, world, hidden, max_tokens, dtype, sharded, emulate, options):
+    """The emulated rank's transport (tw/emulation.py): p2p over stand-in peers (the CPU: its NumPy twin).
+    NCCL needs real ranks; the copy engines copy between GPUs, and a same-device copy runs on the SMs
+    (docs/hardware.md), so a CE emulation would not be faithful and is refused."""
+    if kind != "p2p":
+        raise ValueError(f"transport {kind!r} cannot be emulated on one GPU: "
+                         + {"nccl": "NCCL needs one real rank per GPU",
+                            "ce": "a same-device copy runs on the SMs, not on the copy engines it would use "
+                                  "between GPUs, so its emulation would not be faithful",
+                            "multimem": "multicast objects are never created on the lab machines"}.get(kind, "")
+                         + "; use p2p")
+    if not world.is_gpu:
+        from .cpu import CpuLoopback
+        return CpuLoopback(world, hidden, max_tokens, dtype, sharded=sharded, emulate=emulate)
+    from .p2p import P2PComm
+    return P2PComm(world, hidden, max_tokens, dtype, sharded=sharded, emulate=emulate, **options)
 
 
 def owned_rows(start: int, end: int, rank: int, tp: int) -> tuple[int, int]:

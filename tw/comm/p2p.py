@@ -27,6 +27,7 @@ import numpy as np
 
 from . import check_range
 from .ipc import SharedBuffer, check_norm, check_rows
+from .standin import StandInBuffer
 from .. import kernels
 from ..dist import env_flag
 
@@ -119,13 +120,15 @@ class P2PComm:
     staging buffer. ctas: default CTA budget per call (1..SM count, the same on every rank).
     oneshot_max_tokens: calls with at most this many rows take the one-shot latency path.
     timeout_s: how long a kernel waits for a peer before it gives up and flags an error.
+    emulate: a tw.emulation.Emulation: this one process plays rank emulate.rank of TP=emulate.tp over
+    stand-in peers (tw/comm/standin.py) instead of an MPI TP group; the kernels are the same.
     """
 
     name = "p2p"
 
     def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *, sharded: bool = True,
                  ctas: int | None = None, oneshot_max_tokens: int = DEFAULT_ONESHOT_MAX_TOKENS,
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, emulate=None):
         import cupy as cp
         if not world.is_gpu:
             raise P2PUnavailable("P2PComm needs GPUs; this world runs on the CPU")
@@ -135,12 +138,15 @@ class P2PComm:
             raise ValueError(f"hidden={hidden} must be a positive multiple of 8 (rows move as 16-byte vectors)")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens={max_tokens} must be positive")
-        if world.tp_size > MAX_TP:
-            raise ValueError(f"P2PComm supports TP <= {MAX_TP}, got {world.tp_size}")
+        self.emulate = emulate
+        if emulate is not None and world.tp_size != 1:
+            raise ValueError(f"an emulated rank runs alone: the world has TP={world.tp_size}, expected 1")
+        self.rank, self.tp = (emulate.rank, emulate.tp) if emulate is not None else (world.tp_rank, world.tp_size)
+        if self.tp > MAX_TP:
+            raise ValueError(f"P2PComm supports TP <= {MAX_TP}, got {self.tp}")
         self.world, self.hidden, self.max_tokens = world, hidden, max_tokens
         self.sharded = bool(sharded)
         self.dtype = cp.dtype("bfloat16")
-        self.rank, self.tp = world.tp_rank, world.tp_size
         self.num_sms = world.sm_count
         self.cluster = cluster_size()   # CTAs per cluster of the kernels (TW_P2P_CLUSTER)
         self.ctas = self._check_ctas(ctas or min(DEFAULT_CTAS, self.num_sms))
@@ -156,13 +162,17 @@ class P2PComm:
                  "out": max_tokens * row, "osum": 2 * self.tp * osm * row, "ores": 2 * osm * row,
                  "flags": 2 * MAX_CTAS * MAX_TP * 4, "probe": MAX_TP * 4}
         self._state = cp.zeros(8, dtype=cp.uint32)  # [epoch, ctas done, error, peer, cta, phase]
-        self.buf = SharedBuffer(world, sizes, P2PUnavailable, "P2P")
+        if emulate is not None:
+            self.buf = StandInBuffer(sizes, self.tp, self.rank, flags="flags")
+        else:
+            self.buf = SharedBuffer(world, sizes, P2PUnavailable, "P2P")
         table = np.zeros(self.tp * NUM_SLOTS, dtype=np.uint64)
         for r in range(self.tp):
             for k, name in enumerate(SLOT_NAMES):
                 table[r * NUM_SLOTS + k] = self.buf.addr(r, name)
         self._table = cp.asarray(table)
-        self._probe()
+        if emulate is None:  # stand-ins have nobody to probe: their pointers are this process's own
+            self._probe()
 
     # ------------------------------------------------------------------ set-up helpers
     def _probe(self) -> None:
@@ -234,6 +244,17 @@ class P2PComm:
     def staging(self, num_tokens: int):
         """[num_tokens, hidden] bf16 view of this rank's registered staging buffer (GEMM output)."""
         return self._view("staging", num_tokens)
+
+    def region(self, rank: int, name: str):
+        """Rank `rank`'s region `name` as this process maps it: staging / out [max_tokens, hidden], recv
+        [tp, chunk_max, hidden]. Under emulation, the stand-in peers' memory (tests fill and read it)."""
+        import cupy as cp
+        shape = {"staging": (self.max_tokens, self.hidden), "out": (self.max_tokens, self.hidden),
+                 "recv": (self.tp, self.chunk_max, self.hidden)}[name]
+        if rank != self.rank and self.emulate is None:
+            raise ValueError("a real peer's memory is not exposed; only stand-ins (emulate=...) are")
+        return cp.ndarray(shape, dtype=self.dtype, memptr=cp.cuda.MemoryPointer(
+            self.buf.mem if rank == self.rank else self.buf._mems[rank], self.buf.offsets[name]))
 
     def output(self, num_tokens: int):
         """[num_tokens, hidden] bf16 view of the registered output buffer; as `out` of ar_add_norm

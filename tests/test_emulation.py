@@ -1,0 +1,243 @@
+"""The emulated rank (tw/emulation.py): one process plays rank r of a TP=N job over stand-in peers.
+
+Exactness: my staging holds my rank-and-row encoded partials, my receive area the stand-in peers'
+(encoded by their ranks); every sum over them is an integer exact in bf16 (tests/mpi_p2p.encoded), so
+the loopback's reduced rows must EQUAL the exact sums, every stand-in must hold exactly what the kernel
+pushed to it, and rows this rank does not own must be untouched. That proves the kernel reads every
+stand-in and writes every owned row. The norm is checked against float64 (bf16: 1e-2; the CPU's
+float32: 1e-5, docs/design.md#tolerances). CPU (NumPy twin, in CI) and GPU (the real kernel).
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import requires_gpu, run_mpi
+from tests.mpi_p2p import encoded
+from tw import comm as transports
+from tw.comm import owned_rows
+from tw.emulation import Emulation, allreduce_table, paper_allreduce_table, projected_nccl
+
+HIDDEN = 256
+EPS = 1e-5
+# (tp, rank, start, end): every N; row counts not divisible by N; the last rank owning fewer rows (or
+# none: 5 rows over 8 ranks); ranges that start inside the buffer (tokenweave's half B).
+CASES = [(2, 0, 0, 1001), (2, 1, 0, 1001), (4, 3, 0, 1003), (4, 1, 37, 1000), (8, 0, 0, 1000), (8, 7, 0, 1001),
+         (8, 6, 3, 8), (8, 4, 500, 1013)]
+MAX_TOKENS = 1024
+
+
+def _world(gpu: bool):
+    if not gpu:
+        return SimpleNamespace(is_gpu=False, tp_size=1, tp_rank=0, sm_count=0)
+    import cupy as cp
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    return SimpleNamespace(is_gpu=True, tp_size=1, tp_rank=0, sm_count=sms, tp_comm=None)
+
+
+class _Arrays:
+    """NumPy <-> the transport's arrays (float32 on the CPU, bf16 cupy on the GPU)."""
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+
+    def put(self, dst, x):
+        if self.gpu:
+            import cupy as cp
+            import ml_dtypes
+            dst[...] = cp.asarray(np.ascontiguousarray(x).astype(ml_dtypes.bfloat16).view(np.uint16)).view(dst.dtype)
+        else:
+            dst[...] = x
+
+    def get(self, x):
+        if self.gpu:
+            import cupy as cp
+            import ml_dtypes
+            cp.cuda.Device().synchronize()
+            return x.view(cp.uint16).get().view(ml_dtypes.bfloat16).astype(np.float64)
+        return np.asarray(x, dtype=np.float64)
+
+    def new(self, shape):
+        if self.gpu:
+            import cupy as cp
+            return cp.zeros(shape, dtype=cp.dtype("bfloat16"))
+        return np.zeros(shape, np.float32)
+
+
+def _make(gpu, tp, rank):
+    dtype = "bfloat16" if gpu else np.float32
+    return transports.make("p2p", _world(gpu), HIDDEN, MAX_TOKENS, dtype, sharded=True, emulate=Emulation(tp, rank))
+
+
+def _fill(comm, io, tp, rank, start, end):
+    """My staging <- my encoded partials (all rows); my receive area <- the stand-ins' encoded partials of
+    my rows. Returns the encodings, [tp][MAX_TOKENS, HIDDEN] float64 (rows indexed absolutely)."""
+    enc = [encoded(k, MAX_TOKENS, HIDDEN, tp).astype(np.float64) for k in range(tp)]
+    io.put(comm.region(rank, "staging"), enc[rank])
+    lo, hi = owned_rows(start, end, rank, tp)
+    recv = comm.region(rank, "recv")
+    for k in range(tp):
+        if k != rank and hi > lo:
+            io.put(recv[k, :hi - lo], enc[k][lo:hi])
+    return enc
+
+
+def _check_pushed_partials(comm, io, enc, tp, rank, start, end):
+    """Phase 1: stand-in j's recv[me] holds exactly my partials of j's rows."""
+    for j in range(tp):
+        jl, jh = owned_rows(start, end, j, tp)
+        if j != rank and jh > jl:
+            got = io.get(comm.region(j, "recv")[rank, :jh - jl])
+            assert np.array_equal(got, enc[rank][jl:jh]), f"stand-in {j} did not receive my partials of its rows"
+
+
+def _run_all_reduce(gpu, tp, rank, start, end):
+    io = _Arrays(gpu)
+    comm = _make(gpu, tp, rank)
+    enc = _fill(comm, io, tp, rank, start, end)
+    comm.all_reduce(start, end)
+    comm.check()
+    lo, hi = owned_rows(start, end, rank, tp)
+    want = sum(enc)[lo:hi]
+    mine = io.get(comm.region(rank, "staging"))
+    assert np.array_equal(mine[lo:hi], want), f"max error {np.abs(mine[lo:hi] - want).max()}"
+    rest = np.r_[0:lo, hi:MAX_TOKENS]
+    assert np.array_equal(mine[rest], enc[rank][rest]), "rows I do not own were written"
+    for j in range(tp):
+        if j != rank:
+            assert np.array_equal(io.get(comm.region(j, "staging"))[lo:hi], want), f"stand-in {j} lacks my sums"
+    _check_pushed_partials(comm, io, enc, tp, rank, start, end)
+    comm.close()
+
+
+def _run_fused(gpu, tp, rank, start, end, registered: bool):
+    io = _Arrays(gpu)
+    comm = _make(gpu, tp, rank)
+    enc = _fill(comm, io, tp, rank, start, end)
+    rng = np.random.default_rng(1000 * tp + rank + end)
+    res0 = rng.standard_normal((MAX_TOKENS, HIDDEN))
+    w = 1 + 0.1 * rng.standard_normal(HIDDEN)
+    residual, weight = io.new((MAX_TOKENS, HIDDEN)), io.new((HIDDEN,))
+    io.put(residual, res0)
+    io.put(weight, w)
+    res0, w = io.get(residual), io.get(weight)       # the values as stored (bf16 on the GPU)
+    out = comm.output(MAX_TOKENS) if registered else io.new((MAX_TOKENS, HIDDEN))
+    comm.ar_add_norm(start, end, residual, weight, EPS, out)
+    comm.check()
+    lo, hi = owned_rows(start, end, rank, tp)
+    tol = 1e-2 if gpu else 1e-5
+    h = sum(enc)[lo:hi] + res0[lo:hi]
+    y = h / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + EPS) * w
+    got_res, got_out = io.get(residual), io.get(out)
+    if hi > lo:
+        for name, got, ref in (("residual", got_res[lo:hi], h), ("out", got_out[lo:hi], y)):
+            err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            assert err <= tol, f"{name}: rel_err {err:.2e} > {tol} (max abs {np.abs(got - ref).max():.3g})"
+    rest = np.r_[0:lo, hi:MAX_TOKENS]
+    assert np.array_equal(got_res[rest], res0[rest]), "residual rows I do not own were written"
+    for j in range(tp):
+        if j != rank:   # registered: pushed into the stand-in's output; private: into its staging
+            pushed = io.get(comm.region(j, "out" if registered or not gpu else "staging"))[lo:hi]
+            assert np.array_equal(pushed, got_out[lo:hi]), f"stand-in {j} did not get my normed rows"
+    _check_pushed_partials(comm, io, enc, tp, rank, start, end)
+    comm.close()
+
+
+@pytest.mark.parametrize("tp,rank,start,end", CASES)
+def test_cpu_loopback_sums_are_exact(tp, rank, start, end):
+    _run_all_reduce(False, tp, rank, start, end)
+    _run_fused(False, tp, rank, start, end, registered=False)
+
+
+@requires_gpu
+@pytest.mark.parametrize("tp,rank,start,end", CASES)
+def test_gpu_loopback_sums_are_exact(tp, rank, start, end):
+    _run_all_reduce(True, tp, rank, start, end)
+    _run_fused(True, tp, rank, start, end, registered=True)
+    _run_fused(True, tp, rank, start, end, registered=False)
+
+
+@requires_gpu
+def test_gpu_loopback_replays_many_calls_without_peers():
+    """The preset arrival flags hold call after call: 200 calls, then the sums are still exact."""
+    io = _Arrays(True)
+    comm = _make(True, 8, 3)
+    for _ in range(200):
+        comm.all_reduce(0, 999)
+    comm.check()
+    enc = _fill(comm, io, 8, 3, 0, 999)
+    comm.all_reduce(0, 999)
+    lo, hi = owned_rows(0, 999, 3, 8)
+    assert np.array_equal(io.get(comm.region(3, "staging"))[lo:hi], sum(enc)[lo:hi])
+
+
+def test_other_transports_refuse_emulation():
+    for kind, why in (("nccl", "NCCL needs one real rank per GPU"), ("ce", "runs on the SMs")):
+        with pytest.raises(ValueError, match=why):
+            transports.make(kind, _world(False), HIDDEN, 64, np.float32, emulate=Emulation(2))
+
+
+def test_emulation_bounds():
+    with pytest.raises(ValueError, match=r"--emulate-tp 9: expected 2..8"):
+        Emulation(9)
+    with pytest.raises(ValueError, match=r"--emulate-rank 2: expected 0..1"):
+        Emulation(2, 2)
+
+
+def test_projected_nccl_interpolates_the_named_tables(tmp_path):
+    """TP=8: the paper's figure_4.csv points come back exactly at their sizes, in between linearly; the
+    projection is nocomm + 2 x layers all-reduces and names its source."""
+    t = paper_allreduce_table()
+    assert t.tp == 8 and "figure_4.csv" in t.source
+    row = lambda bl: bl * 8192 * 2  # noqa: E731 - bytes of BL rows of hidden 8192, bf16
+    for bl, us in ((64, 35.99999845027924), (8192, 646.1120247840881), (32768, 2402.463912963867)):
+        assert t.us(row(bl)) == pytest.approx(us)
+    mid = t.us(row(6144))   # between 4096 (347.6 us) and 8192 (646.1 us)
+    assert 347.6 < mid < 646.2
+    p = projected_nccl(10.0, 8192, 8192, 4, t)
+    assert p["projected_nccl_ms"] == pytest.approx(10.0 + 8 * 0.6461120247840881)
+    assert p["projected_nccl_source"] == t.source
+    assert projected_nccl(10.0, 8192, 8192, 4, None)["projected_nccl_ms"] is None
+    assert allreduce_table(4, tmp_path) is None
+
+
+def test_latency_emulated_on_the_cpu(tmp_path):
+    """The main job as one emulated rank of TP=4 on the CPU: nocomm, fused and tokenweave run (nccl is
+    dropped from the defaults and projected), rows carry the emulation's columns."""
+    out = tmp_path / "rows.jsonl"
+    proc = run_mpi(1, ["-m", "experiments.latency", "--device", "cpu", "--emulate-tp", "4", "--emulate-rank", "3",
+                       "--tokens", "101", "1500", "--min-split-tokens", "512", "--out", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "emulated: one rank of TP=4 on one GPU; link time not included; nccl projected" in proc.stdout
+    import json
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["strategy"] for r in rows} == {"nocomm", "fused", "tokenweave"}
+    assert all(r["emulated_tp"] == 4 and r["emulated_rank"] == 3 and "stand-in" in r["stand_ins"] for r in rows)
+    assert all(r["projected_nccl_ms"] is None and "no measured" in r["projected_nccl_source"] for r in rows)
+    assert [r["split_at"] for r in rows if r["strategy"] == "tokenweave"] == [None, 750]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--emulate-tp", "4", "--shard-as-tp", "4"], "--emulate-tp and --shard-as-tp do not combine"),
+    (["--emulate-tp", "16"], "--emulate-tp 16: expected 2..8"),
+    (["--emulate-tp", "2", "--emulate-rank", "2"], "--emulate-rank 2: expected 0..1"),
+    (["--emulate-rank", "1"], "--emulate-rank 1 needs --emulate-tp N"),
+    (["--emulate-tp", "2", "--check"], "--check with --emulate-tp 2"),
+    (["--emulate-tp", "2", "--strategies", "nccl", "fused"], "--strategies nccl with --emulate-tp"),
+    (["--emulate-tp", "2", "--strategies", "finegrained2"], "--strategies finegrained2 with --emulate-tp"),
+    (["--emulate-tp", "2", "--transport", "ce"], "--transport ce with --emulate-tp"),
+    (["--emulate-tp", "3"], "TP=3 must divide num_heads"),
+])
+def test_bad_emulation_flags_are_usage_errors(args, msg):
+    from experiments import latency
+    from tw import dist
+    with pytest.raises(dist.UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        latency.main(["--device", "cpu", "--tokens", "64", "--out", "/tmp/tw-test-emulate.jsonl", *args])
+
+
+def test_emulation_with_several_ranks_is_one_line_and_exit_2():
+    proc = run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--emulate-tp", "2", "--tokens", "64",
+                       "--out", "/tmp/tw-test-emulate.jsonl"], timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert out.count("plays one rank of TP=2 in ONE process") == 1 and "Traceback" not in out, out[-3000:]
