@@ -120,6 +120,7 @@ struct Args {
   int sync_all;
   unsigned long long timeout_ns;
   unsigned int* state;
+  unsigned long long link_ns;  // emulated link (0: off): the floor of each phase, see link_floor()
 };
 
 template <typename T>
@@ -168,9 +169,21 @@ TW_DEVICE void signal(const Args& a, int phase, unsigned int epoch) {
     tw::sync::st_release_sys(flag(ptr<unsigned int>(a, j, kSlotFlags), phase, blockIdx.x, a.rank), epoch);
 }
 
+// EMULATED LINK (tw/emulation.py, --emulate-link-gbps; link_ns = 0 everywhere else). An emulated rank's
+// peers are stand-ins whose arrival flags are preset, so a phase would end as soon as this rank's own
+// SMs are done. With link_ns > 0 it ends no earlier than (phase + 1) * link_ns after this CTA started:
+// the time a link of the given rate needs to carry one phase's bytes each way, (tp - 1) ceil(n / tp)
+// rows (computed by the host). One thread sleeps; the wait's closing __syncthreads() holds the rest.
+TW_DEVICE void link_floor(const Args& a, int phase, unsigned long long t0) {
+  if (a.link_ns == 0 || threadIdx.x != 0) return;
+  const unsigned long long until = t0 + (phase + 1) * a.link_ns;
+  while (tw::sync::globaltimer() < until) __nanosleep(200);
+}
+
 // Wait until the peers' CTA `cta` (or all their CTAs with sync_all) signalled `phase` of this call.
 // Returns false on timeout or when another CTA already failed (the caller must return).
-TW_DEVICE bool wait(const Args& a, int phase, unsigned int epoch) {
+TW_DEVICE bool wait(const Args& a, int phase, unsigned int epoch, unsigned long long t0) {
+  link_floor(a, phase, t0);
   __shared__ int s_fail;
   if (threadIdx.x == 0) s_fail = 0;
   __syncthreads();
@@ -335,6 +348,8 @@ TW_DEVICE void warp_rows(const Args& a, int a_row, int b_row, int chunk_lo, unsi
 template <int MODE>
 __device__ void run(const Args& a) {
   __shared__ unsigned int s_epoch;
+  __shared__ unsigned long long s_t0;  // when this CTA started (the emulated link's reference)
+  if (threadIdx.x == 0) s_t0 = tw::sync::globaltimer();
   const int me = a.rank, c = blockIdx.x, ctas = gridDim.x, H = a.hidden;
   const unsigned int epoch = tw::sync::read_call_epoch(a.state, s_epoch), parity = epoch & 1u;
   const bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
@@ -372,7 +387,7 @@ __device__ void run(const Args& a) {
     }
   }
   signal(a, 0, epoch);
-  if (!wait(a, 0, epoch)) return;
+  if (!wait(a, 0, epoch, s_t0)) return;
 
   // ---- Phase 2: reduce (+ add + norm) the rows this CTA is responsible for, push results. ----
   int lo, hi, ra, rb;
@@ -400,7 +415,7 @@ __device__ void run(const Args& a) {
 
   if (!oneshot) {
     signal(a, 1, epoch);
-    if (!wait(a, 1, epoch)) return;
+    if (!wait(a, 1, epoch, s_t0)) return;
     // ---- After the gather: finish the rows other ranks produced. ----
     if (MODE == kArNorm && a.out_kind == 0) {
       for (int k = 1; k < TP_OF(a); ++k) {
@@ -431,10 +446,11 @@ __device__ void run(const Args& a) {
 #define TW_P2P_PARAMS                                                                                  \
   const unsigned long long *table, int rank, int tp, int hidden, int start, int end, int chunk_max,    \
       int oneshot_max, __nv_bfloat16 *residual, const __nv_bfloat16 *weight, float eps,                \
-      __nv_bfloat16 *out, int out_kind, int sync_all, unsigned long long timeout_ns, unsigned int *state
+      __nv_bfloat16 *out, int out_kind, int sync_all, unsigned long long timeout_ns, unsigned int *state, \
+      unsigned long long link_ns
 #define TW_P2P_ARGS                                                                                     \
   Args{table, rank,     tp,  hidden,   start,    end,        chunk_max, oneshot_max,                    \
-       residual, weight, eps, out, out_kind, sync_all, timeout_ns, state}
+       residual, weight, eps, out, out_kind, sync_all, timeout_ns, state, link_ns}
 
 // TW_CLUSTER: CTAs per thread-block cluster (tw/comm/p2p.py compiles -DTW_CLUSTER=2 with TW_P2P_CLUSTER=2).
 // A cluster's CTAs are co-scheduled on SMs of one GPC, so the kernel takes its SMs in pairs; held SMs

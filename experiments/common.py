@@ -68,6 +68,9 @@ def add_emulation_flags(p) -> None:
                         "as ONE rank (no mpirun -n). Rows carry emulated_tp (docs/design.md#emulation)")
     p.add_argument("--emulate-rank", type=int, default=None, metavar="R",
                    help="with --emulate-tp N: which rank of the TP=N job to play, 0..N-1 (default 0)")
+    p.add_argument("--emulate-link-gbps", type=float, default=None, metavar="G",
+                   help="with --emulate-tp: each comm phase ends no earlier than a G GB/s (per direction) link "
+                        "could carry its bytes (2xH200 NV18 measured ~355) (default: no link time)")
 
 
 def add_tokens_flag(p, gpu, cpu, help: str = "batch sizes in tokens") -> None:
@@ -145,10 +148,12 @@ def check_emulation(args, world) -> None:
     """--emulate-tp / --emulate-rank: one rank, no --shard-as-tp, N in 2..8, R in 0..N-1. Sets
     args._emulation (a tw.emulation.Emulation, or None)."""
     n, r = getattr(args, "emulate_tp", None), getattr(args, "emulate_rank", None)
+    link = getattr(args, "emulate_link_gbps", None)
     args._emulation = None
     if n is None:
-        if r is not None:
-            raise dist.UsageError(f"--emulate-rank {r} needs --emulate-tp N (the TP degree whose rank to play)")
+        if r is not None or link is not None:
+            raise dist.UsageError(f"--emulate-{'rank' if r is not None else 'link-gbps'} needs --emulate-tp N "
+                                  "(the TP degree whose rank to play)")
         return
     if world.size != 1:
         raise dist.UsageError(f"--emulate-tp {n} plays one rank of TP={n} in ONE process; this job has {world.size} "
@@ -158,7 +163,7 @@ def check_emulation(args, world) -> None:
                               "TP=N shards; drop --shard-as-tp")
     from tw.emulation import Emulation
     try:
-        args._emulation = Emulation(n, 0 if r is None else r)
+        args._emulation = Emulation(n, 0 if r is None else r, link)
     except ValueError as e:
         raise dist.UsageError(str(e)) from None
     if getattr(args, "check", False):

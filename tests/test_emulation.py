@@ -65,8 +65,11 @@ class _Arrays:
 
 
 def _make(gpu, tp, rank):
-    dtype = "bfloat16" if gpu else np.float32
-    return transports.make("p2p", _world(gpu), HIDDEN, MAX_TOKENS, dtype, sharded=True, emulate=Emulation(tp, rank))
+    # Two-shot only, as the strategies run it (tw/schedules.transport_for): the one-shot path has every
+    # rank reduce every row from its one-shot area, which these row-ownership checks do not describe.
+    options = {"oneshot_max_tokens": 0} if gpu else {}
+    return transports.make("p2p", _world(gpu), HIDDEN, MAX_TOKENS, "bfloat16" if gpu else np.float32,
+                           sharded=True, emulate=Emulation(tp, rank), **options)
 
 
 def _fill(comm, io, tp, rank, start, end):
@@ -158,6 +161,26 @@ def test_gpu_loopback_sums_are_exact(tp, rank, start, end):
 
 
 @requires_gpu
+def test_gpu_emulated_link_floors_each_phase():
+    """--emulate-link-gbps: a fused call of 8192 rows at TP=2 pushes 4096 rows each way per phase; at
+    10 GB/s that is 6.7 ms a phase, so the call takes at least 13.4 ms, and its sums stay exact."""
+    import cupy as cp
+    io = _Arrays(True)
+    comm = transports.make("p2p", _world(True), 8192, 8192, "bfloat16", emulate=Emulation(2, 0, 10.0),
+                           oneshot_max_tokens=0)
+    residual, weight = io.new((8192, 8192)), io.new((8192,))
+    weight.fill(1)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    comm.ar_add_norm(0, 8192, residual, weight, EPS, comm.output(8192))
+    end.record()
+    end.synchronize()
+    comm.check()
+    floor_ms = 2 * 4096 * 8192 * 2 / 10.0 / 1e6
+    assert cp.cuda.get_elapsed_time(start, end) >= 0.99 * floor_ms
+
+
+@requires_gpu
 def test_gpu_loopback_replays_many_calls_without_peers():
     """The preset arrival flags hold call after call: 200 calls, then the sums are still exact."""
     io = _Arrays(True)
@@ -221,7 +244,8 @@ def test_latency_emulated_on_the_cpu(tmp_path):
     (["--emulate-tp", "4", "--shard-as-tp", "4"], "--emulate-tp and --shard-as-tp do not combine"),
     (["--emulate-tp", "16"], "--emulate-tp 16: expected 2..8"),
     (["--emulate-tp", "2", "--emulate-rank", "2"], "--emulate-rank 2: expected 0..1"),
-    (["--emulate-rank", "1"], "--emulate-rank 1 needs --emulate-tp N"),
+    (["--emulate-rank", "1"], "--emulate-rank needs --emulate-tp N"),
+    (["--emulate-link-gbps", "300"], "--emulate-link-gbps needs --emulate-tp N"),
     (["--emulate-tp", "2", "--check"], "--check with --emulate-tp 2"),
     (["--emulate-tp", "2", "--strategies", "nccl", "fused"], "--strategies nccl with --emulate-tp"),
     (["--emulate-tp", "2", "--strategies", "finegrained2"], "--strategies finegrained2 with --emulate-tp"),

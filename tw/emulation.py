@@ -10,7 +10,9 @@ So, per call, rank r's SMs
   - add the residual and norm only its own 1/N of the rows (ceil(T/N); the last ranks may own fewer),
   - write the normed rows locally and push them into the N-1 stand-in outputs (phase 2).
 Peer arrival is satisfied locally: this rank's arrival flags are preset to "every peer arrived", so
-each wait is one acquire load that succeeds at once.
+each wait is one acquire load that succeeds at once. With link_gbps (--emulate-link-gbps G) each phase
+also ends no earlier than the time a G GB/s link needs for its bytes (cuda/ar_norm_p2p.cu link_floor):
+a floor, not a model of contention.
 
 NOT exercised (docs/design.md#emulation): link bandwidth and latency (the pushes go to local HBM, ~4 TB/s,
 not NVLink, ~355 GB/s per direction on 2xH200); remote-store and remote-load latency; waiting for a
@@ -40,20 +42,26 @@ class Emulation:
     """Rank `rank` of a TP=`tp` job, played by one process on one GPU."""
     tp: int
     rank: int = 0
+    link_gbps: float | None = None   # None: no link time; else each comm phase is floored at this rate
 
     def __post_init__(self):
         if not 2 <= self.tp <= MAX_TP:
             raise ValueError(f"--emulate-tp {self.tp}: expected 2..{MAX_TP} (the P2P kernel's TP limit)")
         if not 0 <= self.rank < self.tp:
             raise ValueError(f"--emulate-rank {self.rank}: expected 0..{self.tp - 1} (a rank of TP={self.tp})")
+        if self.link_gbps is not None and not self.link_gbps > 0:
+            raise ValueError(f"--emulate-link-gbps {self.link_gbps}: expected a rate > 0 (GB/s per direction)")
 
     @property
     def banner(self) -> str:
+        if self.link_gbps:
+            return BANNER.format(tp=self.tp).replace(
+                "link time not included", f"each comm phase floored at a {self.link_gbps:g} GB/s link")
         return BANNER.format(tp=self.tp)
 
     def row_fields(self) -> dict:
         """The columns every emulated result row carries."""
-        return {"emulated_tp": self.tp, "emulated_rank": self.rank,
+        return {"emulated_tp": self.tp, "emulated_rank": self.rank, "emulated_link_gbps": self.link_gbps,
                 "stand_ins": STAND_INS.format(peers=self.tp - 1)}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import ops, weights
 from .batch import Batch, token_ids
+from .dist import env_flag
 from .config import ModelConfig, ShardConfig
 from .layers import LayerWeights, Part
 from .trace import span
@@ -104,7 +105,9 @@ class Model:
         its forward (a CUDA graph keeps the pointers it was captured with); the strategies' transports are
         distinct objects, so one strategy's pass never writes another's x."""
         output = getattr(comm, "output", None)
-        if output is not None and comm.max_tokens >= self.max_tokens:
+        # TW_PRIVATE_X=1 (a debug switch): keep the private x, as every run before commit 106afc7 did, to
+        # compare with the result files of that time.
+        if output is not None and comm.max_tokens >= self.max_tokens and not env_flag("TW_PRIVATE_X"):
             self.ws.x = output(self.max_tokens)
         else:
             self.ws.x = self._own_x

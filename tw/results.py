@@ -32,7 +32,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-BUILD_ENV = ("TW_P2P_CLUSTER", "TW_P2P_RUNTIME_TP")
+BUILD_ENV = ("TW_P2P_CLUSTER", "TW_P2P_RUNTIME_TP", "TW_PRIVATE_X")
 
 
 def metadata(world=None, **extra) -> dict:

@@ -283,8 +283,19 @@ class P2PComm:
                 np.int32(max(1, self.oneshot_max_tokens)),
                 residual if residual is not None else null, weight if weight is not None else null,
                 np.float32(eps), out if out is not None else null, np.int32(out_kind), np.int32(bool(sync_all)),
-                np.uint64(int(self.timeout_s * 1e9)), self._state)
+                np.uint64(int(self.timeout_s * 1e9)), self._state, np.uint64(self._link_ns(op, start, end)))
         kernels.launch(fn, ctas, THREADS, args, stream=stream)
+
+    def _link_ns(self, op: str, start: int, end: int) -> int:
+        """Emulated link floor of one phase (cuda/ar_norm_p2p.cu link_floor): the ns a link of
+        emulate.link_gbps GB/s per direction needs for the rows one phase sends each way, (tp - 1) x
+        ceil(n / tp) (two-shot) or (tp - 1) x n (one-shot). 0 without an emulated link."""
+        gbps = getattr(self.emulate, "link_gbps", None)
+        if not gbps:
+            return 0
+        n = end - start
+        rows = (self.tp - 1) * (n if op.startswith("oneshot") else -(-n // self.tp))
+        return int(rows * self.hidden * 2 / gbps)   # bytes / (GB/s) = ns
 
     def _oneshot(self, start: int, end: int, oneshot) -> bool:
         if oneshot is None:
