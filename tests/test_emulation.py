@@ -265,3 +265,20 @@ def test_emulation_with_several_ranks_is_one_line_and_exit_2():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert out.count("plays one rank of TP=2 in ONE process") == 1 and "Traceback" not in out, out[-3000:]
+
+
+def test_fidelity_tables_in_the_docs_match_the_files():
+    """docs/hardware.md#emulation-fidelity quotes experiments.fidelity's tables, generated from the files."""
+    from pathlib import Path
+
+    from experiments import fidelity
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "hardware.md").read_text()
+    assert fidelity.tables() in doc
+
+
+def test_readme_emulated_table_matches_the_files():
+    from pathlib import Path
+
+    from experiments import fidelity
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert fidelity.baseline_table() in readme

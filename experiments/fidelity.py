@@ -1,0 +1,125 @@
+"""The emulated rank against the committed 2xH200 files: one markdown table per compared quantity,
+every number read from the named result files (docs/hardware.md#emulation-fidelity prints them).
+
+    python -m experiments.fidelity            # prints the tables
+
+ratio = real / emulated. Target (docs/design.md#targets): within 0.8-1.25, or explained.
+"""
+from __future__ import annotations
+
+from tw.results import RESULTS_DIR, read
+
+REAL_KERNELS = "kernels-H200x2-warp-per-row.jsonl"
+EMU_KERNELS = ("kernels-emulated-tp2-H200.jsonl", "kernels-emulated-tp2-link355-H200.jsonl")
+REAL_INTERFERENCE = "interference-llama3-70b-tp2-H200.jsonl"
+EMU_INTERFERENCE = "interference-llama3-70b-emulated-tp2-private-out-H200.jsonl"
+E2E = (("latency-llama3-70b-tp2-H200-e2e-tuned.jsonl", "llama3-70b TP=2", (
+            ("latency-llama3-70b-emulated-tp2-real-choices-H200.jsonl", "emulated TP=2"),
+            ("latency-llama3-70b-emulated-tp2-privatex1-real-choices-H200.jsonl", "+ private x"),
+            ("latency-llama3-70b-emulated-tp2-link355-privatex0-real-choices-H200.jsonl", "+ 355 GB/s link"),
+            ("latency-llama3-70b-emulated-tp2-link355-privatex1-real-choices-H200.jsonl", "+ link + private x"))),
+       ("latency-llama3-70b-shard-as-tp8-on-tp2-H200-tuned.jsonl", "llama3-70b, TP=8 shards on 2 GPUs", (
+            ("latency-llama3-70b-emulated-tp8-shard8-choices-H200.jsonl", "emulated TP=8"),)))
+
+
+def _ratio(real, emu) -> str:
+    if real is None or emu is None:
+        return "-"
+    if abs(emu) < 1e-9:
+        return "inf"
+    return f"{real / emu:.2f}"
+
+
+def kernels_table() -> list[str]:
+    real = {(r["kernel"], r["tokens"], r["ctas"]): r["time_us"] for r in read(RESULTS_DIR / REAL_KERNELS)
+            if r["hidden"] == 8192}
+    emus = [{(r["kernel"], r["tokens"], r["ctas"]): r["time_us"] for r in read(RESULTS_DIR / f)} for f in EMU_KERNELS]
+    lines = [f"Fused kernel (p2p_fused, hidden 8192, TP=2), us: real `{REAL_KERNELS}`, emulated `{EMU_KERNELS[0]}`, "
+             f"with link floor `{EMU_KERNELS[1]}`", "",
+             "| rows | CTAs | real | emulated | real/emulated | emulated + 355 GB/s link | real/(+link) |",
+             "|---|---|---|---|---|---|---|"]
+    for key in sorted(k for k in emus[0] if k[0] == "p2p_fused"):
+        _, n, c = key
+        r, e, el = real.get(key), emus[0].get(key), emus[1].get(key)
+        lines.append(f"| {n} | {c} | {r if r is not None else '-'} | {e} | {_ratio(r, e)} | "
+                     f"{el if el is not None else '-'} | {_ratio(r, el)} |")
+    return lines
+
+
+def interference_table() -> list[str]:
+    real = {(r["tokens"], r["ctas"]): r for r in read(RESULTS_DIR / REAL_INTERFERENCE)}
+    emu = {(r["tokens"], r["ctas"]): r for r in read(RESULTS_DIR / EMU_INTERFERENCE)}
+    lines = [f"GEMMs beside the fused kernel (llama3-70b TP=2 layer GEMMs, private out), ms: real `{REAL_INTERFERENCE}`,"
+             f" emulated `{EMU_INTERFERENCE}`", "",
+             "| rows | CTAs | gemm_ov real | emulated | ratio | comm_ms real | emulated | ratio | steal real | emulated |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(emu):
+        r, e = real.get(key), emu[key]
+        if r is None:
+            continue
+        lines.append(f"| {key[0]} | {key[1]} | {r['gemm_ov_ms']:.3f} | {e['gemm_ov_ms']:.3f} | "
+                     f"{_ratio(r['gemm_ov_ms'], e['gemm_ov_ms'])} | {r['comm_ms']:.3f} | {e['comm_ms']:.3f} | "
+                     f"{_ratio(r['comm_ms'], e['comm_ms'])} | {r['steal_ms']:.3f} | {e['steal_ms']:.3f} |")
+    return lines
+
+
+def _excess(path) -> dict:
+    """{(tokens, strategy): ms - nocomm's ms} of one latency file."""
+    rows = list(read(RESULTS_DIR / path))
+    bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
+    return {(r["tokens"], r["strategy"]): r["median_ms"] - bound[r["tokens"]] for r in rows if r["tokens"] in bound}
+
+
+def e2e_table() -> list[str]:
+    lines = []
+    for real_file, what, emus in E2E:
+        real = _excess(real_file)
+        emu = [(label, _excess(f), f) for f, label in emus]
+        lines += [f"{what}: strategy - nocomm (ms, 4 layers, graphs, the real file's own split and CTA budgets); "
+                  f"real `{real_file}`; " + "; ".join(f"{label} `{f}`" for label, _, f in emu), "",
+                  "| tokens | strategy | real | " + " | ".join(label for label, _, _ in emu) + " |",
+                  "|---|---|---|" + "---|" * len(emu)]
+        for key in sorted(k for k in emu[0][1] if k[1] != "nocomm"):
+            cells = [f"{e.get(key, float('nan')):.2f}" for _, e, _ in emu]
+            lines.append(f"| {key[0]} | {key[1]} | {real[key]:.2f} | " + " | ".join(cells) + " |"
+                         if key in real else f"| {key[0]} | {key[1]} | - | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+BASELINE = (("llama3-70b", "Llama-3.3-70B-Instruct"), ("qwen2.5-72b", "Qwen2.5-72B-Instruct"))
+
+
+def paper_ratios(path=None) -> dict:
+    """{(paper model name, prompt tokens): overlap_fused / no_ar} from the paper's figure_11a.csv copy."""
+    import csv
+
+    from tw.emulation import PAPER_DIR
+    with open(path or PAPER_DIR / "figure_11a.csv") as f:
+        return {(r["model"], int(r["prompt_len"])): float(r["overlap_fused"]) / float(r["no_ar"]) for r in csv.DictReader(f)}
+
+
+def baseline_table() -> str:
+    """tokenweave / nocomm on the emulated TP=8 rank (4 layers, graphs, wave split, 8 CTAs), beside the
+    paper's (8xH100, 80 layers, eager: not the same setting, named so)."""
+    paper = paper_ratios()
+    lines = ["| model | tokens | tokenweave / nocomm, emulated TP=8 (one H200) | paper, 8xH100 (figure_11a.csv) | file |",
+             "|---|---|---|---|---|"]
+    for model, paper_name in BASELINE:
+        f = f"latency-{model}-emulated-tp8-H200.jsonl"
+        rows = [r for r in read(RESULTS_DIR / f) if r["strategy"] == "tokenweave"]
+        for r in sorted(rows, key=lambda r: r["tokens"]):
+            p = paper.get((paper_name, r["tokens"]))
+            lines.append(f"| {model} | {r['tokens']} | {r['vs_nocomm']:.3f} | {p:.3f} | `{f}` |" if p else
+                         f"| {model} | {r['tokens']} | {r['vs_nocomm']:.3f} | - | `{f}` |")
+    return "\n".join(lines)
+
+
+def tables() -> str:
+    return "\n".join(kernels_table() + [""] + interference_table() + [""] + e2e_table())
+
+
+if __name__ == "__main__":
+    print(tables())
+    print()
+    print(baseline_table())
