@@ -220,6 +220,22 @@ def measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc, tp=None)
             "graph": graphed, "oneshot": oneshot}
 
 
+def measure_all(world, a, todo, case, nc, pc, writer, tp=None) -> list:
+    """Measure, write and print every variant of `todo` for one case; returns the rows. Emulated (tp
+    given): no link is crossed, so no bandwidth is printed."""
+    rows = []
+    for kernel, transport, ctas, fn, check in todo:
+        row = measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc, tp=tp)
+        row["sweep"] = not (case.n in a.tokens and (ctas is None or ctas == a.ctas))
+        rows.append(row)
+        writer.write(row)
+        bw = "" if tp else f"{row['algbw_gbps']:6.1f} GB/s  "
+        world.print0(f"  H={case.hidden:5d} n={case.n:6d} {kernel:17s} ctas={row['ctas']:3d} {row['time_us']:9.1f} us "
+                     f"{bw}err={row['rel_err']:.1e} {'ok' if row['correct'] else 'WRONG'}"
+                     + (f"  vs_floor={row['vs_floor']:.2f}" if row["vs_floor"] else ""))
+    return rows
+
+
 def main(argv=None):
     a = parse_args(argv)
     world = common.init(a, gpu_only="it times the P2P and NCCL kernels")
@@ -257,14 +273,7 @@ def main(argv=None):
                         continue
                     extra = ["p2p_fused_2shot"] if n <= a.oneshot_max_tokens else []
                     todo += variants(world, nc, pc, case, c, ["p2p_fused", "p2p_ar"] + extra)
-            for kernel, transport, ctas, fn, check in todo:
-                row = measure(world, a, kernel, transport, ctas, fn, check, case, nc, pc)
-                row["sweep"] = not (n in a.tokens and (ctas is None or ctas == a.ctas))
-                rows.append(row)
-                writer.write(row)
-                say(f"  H={hidden:5d} n={n:6d} {kernel:17s} ctas={row['ctas']:3d} {row['time_us']:9.1f} us "
-                    f"{row['algbw_gbps']:6.1f} GB/s  err={row['rel_err']:.1e} {'ok' if row['correct'] else 'WRONG'}"
-                    + (f"  vs_floor={row['vs_floor']:.2f}" if row["vs_floor"] else ""))
+            rows += measure_all(world, a, todo, case, nc, pc, writer)
             del case
             cp.get_default_memory_pool().free_all_blocks()
         pc.close()
@@ -295,14 +304,7 @@ def main_emulated(a, world, emu):
             if hidden == a.hidden[0] and n in a.sweep_tokens:
                 todo += [v for c in a.sweep_ctas if not (c == a.ctas and n in a.tokens)
                          for v in variants(world, None, pc, case, c, ["p2p_fused", "p2p_ar"])]
-            for kernel, transport, ctas, fn, check in todo:
-                row = measure(world, a, kernel, transport, ctas, fn, check, case, None, pc, tp=emu.tp)
-                row["sweep"] = not (n in a.tokens and ctas == a.ctas)
-                rows.append(row)
-                writer.write(row)
-                say(f"  H={hidden:5d} n={n:6d} {kernel:17s} ctas={row['ctas']:3d} {row['time_us']:9.1f} us "
-                    f"err={row['rel_err']:.1e} {'ok' if row['correct'] else 'WRONG'}"
-                    + (f"  vs_floor={row['vs_floor']:.2f}" if row["vs_floor"] else ""))
+            rows += measure_all(world, a, todo, case, None, pc, writer, tp=emu.tp)
             del case
             cp.get_default_memory_pool().free_all_blocks()
         pc.close()
