@@ -296,7 +296,9 @@ def main_emulated(a, world, emu):
     rows, main_v = [], ["p2p_ar", "p2p_fused", "p2p_fused_copy", "p2p_fused_simple"]
     for hidden in a.hidden:
         max_tokens = max(a.tokens + (a.sweep_tokens if hidden == a.hidden[0] else []))
-        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=a.oneshot_max_tokens, emulate=emu)
+        # Two-shot only: the one-shot path reduces every row from its one-shot area, which the stand-ins fill
+        # with a pattern, not the case's partials (a --quick run at 64 rows read WRONG there).
+        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=0, emulate=emu)
         sizes = sorted(set(a.tokens) | (set(a.sweep_tokens) if hidden == a.hidden[0] else set()))
         for n in sizes:
             case = Case(world, n, hidden, tp=emu.tp, me=emu.rank, pc=pc)
