@@ -169,7 +169,7 @@ TW_DEVICE void signal(const Args& a, int phase, unsigned int epoch) {
     tw::sync::st_release_sys(flag(ptr<unsigned int>(a, j, kSlotFlags), phase, blockIdx.x, a.rank), epoch);
 }
 
-// EMULATED LINK (tw/emulation.py, --emulate-link-gbps; link_ns = 0 everywhere else). An emulated rank's
+// EMULATED LINK (tw/comm/emulation.py, --emulate-link-gbps; link_ns = 0 everywhere else). An emulated rank's
 // peers are stand-ins whose arrival flags are preset, so a phase would end as soon as this rank's own
 // SMs are done. With link_ns > 0 it ends no earlier than (phase + 1) * link_ns after this CTA started:
 // the time a link of the given rate needs to carry one phase's bytes each way, (tp - 1) ceil(n / tp)

@@ -35,12 +35,12 @@
 //
 // Two implementations share this contract: the mma.sync kernels described here (any sm_80+ GPU,
 // head_dim 64 or 128, 64 or 128 query rows per CTA), and at the end of the file a Hopper-only
-// wgmma kernel (sm_90a, head_dim 128, 128 query rows, 128-key tiles) that tw/attention.py picks by
+// wgmma kernel (sm_90a, head_dim 128, 128 query rows, 128-key tiles) that tw/ops/attention.py picks by
 // default where it applies; on the lab's H200 it runs ~1.3-1.5x faster than the mma.sync kernels.
 //
 // Limits: head_dim D in {64, 128} (compiled instances below); q row stride a multiple of 8 elements
 // and all base pointers 16-byte aligned; num_heads % num_kv_heads == 0; gridDim.y <= 65535 work items.
-// The Python wrapper (tw/attention.py) checks all of these before launching.
+// The Python wrapper (tw/ops/attention.py) checks all of these before launching.
 #include "common.cuh"
 
 namespace {

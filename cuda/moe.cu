@@ -1,8 +1,8 @@
-// The routing kernels of the MoE block (tw/moe.py): top-k + softmax of the router logits, the stable
+// The routing kernels of the MoE block (tw/model/moe.py): top-k + softmax of the router logits, the stable
 // permutation of (token, slot) pairs by expert, the gather of token rows into expert order, and the
 // weighted un-permute into the communication buffer. The expert GEMMs between them are cuBLAS's.
 //
-//   logits   float32 [n, E]        the router GEMM's output (float32: see tw/moe.py)
+//   logits   float32 [n, E]        the router GEMM's output (float32: see tw/model/moe.py)
 //   experts  int32   [n, k]        chosen experts, highest logit first (the lower index on ties)
 //   weights  float32 [n, k]        softmax over the k chosen logits
 //   offsets  int32   [E + 1]       expert e's permuted rows are [offsets[e], offsets[e + 1])

@@ -6,7 +6,7 @@ For each (sequences, total tokens, heads) case, equal-length sequences with no p
     FLOPs  = 4 * head_dim * num_heads * sum_s n_s (n_s + 1) / 2      (QK^T and PV over causal pairs)
     tflops = FLOPs / median time
 Both implementations run on the same stream (torch's current stream, wrapped for CuPy) and are timed
-the same way: tw.bench.time_gpu, CUDA events around each call, median of --iters after --warmup.
+the same way: tw.measure.bench.time_gpu, CUDA events around each call, median of --iters after --warmup.
 Every tw row carries its correctness column: relative norm error against torch's output.
 torch is optional: without it the torch rows are skipped (with a message) and ratio_vs_torch is empty.
 """
@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
-from tw import bench, dist
-from tw.arrays import bf16_from_f32, f32_from_bf16
-from tw.attention import BF16, attention_cuda, attention_meta
+from tw.measure import bench
+from tw.runtime import dist
+from tw.runtime.arrays import bf16_from_f32, f32_from_bf16
+from tw.ops.attention import BF16, attention_cuda, attention_meta
 
 HEADS = ((32, 4), (64, 8))  # Llama-70B / Qwen-72B at TP=2, and unsharded
 HEAD_DIM = 128

@@ -9,15 +9,17 @@
     model = common.build_model(args, world, cfg, max_tokens, kv_capacity)   # size check first
     writer = common.writer(args, world, "latency", cfg, **fields)
 
-User mistakes raise tw.dist.UsageError: printed once by rank 0, no traceback, exit 2.
+User mistakes raise tw.runtime.dist.UsageError: printed once by rank 0, no traceback, exit 2.
 """
 from __future__ import annotations
 
 import os
 import time
 
-from tw import config, dist, results
-from tw.model import Model, memory_estimate
+from tw.model import config
+from tw.runtime import dist
+from tw.measure import results
+from tw.model.model import Model, memory_estimate
 
 CPU_MODELS = ("tiny", "tiny-qwen", "tiny-tp8", "small", "tiny-moe")
 DEFAULT_MODEL = {"gpu": "llama3-70b", "cpu": "tiny"}
@@ -87,7 +89,7 @@ def add_timing_flags(p, iters: int = 20, warmup: int = 5, repeats: int | None = 
     if repeats is not None:
         p.add_argument("--repeats", type=int, default=repeats,
                        help="rounds over all configurations, each timing --iters passes of every configuration "
-                            "in a rotated order (tw/bench.py); the median of all samples counts (1 on the CPU)")
+                            "in a rotated order (tw/measure/bench.py); the median of all samples counts (1 on the CPU)")
 
 
 def add_transport_flag(p) -> None:
@@ -146,7 +148,7 @@ def init(args, gpu_only: str | None = None):
 
 def check_emulation(args, world) -> None:
     """--emulate-tp / --emulate-rank: one rank, no --shard-as-tp, N in 2..8, R in 0..N-1. Sets
-    args._emulation (a tw.emulation.Emulation, or None)."""
+    args._emulation (a tw.comm.emulation.Emulation, or None)."""
     n, r = getattr(args, "emulate_tp", None), getattr(args, "emulate_rank", None)
     link = getattr(args, "emulate_link_gbps", None)
     args._emulation = None
@@ -161,7 +163,7 @@ def check_emulation(args, world) -> None:
     if getattr(args, "shard_as_tp", None) is not None:
         raise dist.UsageError("--emulate-tp and --shard-as-tp do not combine: --emulate-tp N already holds the "
                               "TP=N shards; drop --shard-as-tp")
-    from tw.emulation import Emulation
+    from tw.comm.emulation import Emulation
     try:
         args._emulation = Emulation(n, 0 if r is None else r, link)
     except ValueError as e:
@@ -176,14 +178,14 @@ def check_emulation(args, world) -> None:
 
 
 def emulation(args):
-    """The run's tw.emulation.Emulation, or None."""
+    """The run's tw.comm.emulation.Emulation, or None."""
     return getattr(args, "_emulation", None)
 
 
 def emulation_strategies(args) -> None:
     """Under --emulate-tp, nccl and finegrained (NCCL between real ranks) cannot run: named explicitly
-    they are an error; left to the defaults, nccl is dropped and projected instead (tw/emulation.py)."""
-    from tw import schedules
+    they are an error; left to the defaults, nccl is dropped and projected instead (tw/comm/emulation.py)."""
+    from tw.schedule import strategies as schedules
     emu = emulation(args)
     if emu is None:
         return
@@ -197,9 +199,9 @@ def emulation_strategies(args) -> None:
 
 
 def tuning_key(args, world, cfg, seq_len: int):
-    """The tw.tuned.TuningKey of this run's setting. An emulated rank's choices are its own (transport
+    """The tw.schedule.tuned.TuningKey of this run's setting. An emulated rank's choices are its own (transport
     p2p-emulated, tp = N): tuned on stand-in peers, they must not pass for a real TP group's."""
-    from tw import tuned
+    from tw.schedule import tuned
     emu = emulation(args)
     if emu is not None:
         return tuned.TuningKey(cfg.name, emu.tp, None, cfg.num_layers, "p2p-emulated", seq_len, world.gpu_tag)
@@ -361,7 +363,7 @@ def shared_gpu_strategies(args, world) -> None:
     args.strategies (saying so), refuse --transport nccl, and say that timings mean nothing."""
     if not world.shared_gpu:
         return
-    from tw import schedules
+    from tw.schedule import strategies as schedules
     if getattr(args, "transport", None) == "nccl":
         raise dist.UsageError("--transport nccl cannot run with TW_SHARE_GPU=1 (NCCL refuses two ranks on one GPU)")
     skipped = [s for s in args.strategies if s == "nccl" or schedules.finegrained_k(s) is not None]
@@ -392,7 +394,7 @@ def seq_len_of(args, tokens: int) -> int:
 
 def validate_strategies(strategies) -> None:
     """--strategies: every name known (finegrained<k> with k >= 1), none twice (finegrained = finegrained4)."""
-    from tw import schedules
+    from tw.schedule import strategies as schedules
     seen, bad, dup = set(), [], []
     for s in strategies:
         k = schedules.finegrained_k(s)

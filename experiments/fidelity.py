@@ -7,7 +7,7 @@ ratio = real / emulated. Target (docs/design.md#targets): within 0.8-1.25, or ex
 """
 from __future__ import annotations
 
-from tw.results import RESULTS_DIR, read
+from tw.measure.results import RESULTS_DIR, read
 
 REAL_KERNELS = "kernels-H200x2-warp-per-row.jsonl"
 EMU_KERNELS = ("kernels-emulated-tp2-H200.jsonl", "kernels-emulated-tp2-link355-H200.jsonl")
@@ -94,7 +94,7 @@ def paper_ratios(path=None) -> dict:
     """{(paper model name, prompt tokens): overlap_fused / no_ar} from the paper's figure_11a.csv copy."""
     import csv
 
-    from tw.emulation import PAPER_DIR
+    from tw.comm.emulation import PAPER_DIR
     with open(path or PAPER_DIR / "figure_11a.csv") as f:
         return {(r["model"], int(r["prompt_len"])): float(r["overlap_fused"]) / float(r["no_ar"]) for r in csv.DictReader(f)}
 

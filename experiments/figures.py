@@ -20,7 +20,7 @@ from pathlib import Path
 
 from experiments.figures_moe import fig_moe
 from experiments.figures_sm_share import fig_sm_share
-from tw.results import RESULTS_DIR, read
+from tw.measure.results import RESULTS_DIR, read
 
 FIG_DIR = Path(__file__).resolve().parent / "figures"
 
@@ -65,7 +65,7 @@ def trace_meta(csv_path) -> dict:
 
 def load_trace(csv_path) -> list[dict]:
     """A trace CSV's rows; raises if it is missing, empty or from a CPU-fallback run."""
-    from tw.trace import read_csv
+    from tw.measure.trace import read_csv
     if is_cpu_row(trace_meta(_check_file(csv_path))):
         raise ValueError(f"trace {csv_path} comes from a CPU-fallback run")
     rows = read_csv(csv_path)

@@ -16,7 +16,7 @@ while it runs); hidden = (comm_ms + gemm_ms - wall_ms) / comm_ms (the share of t
 disappeared under the GEMMs). steal_ms above sm_bound_ms means contention beyond the SMs (HBM, L2,
 CTA scheduling); below it, the comm hides in the GEMMs' wave tails.
 All three configurations (GEMMs alone, comm alone, overlapped) are measured the same way, round-robin
-in rotating order (tw/bench.py round_robin, --iters rounds of one sample each): each sample starts after a device sync and an MPI barrier (both ranks' comm kernels
+in rotating order (tw/measure/bench.py round_robin, --iters rounds of one sample each): each sample starts after a device sync and an MPI barrier (both ranks' comm kernels
 start together) with every launch queued behind a 1 ms hold kernel (no host gaps inside the timing).
 Slowest rank's median of --iters. (The first version timed the alone cases back to back and only the
 overlapped one after a sync: host launch gaps and clock drift then dominated the differences.)
@@ -29,9 +29,11 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
-from tw import bench, dist, schedules
-from tw.layers import layer_gemms
-from tw.profile import fill_random
+from tw.measure import bench
+from tw.runtime import dist
+from tw.schedule import strategies as schedules
+from tw.model.layers import layer_gemms
+from tw.schedule.profile import fill_random
 
 
 def parse_args(argv=None):

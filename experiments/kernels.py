@@ -17,7 +17,7 @@ and a CTA sweep (1..132) of p2p_fused and p2p_ar at a few sizes.
 
 Timing: each op is captured N times back-to-back in one CUDA graph (so host launch overhead is not
 timed), the graph is replayed --iters times after warm-up with CUDA events; time_us = the median
-replay / N, the slowest rank (tw.bench.summarize over the TP group).
+replay / N, the slowest rank (tw.measure.bench.summarize over the TP group).
 Floor (P2P two-shot variants): sm_bytes = bytes this rank's SMs read or write (see sm_bytes());
 floor_us = sm_bytes / (ctas x the per-SM copy rate measured by experiments.sm_rate, committed in
 experiments/results/sm_rate-H200.jsonl); vs_floor = time_us / floor_us (docs/design.md#targets: <= 1.1).
@@ -35,8 +35,9 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
-from tw import bench, dist, graph
-from tw.arrays import bf16_from_f32, f32_from_bf16
+from tw.measure import bench
+from tw.runtime import dist, graph
+from tw.runtime.arrays import bf16_from_f32, f32_from_bf16
 
 TOL = 1e-2
 SM_RATE_FILE = "sm_rate-H200.jsonl"  # experiments/results/: the measured per-SM copy rate (experiments.sm_rate)
@@ -59,7 +60,7 @@ def sm_bytes(kernel: str, n: int, hidden: int, tp: int) -> int | None:
 
 def per_sm_gbps() -> tuple[float | None, str]:
     """The median GB/s per SM at 1-8 CTAs from the committed sm_rate file, and where it came from."""
-    from tw.results import RESULTS_DIR, read
+    from tw.measure.results import RESULTS_DIR, read
     path = RESULTS_DIR / SM_RATE_FILE
     if not path.exists():
         return None, "no sm_rate file"
@@ -284,7 +285,7 @@ def main(argv=None):
 
 
 def main_emulated(a, world, emu):
-    """The P2P variants as one emulated rank of TP=N (tw/emulation.py): the kernels' SM-side cost with
+    """The P2P variants as one emulated rank of TP=N (tw/comm/emulation.py): the kernels' SM-side cost with
     stand-in peers and no link. NCCL cannot run on one rank: its columns stay empty."""
     import cupy as cp
     from tw.comm.p2p import P2PComm

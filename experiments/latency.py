@@ -12,9 +12,9 @@ nccl nocomm fused tokenweave --tokens 1024 2048 4096 8192 16384 32768 65536 (on 
 
 For every token count and strategy it builds the batch (prefill sequences of --seq-len tokens, or one
 sequence of all of them with --seq-len all), runs the forward once, optionally checks it against the
-float64 reference (tw/reference.py), then times --iters forward passes (CUDA events, slowest rank),
+float64 reference (tw/model/reference.py), then times --iters forward passes (CUDA events, slowest rank),
 replaying one CUDA graph per token count and strategy when --graph is on. Strategies are timed
-round-robin, --repeats rounds (tw/bench.py).
+round-robin, --repeats rounds (tw/measure/bench.py).
 
 Strategies: nccl (baseline: GEMM -> NCCL all-reduce -> add + RMSNorm), nocomm (all-reduce removed:
 the bound; its output is not the model's), fused (one fused AR + add + RMSNorm kernel, every SM),
@@ -22,7 +22,7 @@ finegrained<k> (GEMMs in k token chunks overlapping their all-reduces; bare `fin
 tokenweave (two halves, one half's fused comm overlapping the other half's compute).
 
 --emulate-tp N (one process, one GPU): rank --emulate-rank of a TP=N job, its comm kernel pushing into
-stand-in peers (tw/emulation.py). nccl and finegrained cannot run there; nccl is PROJECTED instead:
+stand-in peers (tw/comm/emulation.py). nccl and finegrained cannot run there; nccl is PROJECTED instead:
 proj_vs_nccl / proj_paid (rows: projected_nccl_ms, projected_speedup_vs_nccl, projected_comm_paid,
 projected_nccl_source) use nocomm + 2 x layers all-reduces from a named table of measured times.
 
@@ -46,10 +46,14 @@ import os
 import time
 
 from experiments import common
-from tw import batch as batching
-from tw import bench, config, dist, graph, reference, schedules, trace, tuned
-from tw import split as splitting
-from tw.layers import layer_gemms
+from tw.model import config, reference
+from tw.model import batch as batching
+from tw.measure import bench, trace
+from tw.runtime import dist, graph
+from tw.schedule import tuned
+from tw.schedule import strategies as schedules
+from tw.schedule import split as splitting
+from tw.model.layers import layer_gemms
 
 DEFAULT_STRATEGIES = ["nccl", "nocomm", "fused", "tokenweave"]
 DEFAULT_SEQ_LEN = 1024
@@ -88,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--graph-priority", action=argparse.BooleanOptionalAction, default=True,
                    help="instantiate graphs so each kernel keeps its stream's priority (tokenweave's comm stream "
                         "is high priority); --no-graph-priority replays every kernel at one priority, as a "
-                        "plain cudaGraphInstantiate does (tw/graph.py)")
+                        "plain cudaGraphInstantiate does (tw/runtime/graph.py)")
     p.add_argument("--check", action="store_true",
                    help="compare every strategy's output with the float64 reference (nocomm is skipped; with "
                         "--shard-as-tp every strategy is compared with nccl instead)")
@@ -173,7 +177,7 @@ def validate(args, world):
 def emulated_columns(rows, emu, cfg, results_dir) -> None:
     """projected_nccl_ms (NOT measured: nocomm + 2 x layers all-reduces from a named table) and what
     follows from it, per row of an emulated run."""
-    from tw import emulation
+    from tw.comm import emulation
     table = emulation.allreduce_table(emu.tp, results_dir)
     bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
     for r in rows:
@@ -294,7 +298,7 @@ def main(argv=None):
             point_rows.append(row)
         def measure(i, tokens=tokens):
             # One step per strategy and round, not per token count: at full depth and 64K tokens one
-            # pass takes seconds, and a step is bounded by TW_TIMEOUT_S (tw/watchdog.py).
+            # pass takes seconds, and a step is bounded by TW_TIMEOUT_S (tw/runtime/watchdog.py).
             with dist.step(f"timing tokens={tokens} {strategies[i].name}"):
                 return bench.passes(runs[i][0], world, stream, args.iters, args.warmup)
 
@@ -326,7 +330,7 @@ def main(argv=None):
     bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
     emu = common.emulation(args)
     if emu is not None:
-        from tw.results import RESULTS_DIR
+        from tw.measure.results import RESULTS_DIR
         emulated_columns(rows, emu, cfg, RESULTS_DIR)
     for r in rows:
         r["speedup_vs_nccl"] = base[r["tokens"]] / r["median_ms"] if r["tokens"] in base else None
@@ -345,9 +349,9 @@ def main(argv=None):
 
 def check_attention_grid(batches) -> None:
     """The attention kernel's one row limit: a batch's query blocks (one per 128 new tokens of each
-    sequence) form the grid's y dimension, at most 65535 (tw/attention.py). Said here, naming the flags,
+    sequence) form the grid's y dimension, at most 65535 (tw/ops/attention.py). Said here, naming the flags,
     rather than from inside the first forward pass."""
-    from tw.attention import DEFAULT_BLOCK_M, MAX_WORK_ITEMS
+    from tw.ops.attention import DEFAULT_BLOCK_M, MAX_WORK_ITEMS
     for t, b in batches.items():
         blocks = sum(-(-s.new // DEFAULT_BLOCK_M) for s in b.seqs)
         if blocks > MAX_WORK_ITEMS:
@@ -417,7 +421,7 @@ def write_trace(args, world, cfg, strategy, tokens, forward, stream):
     """One eager forward pass under the tracer; rank 0 writes every rank's spans."""
     from pathlib import Path
 
-    from tw import results
+    from tw.measure import results
     tracer = trace.Tracer(world.is_gpu, world.rank)
     with trace.tracing(tracer, stream):
         forward()

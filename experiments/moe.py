@@ -8,7 +8,7 @@ per-expert M. One GPU, one rank.
 Data: layer 0 of the seeded model (router and experts, --shard-tp's shard), x = random N(0, 1) rows (what
 an RMSNorm output looks like), so the routing is the seeded random router's: close to balanced, unlike a
 trained model's (imbalance is reported). Each configuration is timed --iters times per round over
---rounds rounds (round-robin, tw/bench.py), median, CUDA events on one stream.
+--rounds rounds (round-robin, tw/measure/bench.py), median, CUDA events on one stream.
 
 Columns (rows carry the same names): tokens; mode (loop / grouped); imbalance = the largest expert's rows
 / the mean (n k / E); router_ms (router GEMM with float32 logits + top-k softmax), permute_ms (permutation
@@ -27,7 +27,11 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
-from tw import bench, config, dist, moe, moe_ops, ops, weights
+from tw import ops
+from tw.measure import bench
+from tw.model import config, moe, weights
+from tw.runtime import dist
+from tw.ops import moe as moe_ops
 
 
 def parse_args(argv=None):

@@ -25,7 +25,7 @@ kernels one pass issued (counted at the transport, allreduces / norms).
     norm_overhead = ((t_base - t_no_attn_norm) + (t_base - t_no_mlp_norm)) / t_base
 
 Each of --runs runs times every configuration round-robin (--repeats rounds of --iters passes, rotated
-order, slowest rank's median: tw/bench.py); a kind's number per run is that median, and rows give the
+order, slowest rank's median: tw/measure/bench.py); a kind's number per run is that median, and rows give the
 mean and sample standard deviation over the runs. The overheads are computed per run, then averaged.
 
 Also timed in every run, as before: 2 x layers NCCL all-reduces of [T, hidden] alone, and 2 x layers
@@ -41,8 +41,11 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
-from tw import batch as batching
-from tw import bench, dist, graph, ops, schedules
+from tw.model import batch as batching
+from tw import ops
+from tw.measure import bench
+from tw.runtime import dist, graph
+from tw.schedule import strategies as schedules
 from tw.comm import check_range
 
 GPU_MODELS = ("llama3-70b", "qwen2.5-72b")
@@ -70,7 +73,7 @@ def parse_args(argv=None):
 
 class Ablated:
     """A transport that leaves out the all-reduce or the add + RMSNorm of the attention and/or MLP steps
-    of tw.schedules.Sequential (which calls ar_add_norm twice per layer) and counts what it issues.
+    of tw.schedule.strategies.Sequential (which calls ar_add_norm twice per layer) and counts what it issues.
 
     Which step a call is comes from its norm weight: the post-attention norm is some layer's post_norm;
     every other call (the next layer's input norm, the final norm) ends an MLP block."""
@@ -143,7 +146,7 @@ def measure_model(args, world, cfg, stream):
     writer = common.writer(args, world, "overhead", cfg)
 
     def graphed(fn):
-        # an MoE block waits on the host for its row counts: no CUDA graph (tw/moe.py)
+        # an MoE block waits on the host for its row counts: no CUDA graph (tw/model/moe.py)
         return graph.Graph(fn, stream) if world.is_gpu and not cfg.num_experts else fn
 
     rows = []

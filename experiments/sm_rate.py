@@ -9,7 +9,7 @@ k CTAs <= the SM count run on k distinct SMs (--shared-ctas drops that and lets 
 This rate is the floor of every SM-based comm kernel: bytes through the SMs / (SMs x per-SM rate)
 (docs/design.md#targets, docs/hardware.md#measured).
 
-Timing: CUDA events around each call (tw.bench.time_gpu: --warmup untimed calls, then --iters timed
+Timing: CUDA events around each call (tw.measure.bench.time_gpu: --warmup untimed calls, then --iters timed
 ones), the CTA counts taken round-robin over --rounds rounds in rotating order so clock drift hits all
 alike; the median of all timed calls. After timing, dst is compared with src (a wrong copy is reported
 as correct=false, never as a rate).
@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
-from tw import bench, dist, kernels
+from tw.measure import bench
+from tw.runtime import dist, kernels
 
 THREADS = 512  # kThreads in cuda/copy_rate.cu
 

@@ -20,14 +20,17 @@ the held SMs); excess = (slowdown - 1) / (bound - 1) (1: exactly the SM share; t
 docs/design.md#targets is <= 1.2). Timing: each sample starts after a device sync; the holder is
 launched first, the GEMMs are queued behind a 0.3 ms hold on their own stream (so the holder's CTAs are
 resident first and host gaps stay out), CUDA events around --reps back-to-back GEMMs; round-robin over
-the configurations of one (GEMM, M) for --iters rounds (tw/bench.py), median.
+the configurations of one (GEMM, M) for --iters rounds (tw/measure/bench.py), median.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from experiments import common
-from tw import bench, config, dist, ops
+from tw import ops
+from tw.measure import bench
+from tw.model import config
+from tw.runtime import dist
 
 TARGETS = ("off", "left", "half")
 

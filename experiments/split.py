@@ -1,24 +1,25 @@
 """Wave quantization and the split point (the paper's Fig. 9): one MLP block (gate_up GEMM, SiLU*mul,
 down GEMM of this rank's shard: tw/layers.mlp_block) on T tokens, unsplit, as two equal halves, and as
-the two halves the wave-aware rule picks (tw/split.py), back to back on one stream.
+the two halves the wave-aware rule picks (tw/schedule/split.py), back to back on one stream.
 
     mpirun -n 2 python -m experiments.split --model llama3-70b            # T = 1024, 1280, ..., 3840
 
 A split costs nothing only if the two halves' time adds up to the unsplit time; wave quantization makes
-naive halves cost more. The three cases of a T are timed round-robin (tw/bench.py) as CUDA graphs.
+naive halves cost more. The three cases of a T are timed round-robin (tw/measure/bench.py) as CUDA graphs.
 Rows: tokens, kind (unsplit / equal / wave), split_at, mlp_ms, vs_unsplit. With --held KA KM (GPU), rows
 of kind `rule` also give the wave rule's top --top picks on the plain profile (all SMs free) and on a
 loaded one (attention GEMMs beside KA held SMs, MLP GEMMs beside KM, SM targets --sm-targets:
-tw/profile.py), with their predicted cost; the figure of merit is where the end-to-end best of
+tw/schedule/profile.py), with their predicted cost; the figure of merit is where the end-to-end best of
 experiments.tune ranks in each list.
 """
 from __future__ import annotations
 
 from experiments import common
-from tw import bench, dist, graph
-from tw import split as splitting
-from tw.layers import Part, mlp_block
-from tw.profile import fill_random
+from tw.measure import bench
+from tw.runtime import dist, graph
+from tw.schedule import split as splitting
+from tw.model.layers import Part, mlp_block
+from tw.schedule.profile import fill_random
 
 
 def parse_args(argv=None):
@@ -87,7 +88,7 @@ def main(argv=None):
 
 def rank_rules(args, world, model, writer):
     """The wave rule's best-ranked split points on the plain and on the loaded profile (rows kind=rule)."""
-    from tw.profile import GemmProfile
+    from tw.schedule.profile import GemmProfile
     profiles = {"plain": GemmProfile(model),
                 "loaded": GemmProfile(model, held=tuple(args.held), targets=tuple(args.sm_targets or (None, None)))}
     for t in args.tokens:

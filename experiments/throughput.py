@@ -5,12 +5,12 @@
 
 N requests are submitted at t = 0 (--workload random: --input-len prompt tokens each, exactly
 --output-len generated tokens, ignore_eos; sharegpt-like: the synthetic long-tailed table of
-experiments/workloads/). tw/engine.py schedules each step: a budget of --chunk tokens, running decodes
+experiments/workloads/). tw/serve/engine.py schedules each step: a budget of --chunk tokens, running decodes
 first (one token each), then prefill chunks in arrival order (a long prompt continues over several
 steps); each request reserves prompt + output KV slots at admission (--kv-tokens slots in all, at most
 --max-seqs requests running) and waits when they are not free. Each step's batch runs through the
 strategy eagerly (shapes change every step: no CUDA graphs), then a vocab-parallel LM head picks the
-next tokens greedily (tw/lm_head.py). tokenweave splits a step's batch only from --min-split-tokens
+next tokens greedily (tw/serve/lm_head.py). tokenweave splits a step's batch only from --min-split-tokens
 tokens (below, it runs as fused); its split is the tuned choice for exactly this setting with seq_len =
 the chunk size, else the wave rule.
 
@@ -35,9 +35,13 @@ from __future__ import annotations
 from experiments import common, workloads
 from experiments.throughput_check import check, check_refs
 from experiments.throughput_serve import serve, step_stats
-from tw import config, dist, engine, lm_head, schedules, tuned
-from tw import split as splitting
-from tw.model import memory_estimate
+from tw.model import config
+from tw.runtime import dist
+from tw.serve import engine, lm_head
+from tw.schedule import tuned
+from tw.schedule import strategies as schedules
+from tw.schedule import split as splitting
+from tw.model.model import memory_estimate
 
 DEFAULT_STRATEGIES = ["nccl", "nocomm", "fused", "tokenweave"]
 DEFAULTS = {  # flag: (GPU, CPU); the CPU path checks correctness, so it runs a small workload
@@ -239,7 +243,7 @@ def make_strategies(args, world, model) -> list:
     for name in args.strategies:
         profile = None
         if name == "tokenweave" and rule == "wave" and world.is_gpu:
-            from tw.profile import GemmProfile
+            from tw.schedule.profile import GemmProfile
             profile = Ceil64Profile(GemmProfile(model), model.max_tokens)
         strat = schedules.make(name, model, world, args.transport, args.ctas, split=rule, ctas_mlp=args.ctas_mlp,
                                profile=profile, min_split_tokens=args.min_split_tokens)

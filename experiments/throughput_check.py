@@ -1,5 +1,5 @@
 """The correctness check of experiments/throughput.py: generated tokens and logits against the float64
-single-process reference (tw/reference.py next_logits / generate) for the first --check-requests
+single-process reference (tw/model/reference.py next_logits / generate) for the first --check-requests
 requests. CPU (float32): every strategy but nocomm must generate exactly the reference's tokens and its
 logits within tolerance; GPU (bf16): the logits of the first and the last output step within tolerance
 (check_logits_rel_err; greedy tokens may legitimately differ after a near tie in bf16).
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from tw import dist, lm_head, reference
-from tw.arrays import to_host
+from tw.runtime import dist
+from tw.serve import lm_head
+from tw.model import reference
+from tw.runtime.arrays import to_host
 
 
 def references(args, world, cfg, model, load) -> dict:

@@ -1,4 +1,4 @@
-"""One serving run of experiments/throughput.py: the step loop over tw/engine.py's scheduler with one
+"""One serving run of experiments/throughput.py: the step loop over tw/serve/engine.py's scheduler with one
 strategy (schedule, prepare, forward, LM head, commit), its per-step records (host, launch, forward and
 GPU times) and their medians; for --check, the captured requests' logits and MoE routing.
 """
@@ -11,7 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from experiments import common
-from tw import dist, engine
+from tw.runtime import dist
+from tw.serve import engine
 
 PROGRESS_S = 2.0   # seconds between progress lines
 

@@ -4,7 +4,7 @@ against an exhaustive end-to-end search.
     mpirun -n 2 python -m experiments.tune --model llama3-70b --layers 4 --tokens 4096 8192
 
 For each token count T:
-1. the wave-aware split s_wave from the GEMM profile (tw/split.py, tw/profile.py; the profile JSON is
+1. the wave-aware split s_wave from the GEMM profile (tw/schedule/split.py, tw/schedule/profile.py; the profile JSON is
    written to experiments/tuned/ and reused);
 2. CTA budgets (comm overlapping attention, comm overlapping MLP) from --ctas-grid, timed end to end
    at s_wave; the fastest pair wins; then the cuBLAS SM-count target of the GEMMs beside each of the
@@ -14,13 +14,13 @@ For each token count T:
    T/2, with the winning CTAs; best_split, its time, and wave_vs_best = t(s_wave) / t(best);
 4. the shortlist: the rule's --shortlist best-predicted points, timed in the same rounds, and the
    pick of the rule on a loaded profile (GEMMs timed beside the chosen CTA budgets' SMs held, with
-   the chosen SM targets: tw/profile.py), loaded_split / loaded_vs_best (GPU only);
+   the chosen SM targets: tw/schedule/profile.py), loaded_split / loaded_vs_best (GPU only);
    shortlist_vs_best = t(fastest of them) / t(best). With --no-exhaustive only the shortlist (and
    T/2) is timed and its fastest point becomes best_split: a tune in a few points instead of ~13;
 5. not splitting at all (the fused kernel on every SM, nothing overlapped), in the same rounds.
-Configurations are timed with the timer every experiment uses (tw/bench.py: rounds in a rotated
+Configurations are timed with the timer every experiment uses (tw/measure/bench.py: rounds in a rotated
 order, median of all samples, slowest rank), so tune's times and latency's are comparable. The
-choice (tw/tuned.py) is keyed by everything that changes it: model, TP, --shard-as-tp, --layers,
+choice (tw/schedule/tuned.py) is keyed by everything that changes it: model, TP, --shard-as-tp, --layers,
 --transport, --seq-len and the GPU; experiments.latency --split tuned reads exactly that key.
 Rows: kind (ctas / split / unsplit / choice), tokens, split_at, ctas_attn, ctas_mlp, median_ms, and
 in the choice row the TunedChoice fields.
@@ -30,9 +30,12 @@ from __future__ import annotations
 import time
 
 from experiments import common
-from tw import batch as batching
-from tw import bench, dist, graph, schedules, tuned
-from tw import split as splitting
+from tw.model import batch as batching
+from tw.measure import bench
+from tw.runtime import dist, graph
+from tw.schedule import tuned
+from tw.schedule import strategies as schedules
+from tw.schedule import split as splitting
 
 UNSPLIT = "unsplit"  # the configuration that stands for not splitting
 
@@ -88,7 +91,7 @@ def main(argv=None):
                   tuned.TunedChoice(split_at, ca, cm, sm_target_attn=ta, sm_target_mlp=tm, extra={"source": "forced"}))
         plan = tw.prepare(batch, ids, choice)
         run = lambda: tw.forward(plan, stream)  # noqa: E731
-        # an MoE block waits on the host for its row counts: no CUDA graph (tw/moe.py)
+        # an MoE block waits on the host for its row counts: no CUDA graph (tw/model/moe.py)
         return graph.Graph(run, stream) if world.is_gpu and not model.cfg.num_experts else run
 
     def timed_all(batch, ids, configs):
@@ -128,7 +131,7 @@ def main(argv=None):
             (_, _, _, ta, tm), _ = min(target_times.items(), key=lambda kv: kv[1])
         loaded = None
         if world.is_gpu:  # the rule on GEMMs timed as they run in the schedule: beside the comm's SMs
-            from tw.profile import GemmProfile
+            from tw.schedule.profile import GemmProfile
             lp = GemmProfile(model, held=(ca, cm), targets=(ta, tm))
             loaded = splitting.wave_split(tokens, lp) if world.tp_rank == 0 else None
             loaded = world.tp_comm.bcast(loaded, root=0)

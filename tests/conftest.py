@@ -41,7 +41,7 @@ def _is_openmpi(launcher: str) -> bool:
 
 
 def gpus() -> int:
-    from tw.dist import gpu_count
+    from tw.runtime.dist import gpu_count
     return gpu_count()
 
 

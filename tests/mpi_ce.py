@@ -11,7 +11,7 @@
    tolerance tests/mpi_p2p.py derives), out private / registered / staging, bit-identical on every rank;
 3. bit-identical to P2PComm (two-shot) on the same inputs, where P2PComm can be built;
 4. back-to-back calls on the same rows and alternating halves, no host sync between them (buffer reuse);
-5. a CUDA graph of one call (tw.graph.Graph) replayed 5 times on fresh data;
+5. a CUDA graph of one call (tw.runtime.graph.Graph) replayed 5 times on fresh data;
 6. bad inputs raise ValueError / TypeError; make("ce") builds a CeComm;
 7. last, a dead peer: ranks 1.. skip a call; rank 0's check() must raise CeTimeout within timeout_s. Then
    the late ranks make the call after all, which must release rank 0's blocked stream with correct results.
@@ -33,10 +33,10 @@ from tests.mpi_checks import (FAILS, expect, expect_user_errors, rel_err, report
                               section as run_section)
 from tests.mpi_p2p import BF16, partials, reference, to_dev, to_host
 from tw import comm as transports
-from tw import dist
+from tw.runtime import dist
 from tw.comm import owned_rows
 from tw.comm.ce import CeComm, CeTimeout
-from tw.graph import Graph
+from tw.runtime.graph import Graph
 
 EPS = 1e-5
 

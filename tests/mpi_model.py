@@ -13,12 +13,14 @@ import argparse
 
 import numpy as np
 
-from tw import batch as batching
-from tw import config, dist, reference, schedules
+from tw.model import config, reference
+from tw.model import batch as batching
+from tw.runtime import dist
+from tw.schedule import strategies as schedules
 from tw import comm as transports
 from tw.comm import owned_rows
-from tw.arrays import to_host
-from tw.model import Model
+from tw.runtime.arrays import to_host
+from tw.model.model import Model
 
 
 def check_strategies(world, cfg, strategies, batches, seed=1):
@@ -50,9 +52,9 @@ def check_strategies(world, cfg, strategies, batches, seed=1):
 
 
 def check_graph_replay(world, strat, plan, ref, tol, b, replays=3):
-    """The strategy's forward captured once as a CUDA graph (tw/graph.py) and replayed: every replay
+    """The strategy's forward captured once as a CUDA graph (tw/runtime/graph.py) and replayed: every replay
     gives the reference's output (the P2P epochs live on the device, so replays stay in step)."""
-    from tw.graph import Graph
+    from tw.runtime.graph import Graph
     stream = world.new_stream()
     m = strat.model
     g = Graph(lambda: strat.forward(plan, stream), stream)

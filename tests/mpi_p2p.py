@@ -20,8 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from tests.mpi_checks import FAILS, expect, expect_user_errors, rel_err, report, section as run_section
-from tw import dist
-from tw.graph import Graph
+from tw.runtime import dist
+from tw.runtime.graph import Graph
 from tw.comm import owned_rows
 from tw.comm.p2p import P2PComm, P2PTimeout, cluster_size
 

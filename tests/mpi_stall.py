@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from tw import dist
+from tw.runtime import dist
 
 mode = sys.argv[1]
 world = dist.init(None, "cpu")

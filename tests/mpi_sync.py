@@ -8,9 +8,12 @@ semantics). Run as `mpiexec -n 2 python -m tests.mpi_sync` (tests/test_schedules
 """
 from __future__ import annotations
 
-from tw import batch as batching
-from tw import config, dist, schedules, trace
-from tw.model import Model
+from tw.model import config
+from tw.model import batch as batching
+from tw.runtime import dist
+from tw.schedule import strategies as schedules
+from tw.measure import trace
+from tw.model.model import Model
 
 
 class Log:
@@ -19,7 +22,7 @@ class Log:
     def __init__(self):
         self.items = []
 
-    def append(self, span):  # called by tw.trace.span as tracer.spans.append((name, lane, start, end))
+    def append(self, span):  # called by tw.measure.trace.span as tracer.spans.append((name, lane, start, end))
         name, _, stream, _ = span
         self.items.append(("op", name, stream))
 

@@ -12,7 +12,9 @@ import argparse
 
 import numpy as np
 
-from tw import config, dist, lm_head
+from tw.model import config
+from tw.runtime import dist
+from tw.serve import lm_head
 
 
 def main() -> int:
@@ -55,7 +57,7 @@ def main() -> int:
 
 
 def _f32(a):
-    from tw.arrays import f32_from_bf16
+    from tw.runtime.arrays import f32_from_bf16
     return f32_from_bf16(a)
 
 

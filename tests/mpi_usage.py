@@ -9,7 +9,7 @@
 """
 import sys
 
-from tw import dist
+from tw.runtime import dist
 
 mode = sys.argv[1]
 if mode == "preinit":

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import requires_gpu
-from tw import dist
-from tw.attention import BF16, attention_numpy, work_items
+from tw.runtime import dist
+from tw.ops.attention import BF16, attention_numpy, work_items
 
 HAS_GPU = dist.gpu_count() > 0
 
@@ -109,7 +109,7 @@ def error_pattern(got, want):
 def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, strided_q=True, seed=0,
                  kernel="auto"):
     import cupy as cp
-    from tw.attention import attention_cuda, attention_meta
+    from tw.ops.attention import attention_cuda, attention_meta
     rng = np.random.default_rng(seed)
     q, k, v, cu, start, pre = make_batch(rng, new, prefix, num_heads, num_kv_heads, head_dim)
     num_tokens = q.shape[0]
@@ -148,7 +148,7 @@ def run_gpu_case(new, prefix, num_heads, num_kv_heads, head_dim, block_m=128, st
 
 def kernels_here():
     """(kernel, block_m) variants this GPU runs: the mma.sync ones everywhere, wgmma on sm_90a."""
-    from tw.kernels import device_arch
+    from tw.runtime.kernels import device_arch
     variants = [("mma", 128), ("mma", 64)]
     return variants + [("wgmma", 128)] if device_arch() == "sm_90a" else variants
 
@@ -207,8 +207,8 @@ def test_cuda_decode_only_and_single_token(kernel, block_m):
 def test_cuda_graph_capture():
     """attention_cuda does no sync and no allocation: it replays from a CUDA graph."""
     import cupy as cp
-    from tw.attention import attention_cuda, attention_meta
-    from tw.graph import Graph
+    from tw.ops.attention import attention_cuda, attention_meta
+    from tw.runtime.graph import Graph
     rng = np.random.default_rng(5)
     q, k, v, cu, start, pre = make_batch(rng, [100, 1], [0, 50], 8, 2, 128)
     (q_d, q64), (k_d, k64), (v_d, v64) = map(to_device_bf16, (q, k, v))
@@ -228,7 +228,7 @@ def test_cuda_graph_capture():
 @requires_gpu
 def test_cuda_rejects_bad_input():
     import cupy as cp
-    from tw.attention import attention_cuda, attention_meta
+    from tw.ops.attention import attention_cuda, attention_meta
     meta = attention_meta(np.array([0, 4]), np.array([0]), np.array([0]))
     q = cp.zeros((4, 4, 128), dtype=BF16)
     kv = cp.zeros((8, 2, 128), dtype=BF16)

@@ -20,7 +20,7 @@ from mpi4py import MPI
 
 from conftest import requires_gpus, run_mpi
 from tw import comm as transports
-from tw import kernels
+from tw.runtime import kernels
 from tw.comm import ce, owned_rows
 
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tw import kernels
+from tw.runtime import kernels
 
 needs_nvcc = pytest.mark.skipif(not (shutil.which("nvcc") or __import__("os").path.exists("/usr/local/cuda/bin/nvcc")),
                                 reason="nvcc not installed")

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tw import batch as batching
-from tw import config
+from tw.model import config
+from tw.model import batch as batching
 from tw.comm import owned_rows
 
 
@@ -34,7 +34,7 @@ def test_bad_tp_is_a_clear_error(name, tp, msg):
 def test_unknown_models_refuse_clearly_and_moe_ones_load():
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
         config.get("gpt5")
-    assert config.get("mixtral-8x22b").num_experts == 8   # MoE: tw/moe.py (CPU path); GPU refused in experiments
+    assert config.get("mixtral-8x22b").num_experts == 8   # MoE: tw/model/moe.py (CPU path); GPU refused in experiments
 
 
 def test_llama3_rope_scaling_changes_only_low_frequencies():

@@ -1,4 +1,4 @@
-"""The emulated rank (tw/emulation.py): one process plays rank r of a TP=N job over stand-in peers.
+"""The emulated rank (tw/comm/emulation.py): one process plays rank r of a TP=N job over stand-in peers.
 
 Exactness: my staging holds my rank-and-row encoded partials, my receive area the stand-in peers'
 (encoded by their ranks); every sum over them is an integer exact in bf16 (tests/mpi_p2p.encoded), so
@@ -16,7 +16,7 @@ from conftest import requires_gpu, run_mpi
 from tests.mpi_p2p import encoded
 from tw import comm as transports
 from tw.comm import owned_rows
-from tw.emulation import Emulation, allreduce_table, paper_allreduce_table, projected_nccl
+from tw.comm.emulation import Emulation, allreduce_table, paper_allreduce_table, projected_nccl
 
 HIDDEN = 256
 EPS = 1e-5
@@ -254,7 +254,7 @@ def test_latency_emulated_on_the_cpu(tmp_path):
 ])
 def test_bad_emulation_flags_are_usage_errors(args, msg):
     from experiments import latency
-    from tw import dist
+    from tw.runtime import dist
     with pytest.raises(dist.UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         latency.main(["--device", "cpu", "--tokens", "64", "--out", "/tmp/tw-test-emulate.jsonl", *args])
 

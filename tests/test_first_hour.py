@@ -102,7 +102,7 @@ def test_cpu_result_files_carry_cpu_in_their_name():
     from types import SimpleNamespace
 
     from experiments import common
-    from tw import config
+    from tw.model import config
     world = SimpleNamespace(tp_size=2, gpu_tag="cpu")
     assert "-cpu" in common.tag(world, config.get("tiny"))
 

@@ -82,7 +82,7 @@ def test_argument_parser_error_once():
 
 
 def test_tp_zero_is_a_usage_error():
-    proc = subprocess.run([sys.executable, "-c", "from tw import dist; dist.init(0, 'cpu')"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", "from tw.runtime import dist; dist.init(0, 'cpu')"], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and _lines(proc.stderr) == ["error: --tp must be >= 1, got 0"], proc.stderr
 
@@ -232,7 +232,7 @@ def test_blas_threads_the_user_set_are_kept(monkeypatch):
 # --- 5. without a launcher --------------------------------------------------------------------------
 
 def test_no_launcher_says_so_once():
-    code = "from tw import dist; w = dist.init(None, 'cpu'); dist.init(None, 'cpu'); print('tp', w.tp_size)"
+    code = "from tw.runtime import dist; w = dist.init(None, 'cpu'); dist.init(None, 'cpu'); print('tp', w.tp_size)"
     launcher_vars = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
@@ -242,5 +242,5 @@ def test_no_launcher_says_so_once():
 
 
 def test_one_rank_under_the_launcher_has_no_note():
-    proc = run_mpi(1, ["-c", "from tw import dist; dist.init(None, 'cpu'); print('ok')"], timeout=30)
+    proc = run_mpi(1, ["-c", "from tw.runtime import dist; dist.init(None, 'cpu'); print('ok')"], timeout=30)
     assert proc.returncode == 0 and "ok" in proc.stdout and "note:" not in proc.stderr, proc.stderr

@@ -1,13 +1,13 @@
-"""The MoE block (tw/moe.py): routing and permutation against plain per-token loops, the block against a
+"""The MoE block (tw/model/moe.py): routing and permutation against plain per-token loops, the block against a
 per-token float64 loop, TP sharding and token splits, every strategy on CPU ranks, and the refusals."""
 import numpy as np
 import pytest
 
 from conftest import gpus, requires_gpu, run_mpi
-from tw import config, reference, weights
-from tw import moe as moe_mod
-from tw.arrays import to_host
-from tw.moe import MoEBuffers, MoEWeights, moe_forward, permute, route, router_gap
+from tw.model import config, reference, weights
+from tw.model import moe as moe_mod
+from tw.runtime.arrays import to_host
+from tw.model.moe import MoEBuffers, MoEWeights, moe_forward, permute, route, router_gap
 
 
 def _logits(n=53, e=8, seed=0):
@@ -206,7 +206,7 @@ def test_gemm_mode_is_scoped_and_checked():
 
 
 def test_the_moe_block_needs_its_output_rows():
-    from tw.layers import mlp_block
+    from tw.model.layers import mlp_block
 
     class M:
         cfg = config.get("tiny-moe")
@@ -238,7 +238,7 @@ def test_gpu_block_matches_the_cpu_block_and_float64(n, k, mode):
 @requires_gpu
 def test_gpu_permutation_is_the_cpu_permutation():
     import cupy as cp
-    from tw import moe_ops
+    from tw.ops import moe as moe_ops
     for n, e, k in [(1, 8, 2), (5000, 8, 2), (3000, 64, 8), (1025, 3, 1)]:
         experts = np.random.default_rng(n).integers(0, e, (n, k))
         if k > 1:   # distinct experts per token, as routing gives
@@ -260,7 +260,7 @@ def test_gpu_moe_model_check_at_tp1():
 @requires_gpu
 def test_gpu_moe_refuses_graph_capture_plainly():
     import cupy as cp
-    from tw import moe_ops
+    from tw.ops import moe as moe_ops
     offsets, host = cp.zeros(9, cp.int32), np.zeros(9, np.int32)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:

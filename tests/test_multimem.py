@@ -60,7 +60,7 @@ def test_constructor_refuses_before_any_driver_import(env):
 
 def _have_nvcc():
     try:
-        from tw import kernels
+        from tw.runtime import kernels
         kernels.nvcc()
         return True
     except Exception:
@@ -69,7 +69,7 @@ def _have_nvcc():
 
 @pytest.mark.skipif(not _have_nvcc(), reason="nvcc not found")
 def test_multimem_kernel_ptx_has_multimem_instructions():
-    from tw import kernels
+    from tw.runtime import kernels
     ptx = kernels.compile("ar_norm_multimem", "sm_90a", kind="ptx").read_text()
     assert "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2" in ptx
     assert "multimem.st.relaxed.sys.global.v4.f32" in ptx

@@ -8,7 +8,8 @@ error ~1.1e-3, and the GEMM accumulates in fp32).
 import numpy as np
 import pytest
 
-from tw import ops, reference
+from tw import ops
+from tw.model import reference
 from conftest import requires_gpu
 
 rng = np.random.default_rng(1234)
@@ -128,7 +129,7 @@ def test_gpu_hold_keeps_its_stream_busy_for_the_time_asked():
     """bench.hold (cuda/hold.cu): an event pair around it measures at least the time asked, and work
     queued behind it on the stream runs after it (not beside it)."""
     import cupy as cp
-    from tw import bench
+    from tw.measure import bench
     stream = cp.cuda.Stream(non_blocking=True)
     start, mid, end = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()
     x = cp.zeros(1 << 20, dtype=cp.float32)

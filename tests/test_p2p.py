@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tw.dist import gpu_count
+from tw.runtime.dist import gpu_count
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,11 @@ import pytest
 from conftest import run_mpi
 
 from experiments import common, latency
-from tw import batch as batching
-from tw import config, dist, tuned
-from tw.model import memory_estimate
+from tw.model import config
+from tw.model import batch as batching
+from tw.runtime import dist
+from tw.schedule import tuned
+from tw.model.model import memory_estimate
 
 
 def _rows(path):
@@ -190,8 +192,11 @@ def test_overhead_ablations_rows_and_what_they_skip(tmp_path):
 _SAME_AS_STRATEGIES = """
 import numpy as np
 from experiments import overhead
-from tw import batch as batching, config, dist, schedules
-from tw.model import Model
+from tw.model import config
+from tw.model import batch as batching
+from tw.runtime import dist
+from tw.schedule import strategies as schedules
+from tw.model.model import Model
 world = dist.init(None, "cpu")
 cfg = config.get("tiny")
 model = Model(cfg, world, 200)

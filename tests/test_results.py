@@ -1,5 +1,5 @@
-"""tw/results.py: every row's metadata, including the build switches that change the P2P kernels."""
-from tw import results
+"""tw/measure/results.py: every row's metadata, including the build switches that change the P2P kernels."""
+from tw.measure import results
 
 
 def test_metadata_names_commit_and_hardware(monkeypatch):

@@ -31,9 +31,10 @@ def test_strategies_bind_x_to_the_transports_registered_output():
 
     from mpi4py import MPI
 
-    from tw import batch as batching
-    from tw import config, schedules
-    from tw.model import Model
+    from tw.model import config
+    from tw.model import batch as batching
+    from tw.schedule import strategies as schedules
+    from tw.model.model import Model
     world = SimpleNamespace(is_gpu=False, tp_size=1, tp_rank=0, tp_comm=MPI.COMM_SELF, sm_count=0, rank=0)
     model = Model(config.get("tiny", 1), world, 512)
     own = model.ws.x

@@ -43,7 +43,7 @@ def test_help_names_the_columns():
 
 
 def test_held_pairs_need_even_counts():
-    from tw import bench
+    from tw.measure import bench
     with pytest.raises(ValueError, match="cluster must be 1 or 2 and divide k"):
         bench.hold_sms(None, 7, 10.0, cluster=2)
     proc = subprocess.run([sys.executable, "-m", "experiments.sm_share", "--beside", "pairs", "--held", "8", "5"],

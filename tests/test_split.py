@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from tw import profile, split
+from tw.schedule import profile, split
 
 
 def staircase(wave_rows: int, per_wave_ms: float = 1.0):

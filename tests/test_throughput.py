@@ -1,5 +1,5 @@
-"""experiments/throughput.py and what it is made of: the scheduler (tw/engine.py, pure), the
-vocab-parallel LM head (tw/lm_head.py), the workloads, a CPU serving run checked token for token
+"""experiments/throughput.py and what it is made of: the scheduler (tw/serve/engine.py, pure), the
+vocab-parallel LM head (tw/serve/lm_head.py), the workloads, a CPU serving run checked token for token
 against the float64 reference, its user errors, and the throughput figures."""
 import json
 import subprocess
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, gpus, run_mpi
-from tw import engine, lm_head
-from tw.engine import FirstFit, Request, Scheduler
+from tw.serve import engine, lm_head
+from tw.serve.engine import FirstFit, Request, Scheduler
 
 CPU_ONLY = pytest.mark.skipif(gpus() > 0, reason="checks the CPU path (a GPU is present)")
 
@@ -137,7 +137,7 @@ def test_argmax_across_ranks_breaks_ties_by_the_lowest_index():
 
 def test_wave_rule_reads_the_profile_at_64_row_multiples_and_splits_once_per_size():
     from experiments.throughput import Ceil64Profile, memoized
-    from tw import split
+    from tw.schedule import split
     seen, calls = [], []
 
     class Profile:  # a staircase of 128-row tiles

@@ -2,7 +2,7 @@
 import json
 
 from conftest import run_mpi
-from tw import trace
+from tw.measure import trace
 
 
 def row(name, lane, start, dur, rank=0):

@@ -1,13 +1,15 @@
-"""Tuned choices (tw/tuned.py) and how tokenweave's plan carries them (no GPU needed)."""
+"""Tuned choices (tw/schedule/tuned.py) and how tokenweave's plan carries them (no GPU needed)."""
 import json
 from types import SimpleNamespace
 
 import pytest
 from mpi4py import MPI
 
-from tw import batch as batching
-from tw import config, schedules, tuned
-from tw.model import Model
+from tw.model import config
+from tw.model import batch as batching
+from tw.schedule import tuned
+from tw.schedule import strategies as schedules
+from tw.model.model import Model
 
 KEY = tuned.TuningKey("llama3-70b", 2, None, 4, "p2p", 1024, "NVIDIA_H200")
 

@@ -1,10 +1,7 @@
 """tw: TokenWeave (arXiv 2505.11329) in CuPy + NCCL + MPI.
 
-Modules, one concept each: config (model presets, shards), dist (MPI/NCCL bootstrap), kernels (the
-CUDA loader), ops (GEMM + memory-bound kernels), attention, batch (token layout, A/B split), weights,
-layers, model, schedules (the strategies), split (wave-aware split point), comm/ (transports), reference
-(float64 model), bench (timing), trace (per-op timelines), results (result files), watchdog (stalled
-peers: TW_TIMEOUT_S).
+Subpackages, bottom up: runtime, ops, model, comm, schedule, serve, measure (the code map is in the
+README).
 
 Importing tw under an MPI launcher with several ranks on the machine limits BLAS / OpenMP to one thread
 per rank (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, BLIS_NUM_THREADS = 1), unless the user

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tw.engine import Request
+from tw.serve.engine import Request
 
 KINDS = ("random", "sharegpt-like")
 TABLE = Path(__file__).resolve().parent / "sharegpt_like.csv"

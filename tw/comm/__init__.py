@@ -13,7 +13,7 @@ One interface (`Transport`), one factory (`make`), one constructor shape:
 | `ce`       | `ce.py`       | peer copies on the copy engines + a local add + RMSNorm kernel        |
 | (cpu)      | `cpu.py`      | NumPy + MPI collectives: what `nccl` and `p2p` become on a CPU world  |
 
-`emulate=Emulation(tp, rank)` (tw/emulation.py) makes `p2p` play one rank of a TP group alone, over
+`emulate=Emulation(tp, rank)` (tw/comm/emulation.py) makes `p2p` play one rank of a TP group alone, over
 stand-in peers (`standin.py`; on the CPU, `cpu.CpuLoopback`); the other kinds refuse it.
 
 The contract (docs/design.md#transports):
@@ -82,21 +82,21 @@ def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool
     if emulate is not None and kind != "none":
         return _emulated(kind, world, hidden, max_tokens, dtype, sharded, emulate, options)
     if kind == "none":
-        from .nocomm import NoComm
+        from tw.comm.nocomm import NoComm
         return NoComm(world, hidden, max_tokens, dtype, sharded=sharded)
     if kind == "multimem":
-        from .multimem import MultimemComm  # refuses before touching the driver unless allowed
+        from tw.comm.multimem import MultimemComm  # refuses before touching the driver unless allowed
         return MultimemComm(world, hidden, max_tokens, dtype, sharded=sharded, **options)
     if not world.is_gpu:
-        from .cpu import CpuComm
+        from tw.comm.cpu import CpuComm
         return CpuComm(world, hidden, max_tokens, dtype, sharded=sharded)
-    from .nccl import NcclComm
+    from tw.comm.nccl import NcclComm
     if kind == "nccl":
         return NcclComm(world, hidden, max_tokens, dtype, sharded=sharded)
     if kind == "ce":
-        from .ce import CeComm as peer, CeUnavailable as unavailable
+        from tw.comm.ce import CeComm as peer, CeUnavailable as unavailable
     else:
-        from .p2p import P2PComm as peer, P2PUnavailable as unavailable
+        from tw.comm.p2p import P2PComm as peer, P2PUnavailable as unavailable
     try:
         return peer(world, hidden, max_tokens, dtype, sharded=sharded, **options)
     except unavailable as e:
@@ -107,7 +107,7 @@ def make(kind: str, world, hidden: int, max_tokens: int, dtype, *, sharded: bool
 
 
 def _emulated(kind, world, hidden, max_tokens, dtype, sharded, emulate, options):
-    """The emulated rank's transport (tw/emulation.py): p2p over stand-in peers (the CPU: its NumPy twin).
+    """The emulated rank's transport (tw/comm/emulation.py): p2p over stand-in peers (the CPU: its NumPy twin).
     NCCL needs real ranks; the copy engines copy between GPUs, and a same-device copy runs on the SMs
     (docs/hardware.md), so a CE emulation would not be faithful and is refused."""
     if kind != "p2p":
@@ -118,9 +118,9 @@ def _emulated(kind, world, hidden, max_tokens, dtype, sharded, emulate, options)
                             "multimem": "multicast objects are never created on the lab machines"}.get(kind, "")
                          + "; use p2p")
     if not world.is_gpu:
-        from .cpu import CpuLoopback
+        from tw.comm.cpu import CpuLoopback
         return CpuLoopback(world, hidden, max_tokens, dtype, sharded=sharded, emulate=emulate)
-    from .p2p import P2PComm
+    from tw.comm.p2p import P2PComm
     return P2PComm(world, hidden, max_tokens, dtype, sharded=sharded, emulate=emulate, **options)
 
 

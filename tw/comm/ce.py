@@ -59,9 +59,9 @@ import time
 
 import numpy as np
 
-from . import check_range, owned_rows
-from .ipc import SharedBuffer, check_norm, check_rows
-from .. import kernels
+from tw.comm import check_range, owned_rows
+from tw.comm.ipc import SharedBuffer, check_norm, check_rows
+from tw.runtime import driver, kernels
 
 MAX_TP = 8        # cuda/ce_norm.cu kMaxTp
 MAX_CHUNKS = 16   # chunks per owner's block at most
@@ -124,16 +124,10 @@ def plan(rank: int, tp: int, start: int, end: int, chunks: int, chunk_max: int, 
     return ops
 
 
-def _check(result, what: str) -> None:
-    """cuda-bindings returns (CUresult, *values): raise unless CUDA_SUCCESS (as multimem.py's helper)."""
-    if int(result[0]) != 0:
-        raise RuntimeError(f"{what} failed: {result[0]}")
-
-
 class CeComm:
     """Fused AllReduce + residual-add + RMSNorm over copy engines and stream memory operations.
 
-    world: tw.dist.World on GPUs; hidden: row width (a multiple of 8); max_tokens: rows of the staging
+    world: tw.runtime.dist.World on GPUs; hidden: row width (a multiple of 8); max_tokens: rows of the staging
     buffer. ctas: default CTA count of the local kernel (1..SM count). chunks: pieces each owner's rows are
     cut into, so copies overlap the norm (1..16, the same on every rank). timeout_s: how long check() waits
     for the streams before it raises CeTimeout. sharded=False raises: the CE transport has the sharded
@@ -176,10 +170,9 @@ class CeComm:
                  "out": max_tokens * self._row, "flags": NUM_FLAGS * 4}
         err = None
         try:  # the driver's stream memory operations (cuda-bindings)
-            from cuda.bindings import driver
-            self._drv = driver
-            self._eq = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
-            self._barrier = int(driver.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+            self._drv = drv = driver.api()
+            self._eq = int(drv.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_EQ)
+            self._barrier = int(drv.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
         except Exception as e:  # noqa: BLE001 - reported collectively by SharedBuffer
             err = e
         self._side = cp.cuda.Stream(non_blocking=True)
@@ -325,10 +318,10 @@ class CeComm:
         return self._fns[name]
 
     def _write(self, s, addr: int, value: int) -> None:  # with the default memory barrier before the write
-        _check(self._drv.cuStreamWriteValue32(s.ptr, addr, value, self._barrier), "cuStreamWriteValue32")
+        driver.check(self._drv.cuStreamWriteValue32(s.ptr, addr, value, self._barrier), "cuStreamWriteValue32")
 
     def _wait(self, s, addr: int, value: int) -> None:
-        _check(self._drv.cuStreamWaitValue32(s.ptr, addr, value, self._eq), "cuStreamWaitValue32")
+        driver.check(self._drv.cuStreamWaitValue32(s.ptr, addr, value, self._eq), "cuStreamWaitValue32")
 
     # ------------------------------------------------------------------ errors
     def check(self) -> None:

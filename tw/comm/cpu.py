@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from .. import ops
-from . import BufferComm, owned_rows
+from tw import ops
+from tw.comm import BufferComm, owned_rows
 
 
 class CpuComm(BufferComm):
@@ -43,7 +43,7 @@ class CpuComm(BufferComm):
 
 
 class CpuLoopback(BufferComm):
-    """The emulated rank on the CPU (tw/emulation.py): rank `emulate.rank` of TP=`emulate.tp` in one
+    """The emulated rank on the CPU (tw/comm/emulation.py): rank `emulate.rank` of TP=`emulate.tp` in one
     process, with NumPy stand-in peers that follow the P2P kernel's data flow step by step, so CPU tests
     check which rows go where (cuda/ar_norm_p2p.cu, p2p_ar_norm and p2p_all_reduce):
       phase 1: my partials of peer j's rows -> stand-in j's recv[me] (rows relative to j's first row);
@@ -56,7 +56,7 @@ class CpuLoopback(BufferComm):
 
     def __init__(self, world, hidden: int, max_tokens: int, dtype=np.float32, *, sharded: bool = True, emulate=None):
         if emulate is None:
-            raise ValueError("CpuLoopback needs an Emulation (tw/emulation.py)")
+            raise ValueError("CpuLoopback needs an Emulation (tw/comm/emulation.py)")
         if world.tp_size != 1:
             raise ValueError(f"an emulated rank runs alone: the world has TP={world.tp_size}, expected 1")
         self.sharded, self.emulate = bool(sharded), emulate

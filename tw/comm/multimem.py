@@ -17,7 +17,9 @@ from __future__ import annotations
 import ctypes
 import os
 
-from . import owned_rows  # noqa: F401  (the kernel follows the same row ownership)
+from tw.runtime import driver
+
+# Row ownership follows tw.comm.owned_rows, as for every transport.
 
 FORBIDDING_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -52,15 +54,6 @@ def check_multicast_allowed(env=None) -> None:
             "(TW_ALLOW_MULTICAST=1 does not override it). Use the 'p2p' or 'nccl' transport.")
 
 
-def _check(result):
-    """cuda-bindings returns (CUresult, *values); raise on error, return the values."""
-    from cuda.bindings import driver
-    err, *vals = result
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"CUDA driver call failed: {err}")
-    return vals[0] if len(vals) == 1 else vals
-
-
 def _pidfd_getfd(pid: int, fd: int) -> int:
     """Duplicate descriptor `fd` of process `pid` into this process (Linux >= 5.6)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -86,14 +79,14 @@ class MultimemComm:
             raise ValueError("MultimemComm implements the sharded order only (sharded=True)")
         self.sharded = True
         import cupy as cp
-        from cuda.bindings import driver as drv
+        drv = driver.api()
         if str(dtype) != "bfloat16" or hidden % 8 or hidden > 16384:
             raise ValueError(f"MultimemComm needs bf16 and hidden % 8 == 0, hidden <= 16384; got {dtype}, {hidden}")
         self.world, self.hidden, self.max_tokens, self.ctas = world, hidden, max_tokens, int(ctas)
         self.rank, self.tp, self.timeout_s = world.tp_rank, world.tp_size, float(timeout_s)
         self.dtype = cp.dtype("bfloat16")
-        dev = _check(drv.cuDeviceGet(world.device_id))
-        if not _check(drv.cuDeviceGetAttribute(drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED, dev)):
+        dev = driver.check(drv.cuDeviceGet(world.device_id))
+        if not driver.check(drv.cuDeviceGetAttribute(drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED, dev)):
             raise RuntimeError("this GPU does not support multicast objects")
         handle_type = drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 
@@ -102,7 +95,7 @@ class MultimemComm:
         prop = drv.CUmulticastObjectProp()
         prop.numDevices = self.tp
         prop.handleTypes = handle_type
-        gran = _check(drv.cuMulticastGetGranularity(prop, drv.CUmulticastGranularity_flags.CU_MULTICAST_GRANULARITY_RECOMMENDED))
+        gran = driver.check(drv.cuMulticastGetGranularity(prop, drv.CUmulticastGranularity_flags.CU_MULTICAST_GRANULARITY_RECOMMENDED))
         self._off_out = -(-rows // gran) * gran
         self._off_pad = self._off_out + -(-rows // gran) * gran
         self.size = self._off_pad + -(-pad // gran) * gran
@@ -110,17 +103,17 @@ class MultimemComm:
 
         # The multicast object: created on rank 0, shared as a file descriptor.
         if self.rank == 0:
-            mc = _check(drv.cuMulticastCreate(prop))
-            fd = _check(drv.cuMemExportToShareableHandle(mc, handle_type, 0))
+            mc = driver.check(drv.cuMulticastCreate(prop))
+            fd = driver.check(drv.cuMemExportToShareableHandle(mc, handle_type, 0))
             info = (os.getpid(), int(fd))
         else:
             info = None
         pid, fd = world.tp_comm.bcast(info, root=0)
         if self.rank != 0:
             local_fd = _pidfd_getfd(pid, fd)
-            mc = _check(drv.cuMemImportFromShareableHandle(local_fd, handle_type))
+            mc = driver.check(drv.cuMemImportFromShareableHandle(local_fd, handle_type))
             os.close(local_fd)
-        _check(drv.cuMulticastAddDevice(mc, dev))
+        driver.check(drv.cuMulticastAddDevice(mc, dev))
         world.tp_comm.Barrier()  # every device added before anyone binds
 
         # This rank's physical memory, bound into the multicast object and mapped twice.
@@ -129,20 +122,20 @@ class MultimemComm:
         aprop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         aprop.location.id = world.device_id
         aprop.requestedHandleTypes = handle_type
-        mem = _check(drv.cuMemCreate(self.size, aprop, 0))
-        _check(drv.cuMulticastBindMem(mc, 0, mem, 0, self.size, 0))
+        mem = driver.check(drv.cuMemCreate(self.size, aprop, 0))
+        driver.check(drv.cuMulticastBindMem(mc, 0, mem, 0, self.size, 0))
         access = drv.CUmemAccessDesc()
         access.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         access.location.id = world.device_id
         access.flags = drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self.uc = _check(drv.cuMemAddressReserve(self.size, gran, 0, 0))
-        _check(drv.cuMemMap(self.uc, self.size, 0, mem, 0))
-        _check(drv.cuMemSetAccess(self.uc, self.size, [access], 1))
-        self.mc = _check(drv.cuMemAddressReserve(self.size, gran, 0, 0))
-        _check(drv.cuMemMap(self.mc, self.size, 0, mc, 0))
-        _check(drv.cuMemSetAccess(self.mc, self.size, [access], 1))
-        _check(drv.cuMemsetD8(int(self.uc) + self._off_pad, 0, pad))
-        _check(drv.cuCtxSynchronize())
+        self.uc = driver.check(drv.cuMemAddressReserve(self.size, gran, 0, 0))
+        driver.check(drv.cuMemMap(self.uc, self.size, 0, mem, 0))
+        driver.check(drv.cuMemSetAccess(self.uc, self.size, [access], 1))
+        self.mc = driver.check(drv.cuMemAddressReserve(self.size, gran, 0, 0))
+        driver.check(drv.cuMemMap(self.mc, self.size, 0, mc, 0))
+        driver.check(drv.cuMemSetAccess(self.mc, self.size, [access], 1))
+        driver.check(drv.cuMemsetD8(int(self.uc) + self._off_pad, 0, pad))
+        driver.check(drv.cuCtxSynchronize())
         world.tp_comm.Barrier()
         self._mem, self._mc_handle = mem, mc
         self._state = cp.zeros(8, dtype=cp.uint32)
@@ -162,7 +155,7 @@ class MultimemComm:
         """The sharded fused kernel; the result lands in self.output(end) on every rank (out must be
         that buffer or None). ctas must equal the constructor's (the signal pads count per CTA)."""
         import numpy as np
-        from .. import kernels
+        from tw.runtime import kernels
         if sharded is False:
             raise ValueError("MultimemComm implements the sharded order only")
         if ctas not in (None, self.ctas):

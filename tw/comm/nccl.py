@@ -9,8 +9,8 @@ from __future__ import annotations
 import cupy as cp
 from cupy.cuda import nccl
 
-from .. import ops
-from . import BufferComm, owned_rows
+from tw import ops
+from tw.comm import BufferComm, owned_rows
 
 
 class NcclComm(BufferComm):

@@ -6,8 +6,8 @@ baseline's norm, without its communication.
 """
 from __future__ import annotations
 
-from .. import ops
-from . import BufferComm
+from tw import ops
+from tw.comm import BufferComm
 
 
 class NoComm(BufferComm):

@@ -25,11 +25,11 @@ import os
 
 import numpy as np
 
-from . import check_range
-from .ipc import SharedBuffer, check_norm, check_rows
-from .standin import StandInBuffer
-from .. import kernels
-from ..dist import env_flag
+from tw.comm import check_range
+from tw.comm.ipc import SharedBuffer, check_norm, check_rows
+from tw.comm.standin import StandInBuffer
+from tw.runtime import kernels
+from tw.runtime.dist import env_flag
 
 LAYOUT_HEADER = kernels.CUDA_DIR / "peer_sync.cuh"
 
@@ -116,11 +116,11 @@ class P2PTimeout(RuntimeError):
 class P2PComm:
     """Fused AllReduce + residual-add + RMSNorm and plain collectives over CUDA-IPC peer pointers.
 
-    world: tw.dist.World on GPUs; hidden: row width (a multiple of 8); max_tokens: rows of the
+    world: tw.runtime.dist.World on GPUs; hidden: row width (a multiple of 8); max_tokens: rows of the
     staging buffer. ctas: default CTA budget per call (1..SM count, the same on every rank).
     oneshot_max_tokens: calls with at most this many rows take the one-shot latency path.
     timeout_s: how long a kernel waits for a peer before it gives up and flags an error.
-    emulate: a tw.emulation.Emulation: this one process plays rank emulate.rank of TP=emulate.tp over
+    emulate: a tw.comm.emulation.Emulation: this one process plays rank emulate.rank of TP=emulate.tp over
     stand-in peers (tw/comm/standin.py) instead of an MPI TP group; the kernels are the same.
     """
 

@@ -1,4 +1,4 @@
-"""Stand-in peers for an emulated rank (tw/emulation.py): the P2P transport's buffer layout, N times,
+"""Stand-in peers for an emulated rank (tw/comm/emulation.py): the P2P transport's buffer layout, N times,
 in distinct allocations on this GPU, with no other process involved.
 
     buf = StandInBuffer(sizes, tp=8, rank=0, flags="flags")
@@ -18,7 +18,7 @@ their rows into the stand-ins' receive and output areas.
 """
 from __future__ import annotations
 
-from .ipc import ALIGN, SharedBuffer
+from tw.comm.ipc import ALIGN, SharedBuffer
 
 FLAG_ARRIVED = 0x7FFFFFFF
 

@@ -16,7 +16,7 @@ Only time inside a step is bounded; a rank outside any step (before the first on
 How it works. `dist.init()` starts the watchdog (`start`), `dist.shutdown()` stops it. A daemon thread
 on each rank wakes about once a second and publishes this rank's step counter (+1 on every step entry
 and exit), step name, source location and a heartbeat into a small table shared by the ranks of one node
-(tw/rank_table.py: a file in /dev/shm or the temp dir, mapped into every rank and unlinked at once).
+(tw/runtime/rank_table.py: a file in /dev/shm or the temp dir, mapped into every rank and unlinked at once).
 When a rank has been inside one step longer than TW_TIMEOUT_S, its watchdog (the lowest such rank of the
 node; the others stay quiet) prints one message,
 
@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 
-from .rank_table import IDLE, IN_STEP, STOPPED, RankTable
+from tw.runtime.rank_table import IDLE, IN_STEP, STOPPED, RankTable
 
 TIMEOUT_ENV = "TW_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
@@ -283,7 +283,7 @@ def abort(code: int) -> None:
 
 
 _DOG: Watchdog | None = None
-_DIST_STEP_CODE = None  # tw.dist.step's code object: never the place to report
+_DIST_STEP_CODE = None  # tw.runtime.dist.step's code object: never the place to report
 
 
 
@@ -294,7 +294,7 @@ def start(comm=None, local_comm=None, timeout_s: float | None = None) -> Watchdo
     global _DOG, _DIST_STEP_CODE
     if _DOG is not None:
         return _DOG
-    dist = sys.modules.get("tw.dist")
+    dist = sys.modules.get("tw.runtime.dist")
     _DIST_STEP_CODE = getattr(getattr(dist, "step", None), "__code__", None)
     timeout_s = timeout_from_env() if timeout_s is None else float(timeout_s)
     if timeout_s <= 0:

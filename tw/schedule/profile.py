@@ -1,4 +1,4 @@
-"""The measured GEMM-time profile behind the wave-aware split (tw/split.py): one layer's four GEMMs
+"""The measured GEMM-time profile behind the wave-aware split (tw/schedule/split.py): one layer's four GEMMs
 (QKV, o_proj, gate_up, down of this rank's shard) timed at M rows on the GPU, cached per M in a JSON
 file keyed by GPU, model and TP shard (experiments/tuned/), so a model is profiled once in seconds.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tuned import TUNED_DIR
+from tw.schedule.tuned import TUNED_DIR
 
 
 class GemmProfile:
@@ -81,8 +81,8 @@ class GemmProfile:
     def _time(self, m: int) -> float:
         """Median ms of `iters` runs of the four GEMMs at M = m rows."""
         import cupy as cp
-        from . import bench
-        from .layers import layer_gemms
+        from tw.measure import bench
+        from tw.model.layers import layer_gemms
         if not self._filled:
             fill_random(self.model.ws, ("x", "attn", "act"))
             if self.model.ws.moe is not None:
@@ -99,7 +99,8 @@ class GemmProfile:
         """ms of one call of gemms() with `held` SMs held beside it and SM-count target `target`: the
         holder starts first (the GEMMs wait 0.3 ms behind a hold on their stream) and outlasts them."""
         import cupy as cp
-        from . import bench, ops
+        from tw import ops
+        from tw.measure import bench
         if not hasattr(self, "_side"):
             self._side = cp.cuda.Stream(non_blocking=True)
         ev = (cp.cuda.Event(), cp.cuda.Event())
@@ -129,8 +130,8 @@ class GemmProfile:
 def block_gemms(model, num_tokens: int, stream=None):
     """(attention GEMMs, MLP GEMMs) of layer 0 on rows [0, num_tokens), as two launch functions (an MoE
     layer's MLP GEMMs: every expert's at balanced row counts, tw/layers.mlp_gemms)."""
-    from . import ops
-    from .layers import mlp_gemms
+    from tw import ops
+    from tw.model.layers import mlp_gemms
     w, ws, r = model.layers[0], model.ws, slice(0, num_tokens)
 
     def attn():

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from tw import launched_by_mpi, launcher_rank
-from tw import watchdog
+from tw.runtime import watchdog
 
 GRACE_S = 2.0  # how long a rank that raised a UsageError waits for the others to raise it too
 
@@ -254,8 +254,8 @@ class World:
 
 
 def gpu_facts(device_id: int) -> tuple[str, int]:
-    """(name, SM count) of CUDA device `device_id` (tw.kernels.device_facts asks the driver)."""
-    from .kernels import device_facts
+    """(name, SM count) of CUDA device `device_id` (tw.runtime.kernels.device_facts asks the driver)."""
+    from tw.runtime.kernels import device_facts
     return device_facts(device_id)
 
 

@@ -9,7 +9,7 @@ Per step (the policy of vLLM's chunked-prefill scheduler, simplified):
 - then prefill chunks, in arrival order: requests already partially prefilled, then waiting requests
   admitted first-come first-served. A prompt longer than what is left of the budget is cut: this step
   processes its next part, the next step continues it with the cached tokens as its prefix
-  (tw.batch.Seq(new, prefix, kv_start), exactly a chunked-prefill continuation).
+  (tw.model.batch.Seq(new, prefix, kv_start), exactly a chunked-prefill continuation).
 A request produces a token when its prefill completes (its last prompt row) and at each decode row; it
 needs exactly `output_len` tokens (ignore_eos) and then leaves, freeing its cache slots.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batch import Batch, Seq
+from tw.model.batch import Batch, Seq
 
 
 @dataclass(eq=False)

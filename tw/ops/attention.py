@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import kernels
+from tw.runtime import kernels
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 HEAD_DIMS = (64, 128)       # head_dim values with a compiled kernel

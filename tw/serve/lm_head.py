@@ -1,6 +1,6 @@
 """A vocab-parallel LM head with greedy decoding: the model's final hidden states -> next token ids.
 
-Weights: a seeded random [vocab, hidden] matrix, N(0, 1/hidden) like every linear layer (tw/weights.py,
+Weights: a seeded random [vocab, hidden] matrix, N(0, 1/hidden) like every linear layer (tw/model/weights.py,
 stream (seed, layer -1, "lm_head")), so logits are O(1). Rank r holds rows [lo, hi) of it, blocks of
 ceil(vocab / TP) rows rounded up to a multiple of 8 (the GPU GEMM writes 16-byte vectors of 8 bf16;
 the padding rows are zero and never chosen).
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops, weights
+from tw import ops
+from tw.model import weights
 
 
 def full_weight(cfg, seed: int, xp):
@@ -97,7 +98,7 @@ class LMHead:
         return pick(every[:, :, 0], every[:, :, 1].astype(np.int64))
 
     def _f32(self, n):
-        from .arrays import f32_from_bf16
+        from tw.runtime.arrays import f32_from_bf16
         return f32_from_bf16(self.logits[:n])
 
     def _local_max(self, logits, width):

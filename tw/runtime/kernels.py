@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr")
 
 

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops, weights
-from .batch import Batch, token_ids
-from .dist import env_flag
-from .config import ModelConfig, ShardConfig
-from .layers import LayerWeights, Part
-from .trace import span
+from tw import ops
+from tw.model import weights
+from tw.model.batch import Batch, token_ids
+from tw.runtime.dist import env_flag
+from tw.model.config import ModelConfig, ShardConfig
+from tw.model.layers import LayerWeights, Part
+from tw.measure.trace import span
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Model:
         """shard_as_tp: hold weight shards sized as at this TP degree (a multiple of the real one) while
         communicating over the real TP group: recreates a larger TP's compute/communication ratio on
         fewer GPUs. The output is then not the model's (only tp/shard_as_tp of it is computed).
-        emulation: a tw.emulation.Emulation: this one process holds rank emulation.rank's shards of
+        emulation: a tw.comm.emulation.Emulation: this one process holds rank emulation.rank's shards of
         TP=emulation.tp and its transports talk to stand-in peers (output not the model's either)."""
         self.cfg, self.world, self.seed = cfg, world, seed
         self.emulation = emulation
@@ -70,7 +71,7 @@ class Model:
             w = weights.shard_layer(weights.full_layer(cfg, layer, seed, xp), s)
             moe = None
             if cfg.num_experts:
-                from .moe import MoEWeights
+                from tw.model.moe import MoEWeights
                 moe = MoEWeights(router=w["router"].astype(dt), gate_up=w["experts_gate_up"].astype(dt),
                                  down=w["experts_down"].astype(dt))
                 wgate_up, wdown = None, None
@@ -90,7 +91,7 @@ class Model:
                             gate_up=xp.zeros((t if not e else 0, 2 * s.ffn), dt),
                             act=xp.zeros((t if not e else 0, s.ffn), dt))
         if e:
-            from .moe import MoEBuffers
+            from tw.model.moe import MoEBuffers
             self.ws.moe = MoEBuffers.allocate(xp, t, cfg.hidden, s.ffn, e, k, dt)
         self._own_x = self.ws.x
         self.routing = None   # MoE: a dict to record the routing of each layer in (tw/moe.moe_block)
@@ -154,7 +155,7 @@ class Model:
         xp = self.xp
         meta = None
         if self.world.is_gpu:
-            from .attention import attention_meta
+            from tw.ops.attention import attention_meta
             meta = attention_meta(batch.cu_seqlens, batch.kv_start, batch.prefix)
         part = Part(offset=batch.offset, num_tokens=batch.num_tokens, ids=xp.asarray(ids),
                     pos=xp.asarray(batch.pos), slot=xp.asarray(batch.slot), cu_seqlens=batch.cu_seqlens,
@@ -176,7 +177,7 @@ def memory_estimate(cfg: ModelConfig, shard: ShardConfig, max_tokens: int, kv_ca
     """Bytes one rank will hold, by part, before anything is built (a size check, not an exact count).
 
     weights: this rank's shards of every layer, the replicated embedding and norms, plus one unsharded
-    float32 layer alive while it is sharded (tw/weights.py). kv: the KV caches. workspace: the
+    float32 layer alive while it is sharded (tw/model/weights.py). kv: the KV caches. workspace: the
     activation buffers and `transports` communication buffers (~3 [max_tokens, hidden] arrays each).
     reference: the float64 reference for `reference_tokens` tokens (one full float32 layer, its largest
     matrix in float64 twice, the float32 embedding, float64 activations and KV, and one sequence's
@@ -188,7 +189,7 @@ def memory_estimate(cfg: ModelConfig, shard: ShardConfig, max_tokens: int, kv_ca
     full_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd * h + h * cfg.num_heads * hd + 3 * e * cfg.ffn * h + router
     shard_layer = shard.qkv_dim * h + h * shard.q_dim + 3 * e * shard.ffn * h + 2 * h + router
     if cfg.num_experts:   # tw/moe.MoEBuffers in place of the dense MLP's gate_up and act
-        from .moe import MoEBuffers
+        from tw.model.moe import MoEBuffers
         mlp_ws = MoEBuffers.bytes(max_tokens, h, shard.ffn, cfg.num_experts, k, dtype_bytes)
     else:
         mlp_ws = max_tokens * 3 * shard.ffn * dtype_bytes

@@ -34,7 +34,7 @@ MAX_TP = 8
 BANNER = "emulated: one rank of TP={tp} on one GPU; link time not included; nccl projected"
 STAND_INS = ("{peers} stand-in peers: distinct device allocations of the real layout, filled once; peer "
              "arrival satisfied locally; pushes land in local HBM (no link)")
-PAPER_DIR = Path(__file__).resolve().parent.parent / "experiments" / "paper"
+PAPER_DIR = Path(__file__).resolve().parents[2] / "experiments" / "paper"
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def paper_allreduce_table(path: Path = PAPER_DIR / "figure_4.csv") -> AllReduceT
 
 def measured_allreduce_table(path: Path, tp: int) -> AllReduceTable:
     """Our own measured NCCL all-reduce (experiments.kernels rows, kernel nccl_ar) of a real TP group."""
-    from .results import read
+    from tw.measure.results import read
     rows = [r for r in read(path) if r.get("kernel") == "nccl_ar" and r.get("tp") == tp and r.get("correct")]
     pts = {}
     for r in rows:

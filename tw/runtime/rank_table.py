@@ -1,6 +1,6 @@
 """A table shared by the ranks of one node: one fixed-size record per local rank (its step counter,
 heartbeat, state, step name and source location) in a file mapped by every rank and unlinked as soon as
-all of them have it open, so nothing is left behind, not even after kill -9. tw/watchdog.py publishes
+all of them have it open, so nothing is left behind, not even after kill -9. tw/runtime/watchdog.py publishes
 into it and reads its peers from it; a record is written seqlock-style (odd sequence number while being
 written), so a reader never sees half of one.
 """

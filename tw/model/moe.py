@@ -6,7 +6,7 @@ unchanged. Every expert is TP-sharded like the dense MLP (gate_up by rows: [E, 2
 columns: [E, H, F/tp]), so the partial outputs of the ranks add up to the block's output, and the
 router is replicated (every rank routes every token the same way: same x, same weights, same GEMM).
 
-Steps (the GPU kernels are cuda/moe.cu, called through tw/moe_ops.py):
+Steps (the GPU kernels are cuda/moe.cu, called through tw/ops/moe.py):
 1. router GEMM: logits [n, E] = x @ w_router^T, kept in float32 (on the GPU a bf16-in, float32-out
    GEMM: logits rounded to bf16's 8 bits would tie a token's k-th and (k+1)-th choices far more often);
 2. top-k by logit (highest first, the lower expert index on ties), softmax over the k selected logits
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
-from .arrays import xp_of
-from .trace import span
+from tw import ops
+from tw.runtime.arrays import xp_of
+from tw.measure.trace import span
 
 GEMM_MODES = ("loop", "grouped")
 _GEMM_MODE = ["loop"]   # the GPU's expert GEMMs: the faster of the two (experiments/moe.py; docs/design.md#moe)
@@ -88,7 +88,7 @@ class MoEBuffers:
                 gate_up=xp.zeros((kt, 2 * ffn_shard), dtype), act=xp.zeros((kt, ffn_shard), dtype),
                 out=xp.zeros((kt, hidden), dtype), inverse=i32(kt), source=i32(kt), offsets=i32(num_experts + 1))
         if gpu:
-            from .moe_ops import pinned_int32
+            from tw.ops.moe import pinned_int32
             b.offsets_host = pinned_int32(num_experts + 1)
         return b
 
@@ -185,7 +185,7 @@ def _forward_cpu(x, moe, k, bufs, y, name, stream):
 
 
 def _forward_gpu(x, moe, k, bufs, y, name, stream):
-    from . import moe_ops
+    from tw.ops import moe as moe_ops
     with span(name + "router", stream):
         route_gpu(x, moe, k, bufs, stream)
     with span(name + "permute", stream):
@@ -200,7 +200,7 @@ def _forward_gpu(x, moe, k, bufs, y, name, stream):
 # The GPU block's phases (experiments/moe.py times each alone).
 def route_gpu(x, moe, k, bufs, stream):
     """Router GEMM (float32 logits), then top-k and softmax into bufs.experts / bufs.weights."""
-    from . import moe_ops
+    from tw.ops import moe as moe_ops
     ops.linear(x, moe.router, bufs.logits, stream)
     moe_ops.topk_softmax(bufs.logits, k, bufs.experts, bufs.weights, stream)
 
@@ -209,7 +209,7 @@ def permute_gpu(x, moe, bufs, stream):
     """The permutation by expert (offsets, inverse, source), the offsets' copy to the host queued, then x's
     rows gathered into that order, so the gather runs while the host waits for the copy. Returns the
     copy's event (moe_ops.wait_offsets)."""
-    from . import moe_ops
+    from tw.ops import moe as moe_ops
     moe_ops.permute(bufs.experts, moe.router.shape[0], bufs.offsets, bufs.inverse, bufs.source, stream)
     copied = moe_ops.start_offsets_copy(bufs.offsets, bufs.offsets_host, stream)
     moe_ops.gather_rows(x, bufs.source, bufs.xs, stream)
@@ -218,7 +218,7 @@ def permute_gpu(x, moe, bufs, stream):
 
 def unpermute_gpu(bufs, y, stream):
     """y = the weighted sum of each token's k expert outputs."""
-    from . import moe_ops
+    from tw.ops import moe as moe_ops
     moe_ops.unpermute(bufs.out, bufs.inverse, bufs.weights, y, stream)
 
 
@@ -227,7 +227,7 @@ def _expert_gemms(bufs, moe, offsets, name, stream):
     nk = int(offsets[-1])
     spans = [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
     if _GEMM_MODE[0] == "grouped" and not ops.is_cpu(bufs.xs):
-        from . import moe_ops
+        from tw.ops import moe as moe_ops
         with span(name + "experts_gate_up", stream):
             moe_ops.grouped_linear(bufs.xs, moe.gate_up, bufs.gate_up, spans, 0, stream)
         with span(name + "experts_act", stream):

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-TUNED_DIR = Path(__file__).resolve().parent.parent / "experiments" / "tuned"
+TUNED_DIR = Path(__file__).resolve().parents[2] / "experiments" / "tuned"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Model presets and tensor-parallel shard shapes.
 
-Shapes are those of the public model configs; weights are random (see tw/weights.py). Llama-3 RoPE
+Shapes are those of the public model configs; weights are random (see tw/model/weights.py). Llama-3 RoPE
 frequency scaling (Llama-3.1/3.3 `rope_scaling`) is applied when `rope_scaling` is set.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ class ModelConfig:
     eps: float
     qkv_bias: bool = False
     rope_scaling: tuple | None = None   # (factor, low_freq_factor, high_freq_factor, original_max_pos)
-    num_experts: int = 0     # > 0: mixture of experts (tw/moe.py)
+    num_experts: int = 0     # > 0: mixture of experts (tw/model/moe.py)
     top_k: int = 2           # experts per token (MoE models only)
 
     def __post_init__(self):

@@ -13,7 +13,7 @@ linear) and, per expert e, its own gate_up [2F, H] and down [H, F] from the stre
 [E, H, F] (F: the expert FFN).
 
 Every tensor has its own seed derived from (seed, layer, name), so a TP=1 model, a TP=2 model and the
-float64 reference (tw/reference.py) all see the same numbers. The generator is the array library's own
+float64 reference (tw/model/reference.py) all see the same numbers. The generator is the array library's own
 (NumPy on CPU, CuPy on GPU), so CPU and GPU models have different (equally random) weights.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import zlib
 
 import numpy as np
 
-from .arrays import xp_of
-from .config import ModelConfig, ShardConfig
+from tw.runtime.arrays import xp_of
+from tw.model.config import ModelConfig, ShardConfig
 
 
 def _seed(seed: int, layer: int, name: str) -> int:

@@ -35,7 +35,7 @@ def time_gpu(fn, iters: int = 20, warmup: int = 5, stream=None) -> np.ndarray:
 def hold(stream, us: float = 1000.0) -> None:
     """Keep `stream` busy for `us` microseconds (cuda/hold.cu) so the launches that follow are queued
     before the GPU reaches them: an event recorded after the hold then times GPU work, not host gaps."""
-    from . import kernels
+    from tw.runtime import kernels
     kernels.launch(kernels.function("hold", "hold"), 1, 1, (np.uint64(int(us * 1e3)),), stream=stream)
 
 
@@ -47,7 +47,7 @@ def hold_sms(stream, k: int, us: float, cluster: int = 1) -> None:
     if cluster not in (1, 2) or k % cluster:
         raise ValueError(f"hold_sms: cluster must be 1 or 2 and divide k, got cluster={cluster}, k={k}")
     import cupy as cp
-    from . import kernels
+    from tw.runtime import kernels
     smem = int(cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
     kernels.launch(kernels.function("hold", "hold" if cluster == 1 else "hold_pair"), k, 32,
                    (np.uint64(int(us * 1e3)),), shared_mem=smem, stream=stream)

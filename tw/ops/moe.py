@@ -1,6 +1,6 @@
-"""The GPU operators of the MoE block (tw/moe.py): the cuda/moe.cu kernels and the cuBLAS grouped GEMM.
+"""The GPU operators of the MoE block (tw/model/moe.py): the cuda/moe.cu kernels and the cuBLAS grouped GEMM.
 
-Like tw/ops.py, each takes preallocated outputs and checks what a kernel would silently misread.
+Like the other operators (tw/ops/), each takes preallocated outputs and checks what a kernel would silently misread.
 """
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import functools
 
 import numpy as np
 
-from . import kernels, ops
+from tw.ops import blas, elementwise
+from tw.runtime import kernels
 
 MAX_EXPERTS, MAX_K = 64, 8   # TW_MOE_MAX_EXPERTS, TW_MOE_MAX_K in cuda/moe.cu
 PERMUTE_THREADS = 1024
@@ -93,14 +94,14 @@ def _copy_event(device_id: int):
 
 def _grid_rows(rows: int) -> int:
     """CTAs of 256 threads for the warp-per-row copies (cuda/moe.cu): 8 rows each, at most 8 per SM."""
-    return max(1, min(ops._num_sms() * 8, -(-rows // 8)))
+    return max(1, min(elementwise.num_sms() * 8, -(-rows // 8)))
 
 
 def gather_rows(x, source, xs, stream=None):
     """xs[r] = x[source[r]] for every row of xs (bf16)."""
     rows, hidden = xs.shape
-    ops.check_bf16("moe gather x", x)
-    ops.check_bf16("moe gather xs", xs)
+    elementwise.check_bf16("moe gather x", x)
+    elementwise.check_bf16("moe gather xs", xs)
     _check_int32("source", source)
     if source.shape != (rows,) or x.shape[1] != hidden:
         raise ValueError(f"MoE gather: x {x.shape}, source {source.shape}, xs {xs.shape} do not fit")
@@ -114,8 +115,8 @@ def unpermute(out, inverse, weights, y, stream=None):
     """y[t] = sum_j weights[t, j] out[inverse[t k + j]] (bf16 rows, float32 sums)."""
     n, hidden = y.shape
     k = weights.shape[1]
-    ops.check_bf16("moe unpermute out", out)
-    ops.check_bf16("moe unpermute y", y)
+    elementwise.check_bf16("moe unpermute out", out)
+    elementwise.check_bf16("moe unpermute y", y)
     _check_int32("inverse", inverse)
     _check_f32("weights", weights)
     if inverse.shape != (n * k,) or weights.shape != (n, k) or out.shape[1] != hidden:
@@ -151,7 +152,7 @@ def grouped_linear(x, w, out, spans, slot: int, stream=None):
     if not spans:
         return
     for name, a in (("x", x), ("w", w), ("out", out)):
-        ops.check_bf16(f"grouped linear {name}", a)
+        elementwise.check_bf16(f"grouped linear {name}", a)
     _, n, k = w.shape
     if x.shape[1] != k or out.shape[1] != n:
         raise ValueError(f"grouped linear: x {x.shape} @ w {w.shape}^T -> out {out.shape} do not fit")
@@ -167,9 +168,9 @@ def grouped_linear(x, w, out, spans, slot: int, stream=None):
     stream = stream or cp.cuda.get_current_stream()
     cp.cuda.runtime.memcpyAsync(dev.data.ptr, host.ctypes.data, 3 * 8 * count, cp.cuda.runtime.memcpyHostToDevice,
                                 stream.ptr)
-    blas = ops._cublas(cp.cuda.Device().id)
-    blas.set_sm_target(ops._SM_TARGET[0])
-    blas.gemm_grouped_tn(stream.ptr, n, m, k, dev.data.ptr, dev.data.ptr + 8 * count, dev.data.ptr + 16 * count)
+    handle = blas._cublas(cp.cuda.Device().id)
+    handle.set_sm_target(blas.sm_target_now())
+    handle.gemm_grouped_tn(stream.ptr, n, m, k, dev.data.ptr, dev.data.ptr + 8 * count, dev.data.ptr + 16 * count)
 
 
 __all__ = ["topk_softmax", "permute", "start_offsets_copy", "wait_offsets", "gather_rows", "unpermute", "grouped_linear", "pinned_int32"]

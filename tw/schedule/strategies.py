@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from . import comm as transports
-from . import ops
-from .batch import Batch
-from .layers import attention_block, mlp_block
-from .model import Model
-from .trace import span
+from tw import ops
+from tw import comm as transports
+from tw.model.batch import Batch
+from tw.model.layers import attention_block, mlp_block
+from tw.model.model import Model
+from tw.measure.trace import span
 
 STRATEGIES = ("nccl", "nocomm", "fused", "finegrained", "tokenweave")
 
@@ -74,7 +74,7 @@ class Sequential:
 
     def prepare(self, batch: Batch, ids=None, fill_prefix: bool = True) -> Plan:
         """fill_prefix=False keeps the cache as it is: a serving engine's prefix K/V are real, written
-        by its earlier steps (tw/engine.py), and must not be replaced by the seeded ones."""
+        by its earlier steps (tw/serve/engine.py), and must not be replaced by the seeded ones."""
         if fill_prefix:
             self.model.load_prefix(batch)
         return Plan(batch, (self.model.part(batch, ids),), ctas=self.ctas)
@@ -237,7 +237,7 @@ class TokenWeave:
         self.unsplit = Sequential("fused", model, comm)
 
     def prepare(self, batch: Batch, ids=None, choice=None, fill_prefix: bool = True) -> Plan:
-        """The plan for `batch`. choice (a tw.tuned.TunedChoice, from tune.py or built by a script to
+        """The plan for `batch`. choice (a tw.schedule.tuned.TunedChoice, from tune.py or built by a script to
         force a setting): its split point, or no split, and its CTA budgets; else the split rule and
         the budgets given at construction. fill_prefix: as in Sequential.prepare."""
         if fill_prefix:
@@ -339,7 +339,7 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
     transport: what fused/tokenweave communicate with (p2p, or nccl = reduce-scatter + norm + all-gather).
     ctas / ctas_mlp: CTA budgets of the fused kernel (fused: default every SM, nothing to overlap;
     tokenweave: the comm overlapping attention / the MLP, default the transport's own, 8 for p2p).
-    split: tokenweave's split rule, "naive" (T // 2) or "wave" (from the GEMM profile, tw/split.py).
+    split: tokenweave's split rule, "naive" (T // 2) or "wave" (from the GEMM profile, tw/schedule/split.py).
     finegrained<k>: k chunks (bare finegrained: k = 4). min_split_tokens: tokenweave does not split
     smaller batches (runs fused alone). sm_target: tokenweave's GEMM SM-count target where no tuned
     choice gives one, "off" or "left" (the SMs the overlapped comm leaves).
@@ -347,7 +347,7 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
     every_sm = world.sm_count or None  # None on the CPU, where CTAs mean nothing
     if model.emulation is not None and (name == "nccl" or finegrained_k(name) is not None):
         raise ValueError(f"strategy {name} cannot run on an emulated rank: it needs NCCL between real ranks "
-                         "(nccl is projected instead: tw/emulation.py)")
+                         "(nccl is projected instead: tw/comm/emulation.py)")
     if name == "nccl":
         return Sequential(name, model, transport_for("nccl", model, world, sharded=False))
     if name == "nocomm":
@@ -358,7 +358,7 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
     if k is not None:
         return FineGrained(model, transport_for("nccl", model, world, sharded=False), k, world)
     if name == "tokenweave":
-        from . import split as splitting
+        from tw.schedule import split as splitting
         split_fn = splitting.split_function(split, model, world, profile)
         return TokenWeave(model, transport_for(transport, model, world, sharded=True), world, split_fn, ctas,
                           ctas_mlp or ctas, min_split_tokens, unsplit_ctas=every_sm, sm_target=sm_target)

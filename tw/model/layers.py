@@ -1,7 +1,7 @@
 """The two blocks of a decoder layer, up to the row-parallel GEMM whose output needs an all-reduce.
 
 Column-parallel GEMMs (QKV, gate_up) need no communication; the row-parallel ones (o_proj, down) write
-partial sums straight into the transport's staging buffer `y`, and the schedule (tw/schedules.py) then
+partial sums straight into the transport's staging buffer `y`, and the schedule (tw/schedule/strategies.py) then
 calls the fused all-reduce + residual add + RMSNorm on it. That is where nano-vllm's
 RowParallelLinear would all-reduce; here it is fused with the next norm, so it lives in the schedule.
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
-from .attention import attention_cuda, attention_numpy
-from .trace import span
+from tw import ops
+from tw.ops.attention import attention_cuda, attention_numpy
+from tw.measure.trace import span
 
 
 @dataclass
@@ -81,11 +81,11 @@ def attention_block(model, w: LayerWeights, x, part: Part, y, stream=None):
 def mlp_block(model, w: LayerWeights, x, part: Part, y, stream=None):
     """x [n, H] (normed input) -> y [n, H] partial down_proj output of this rank's FFN slice.
     y=None stops before down_proj (the activation stays in model.ws.act[part.rows]).
-    MoE models (cfg.num_experts > 0) run the MoE block instead (tw/moe.py), y required."""
+    MoE models (cfg.num_experts > 0) run the MoE block instead (tw/model/moe.py), y required."""
     if model.cfg.num_experts:
         if y is None:
             raise ValueError("the MoE block has no split before its down GEMMs (they are per expert): pass y")
-        from .moe import moe_block
+        from tw.model.moe import moe_block
         moe_block(model, w, x, part, y, stream)
         return
     name = f"L{w.index}.mlp.{part.label}."
@@ -121,7 +121,7 @@ def mlp_gemms(model, num_tokens: int, stream=None):
     counts are not known before routing, and the seeded router spreads tokens evenly)."""
     w, ws, r, h = model.layers[0], model.ws, slice(0, num_tokens), model.cfg.hidden
     if model.cfg.num_experts:
-        from .moe import balanced_rows
+        from tw.model.moe import balanced_rows
         rows = balanced_rows(num_tokens, model.cfg.num_experts, model.cfg.top_k)
         b, lo = ws.moe, np.concatenate([[0], np.cumsum(rows)]).astype(int)
 

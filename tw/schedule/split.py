@@ -5,7 +5,7 @@ T/2 rows can cost more than one of T rows. The wave-aware split measures the lay
 (QKV, o_proj, gate_up, down of this rank's shard) at the candidate sizes and picks, among split points
 on a 64-token grid within +-10% of T/2, the one with the least predicted cost g(s) + g(T - s) (ties:
 closest to T/2). This module is the pure rule: it takes the GEMM cost as a function of M. The
-measured profile (a GPU, cached per M in experiments/tuned/) is tw/profile.py.
+measured profile (a GPU, cached per M in experiments/tuned/) is tw/schedule/profile.py.
 
 All ranks must use the same split: rank 0 decides and broadcasts.
 """
@@ -52,7 +52,7 @@ def wave_split(num_tokens: int, profile, grid: int = GRID, window: float = WINDO
 
 def wave_shortlist(num_tokens: int, profile, top: int, grid: int = GRID, window: float = WINDOW) -> list[int]:
     """The `top` best-predicted split points, best first (for an end-to-end check: experiments/tune.py).
-    profile: M -> ms; if it has prefetch(ms) (tw.profile.GemmProfile), every needed M is measured
+    profile: M -> ms; if it has prefetch(ms) (tw.schedule.profile.GemmProfile), every needed M is measured
     together first."""
     if top < 1:
         raise ValueError(f"a shortlist needs at least 1 split point, got top={top}")
@@ -71,7 +71,7 @@ def split_function(kind: str, model, world, profile=None):
     if kind == "naive" or not world.is_gpu:
         return _naive_rule
     if profile is None:
-        from .profile import GemmProfile
+        from tw.schedule.profile import GemmProfile
         profile = GemmProfile(model)
 
     def wave(num_tokens: int) -> int:

@@ -12,16 +12,16 @@ import socket
 import subprocess
 from pathlib import Path
 
-from . import dist
+from tw.runtime import dist
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "experiments" / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
 
 
 def git_commit() -> str:
     """HEAD's short hash (+ "-dirty"), or $TW_COMMIT where the tree was copied without .git."""
     if os.environ.get("TW_COMMIT"):
         return os.environ["TW_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()

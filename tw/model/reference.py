@@ -1,6 +1,6 @@
 """Single-process float64 reference of the whole model, written in plain array code (NumPy or CuPy).
 
-It regenerates the full, unsharded weights from the same seed as tw/model.py, rounds them to the
+It regenerates the full, unsharded weights from the same seed as tw/model/model.py, rounds them to the
 model's storage dtype (so both compute with the same numbers), and does every operation in float64:
 no sharding, no fusion, no communication. Obviously correct by construction; slow.
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import weights
-from .arrays import to_host, xp_of as _xp
-from .batch import Batch
+from tw.model import weights
+from tw.runtime.arrays import to_host, xp_of as _xp
+from tw.model.batch import Batch
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
 
@@ -171,7 +171,7 @@ def _moe(cfg, x, w, stored, layer: int, dtype_name: str, model_routing=None):
     """moe() on the stored weights of `layer`. Without the model's routing: refuses near-ties
     (RouterNearTie). With it ([T, k] host ints): near-tie tokens follow the model, the others must
     match the reference's own choice as sets (RoutingMismatch), so the block is checked everywhere."""
-    from .moe import router_gap
+    from tw.model.moe import router_gap
     router = stored(w["router"])
     logits = x @ router.T          # the routing is decided first, so the experts run once
     gap = router_gap(logits, cfg.top_k)
@@ -215,7 +215,7 @@ def forward_once(world, cfg, batch: Batch, ids, seed: int, xp, dtype, routing: d
 def next_logits(cfg, ids, seed: int, xp, dtype, lm_head_weight, routing: dict | None = None):
     """float64 logits [vocab] of the token after `ids` (one sequence, no cache): the last row of
     forward() times the LM-head matrix (float64 of its stored values, [vocab, H]). routing: as forward's."""
-    from .batch import mixed
+    from tw.model.batch import mixed
     x = forward(cfg, mixed([(len(ids), 0)]), ids, seed, xp, dtype, routing)
     return xp.asarray(lm_head_weight).astype(xp.float64, copy=False) @ x[-1]
 
@@ -223,7 +223,7 @@ def next_logits(cfg, ids, seed: int, xp, dtype, lm_head_weight, routing: dict | 
 def generate(cfg, prompt_ids, num_new: int, seed: int, xp, dtype, lm_head_weight, routing: dict | None = None) -> list:
     """Greedy decoding: `num_new` token ids after `prompt_ids`, each the argmax (lowest index on ties)
     of next_logits() over the whole sequence so far, recomputed from scratch every step: O(n^2), no KV
-    cache, nothing shared with the serving engine (tw/engine.py) it checks. routing (MoE): {layer:
+    cache, nothing shared with the serving engine (tw/serve/engine.py) it checks. routing (MoE): {layer:
     [positions, k]} a run's experts per token position, followed at near-ties as in forward()."""
     ids = [int(t) for t in prompt_ids]
     out = []

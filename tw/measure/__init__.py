@@ -1,0 +1,1 @@
+"""Measurement: timing (bench), per-op timelines (trace), result files with their metadata (results)."""
