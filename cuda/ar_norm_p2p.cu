@@ -9,6 +9,14 @@
 //                      (the norm is taken of the residual as stored, bf16, as cuda/rmsnorm.cu does)
 //                      and y lands in out[row] on EVERY rank. Each row is computed once, by its owner,
 //                      so every rank holds bit-identical results.
+//   p2p_ar_norm_pull   the same result as p2p_ar_norm, pulled: every rank first signals that its staging
+//                      rows are ready (no data moves), then each owner READS its rows' partials from the
+//                      peers' staging (over NVLink), adds, norms and pushes the normed rows. About half
+//                      the bytes through the rank's own SMs: no partials pushed in phase 1 and no recv
+//                      area read back in phase 2 (the peers' memory serves the reads).
+//   p2p_norm_only      DECOMPOSITION ONLY (an emulated rank's --emulate-comm norm): the owner's add + norm
+//                      of its own rows from its own staging, no peer reads, writes or flags. Its result is
+//                      not the all-reduce; it times what the fused kernel costs when moving bytes is free.
 //   p2p_ar_norm_replicated  two-shot, baseline order (sharded=False): the owner pushes s = bf16(sum) to
 //                      every rank's staging, then every rank does h = s + residual, residual = h,
 //                      out = RMSNorm(h)*w on all rows (the residual stream is replicated).
@@ -61,6 +69,11 @@
 //  - one-shot areas: parity double-buffered. q writes parity(k+2) only after finishing k+1, which
 //    needed my phase-1 signal of k+1, which my kernel k+1 sent after my whole kernel k had finished.
 //  - flags: a peer is at most one call ahead, so a wait passes on (flag - epoch) >= 0 (wrap-safe).
+//  - pull (p2p_ar_norm_pull): my CTA c reads q's staging rows of my chunk, slice c, only after q's
+//    CTA c signalled phase 1 of the call (q's kernel started, so q's GEMM output is complete), and
+//    signals phase 2 only after those reads; q's kernel, so q's next GEMM, waits for that signal from
+//    every one of my CTAs. Only the owner reads (or rewrites, with its results) a staging row of its
+//    chunk, so the pushed results never overwrite a row another rank still reads.
 // The reduce-scatter alone ends with an empty phase-2 signal (a barrier) so recv is free afterwards;
 // the all-gather alone starts with an empty phase-1 signal so it never writes into a peer's staging
 // rows before that peer has reached the call.
@@ -107,6 +120,8 @@ enum Mode {
   kArNormReplicated = 4,
   kOneshotAllReduce = 5,
   kOneshotArNorm = 6,
+  kArNormPull = 7,
+  kNormOnly = 8,
 };
 
 struct Args {
@@ -216,8 +231,10 @@ TW_DEVICE const uint4* source_row(const Args& a, int k, int row, int chunk_lo, u
   constexpr bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
   const long long H = a.hidden;
   const __nv_bfloat16* p;
-  if (MODE == kArNormReplicated || k == a.rank) {
+  if (MODE == kArNormReplicated || MODE == kNormOnly || k == a.rank) {
     p = ptr<__nv_bfloat16>(a, a.rank, kSlotStaging) + row * H;
+  } else if (MODE == kArNormPull) {  // the peer's own staging row, read over NVLink
+    p = ptr<__nv_bfloat16>(a, k, kSlotStaging) + row * H;
   } else if (oneshot) {
     p = ptr<__nv_bfloat16>(a, a.rank, kSlotOsum) +
         (((long long)parity * TP_OF(a) + k) * a.oneshot_max + (row - a.start)) * H;
@@ -248,7 +265,8 @@ constexpr int kSources = TW_TP > 0 ? TW_TP : kMaxTp;  // compile-time bound on t
 template <int MODE, int N>
 TW_DEVICE float pass1_step(const uint4* const (&src)[kSources], int num_src, const uint4* res_in, uint4* res_row,
                            uint4* stage_row, uint4* const (&peer_rows)[kSources], int num_peers, int c0) {
-  constexpr bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm;
+  constexpr bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm ||
+                        MODE == kArNormPull || MODE == kNormOnly;
   uint4 raw[kSources][N], rr[N];
 #pragma unroll
   for (int s = 0; s < N; ++s) {
@@ -293,7 +311,7 @@ TW_DEVICE void pass2_step(const uint4* w_vec, const uint4* res_row, uint4* out_r
     const int col = c0 + 32 * s;
     const uint4 y = tw::rownorm::scale(hv[s], wv[s], rinv);
     out_row[col] = y;
-    if (MODE == kArNorm) {  // normed rows to every peer
+    if (MODE == kArNorm || MODE == kArNormPull) {  // normed rows to every peer
 #pragma unroll
       for (int j = 0; j < kSources - 1; ++j)
         if (j < num_peers) peer_rows[j][col] = y;
@@ -303,14 +321,16 @@ TW_DEVICE void pass2_step(const uint4* w_vec, const uint4* res_row, uint4* out_r
 
 template <int MODE>
 TW_DEVICE void warp_rows(const Args& a, int a_row, int b_row, int chunk_lo, unsigned int parity) {
-  constexpr bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm;
+  constexpr bool norm = MODE == kArNorm || MODE == kArNormReplicated || MODE == kOneshotArNorm ||
+                        MODE == kArNormPull || MODE == kNormOnly;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
   const int H8 = a.hidden / 8, me = a.rank;
   const int full = H8 / (32 * kStep) * (32 * kStep);  // columns covered by whole steps of every lane
   const long long H = a.hidden;
-  const int num_src = MODE == kArNormReplicated ? 1 : TP_OF(a);
-  const int num_peers = MODE == kAllReduce || MODE == kArNorm ? TP_OF(a) - 1 : 0;  // who gets pushed results
-  const int slot = MODE == kArNorm && a.out_kind == 2 ? kSlotOut : kSlotStaging;  // their staging, or registered out
+  constexpr bool fused = MODE == kArNorm || MODE == kArNormPull;
+  const int num_src = MODE == kArNormReplicated || MODE == kNormOnly ? 1 : TP_OF(a);
+  const int num_peers = MODE == kAllReduce || fused ? TP_OF(a) - 1 : 0;  // who gets pushed results
+  const int slot = fused && a.out_kind == 2 ? kSlotOut : kSlotStaging;  // their staging, or registered out
   const uint4* w_vec = reinterpret_cast<const uint4*>(a.weight);
   int own_lo, own_hi;
   owned(a.start, a.end, me, TP_OF(a), own_lo, own_hi);
@@ -355,6 +375,15 @@ __device__ void run(const Args& a) {
   const bool oneshot = MODE == kOneshotAllReduce || MODE == kOneshotArNorm;
   __nv_bfloat16* stage_me = ptr<__nv_bfloat16>(a, me, kSlotStaging);
 
+  if (MODE == kNormOnly) {  // decomposition: the owner's row work alone, nothing sent or awaited
+    int lo, hi, ra, rb;
+    owned(a.start, a.end, me, TP_OF(a), lo, hi);
+    split(lo, hi, ctas, c, ra, rb);
+    warp_rows<MODE>(a, ra, rb, lo, parity);
+    tw::sync::finish_call(a.state, epoch);
+    return;
+  }
+
   // ---- Phase 1: push partials to their reducer(s), then signal. ----
   if (oneshot) {
     int ra, rb;
@@ -375,7 +404,7 @@ __device__ void run(const Args& a) {
                  (long long)(ob - oa) * H / 8);
       }
     }
-  } else if (MODE != kAllGather) {
+  } else if (MODE != kAllGather && MODE != kArNormPull) {  // pull: phase 1 only says "my staging is ready"
     for (int k = 1; k < TP_OF(a); ++k) {
       const int j = (me + k) % TP_OF(a);
       int lo, hi, ra, rb;
@@ -417,7 +446,7 @@ __device__ void run(const Args& a) {
     signal(a, 1, epoch);
     if (!wait(a, 1, epoch, s_t0)) return;
     // ---- After the gather: finish the rows other ranks produced. ----
-    if (MODE == kArNorm && a.out_kind == 0) {
+    if ((MODE == kArNorm || MODE == kArNormPull) && a.out_kind == 0) {
       for (int k = 1; k < TP_OF(a); ++k) {
         const int j = (me + k) % TP_OF(a);
         int jl, jh, ja, jb;
@@ -473,6 +502,8 @@ TW_P2P_KERNELS(p2p_all_reduce, kAllReduce)
 TW_P2P_KERNELS(p2p_reduce_scatter, kReduceScatter)
 TW_P2P_KERNELS(p2p_all_gather, kAllGather)
 TW_P2P_KERNELS(p2p_ar_norm, kArNorm)
+TW_P2P_KERNELS(p2p_ar_norm_pull, kArNormPull)
+TW_P2P_KERNELS(p2p_norm_only, kNormOnly)
 TW_P2P_KERNELS(p2p_ar_norm_replicated, kArNormReplicated)
 TW_P2P_KERNELS(p2p_oneshot_all_reduce, kOneshotAllReduce)
 TW_P2P_KERNELS(p2p_oneshot_ar_norm, kOneshotArNorm)

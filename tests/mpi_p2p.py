@@ -308,7 +308,18 @@ def main():
             fcases = [f for f in fcases if f[1] - f[0] <= 1001]
         for k, (s, e, c, kw) in enumerate(fcases):
             section(f"fused H={H} [{s},{e}) ctas={c} {kw}", run_fused, world, comm, s, e, c, 10 * H + k, **kw)
-    comm = keep[-1]
+    # The pulled fused kernel (p2p_ar_norm_pull, two-shot only): the same cases' shapes and a stress run that
+    # mixes it with the pushed all-reduce on the same buffers (its reuse argument, cuda/ar_norm_p2p.cu).
+    pull = P2PComm(world, hiddens[-1], 4608, pull=True, oneshot_max_tokens=0)
+    keep.append(pull)
+    pcases = [(3, 40, 3, {}), (100, 1101, 8, {}), (100, 1101, 7, dict(out_kind="registered")),
+              (100, 1101, 8, dict(out_kind="staging")), (1, 1 + 4099, 16, {}), (0, 4608, 8, dict(out_kind="registered")),
+              (50, 50 + 3001, 2, dict(out_kind="registered", sync_all=True))]
+    for k, (s, e, c, kw) in enumerate(pcases[::2] if args.quick else pcases):
+        section(f"fused (pull) H={pull.hidden} [{s},{e}) ctas={c} {kw}", run_fused, world, pull, s, e, c, 77 * k + 5, **kw)
+    n = section("stress (pull) 200 calls", test_stress, world, pull, 200, 4343)
+    say(f"    ({n} calls checked against the reference)")
+    comm = keep[-2]
     n = section(f"stress {args.stress_calls if not args.quick else 200} calls H={comm.hidden}", test_stress,
                 world, comm, 200 if args.quick else args.stress_calls, 4242)
     say(f"    ({n} calls checked against the reference)")

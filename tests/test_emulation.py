@@ -64,19 +64,21 @@ class _Arrays:
         return np.zeros(shape, np.float32)
 
 
-def _make(gpu, tp, rank):
-    # Two-shot only, as the strategies run it (tw/schedules.transport_for): the one-shot path has every
+def _make(gpu, tp, rank, pull=False, comm="full"):
+    # Two-shot only, as the strategies run it (tw/schedule/strategies.transport_for): the one-shot path has every
     # rank reduce every row from its one-shot area, which these row-ownership checks do not describe.
     options = {"oneshot_max_tokens": 0} if gpu else {}
     return transports.make("p2p", _world(gpu), HIDDEN, MAX_TOKENS, "bfloat16" if gpu else np.float32,
-                           sharded=True, emulate=Emulation(tp, rank), **options)
+                           sharded=True, emulate=Emulation(tp, rank, comm=comm), pull=pull, **options)
 
 
 def _fill(comm, io, tp, rank, start, end):
-    """My staging <- my encoded partials (all rows); my receive area <- the stand-ins' encoded partials of
-    my rows. Returns the encodings, [tp][MAX_TOKENS, HIDDEN] float64 (rows indexed absolutely)."""
+    """Every staging (mine and the stand-ins') <- that rank's encoded partials (all rows: what a pulling
+    kernel reads); my receive area <- the stand-ins' encoded partials of my rows (what pushing peers would
+    have sent). Returns the encodings, [tp][MAX_TOKENS, HIDDEN] float64 (rows indexed absolutely)."""
     enc = [encoded(k, MAX_TOKENS, HIDDEN, tp).astype(np.float64) for k in range(tp)]
-    io.put(comm.region(rank, "staging"), enc[rank])
+    for k in range(tp):
+        io.put(comm.region(k, "staging"), enc[k])
     lo, hi = owned_rows(start, end, rank, tp)
     recv = comm.region(rank, "recv")
     for k in range(tp):
@@ -113,9 +115,9 @@ def _run_all_reduce(gpu, tp, rank, start, end):
     comm.close()
 
 
-def _run_fused(gpu, tp, rank, start, end, registered: bool):
+def _run_fused(gpu, tp, rank, start, end, registered: bool, pull: bool = False):
     io = _Arrays(gpu)
-    comm = _make(gpu, tp, rank)
+    comm = _make(gpu, tp, rank, pull)
     enc = _fill(comm, io, tp, rank, start, end)
     rng = np.random.default_rng(1000 * tp + rank + end)
     res0 = rng.standard_normal((MAX_TOKENS, HIDDEN))
@@ -142,7 +144,8 @@ def _run_fused(gpu, tp, rank, start, end, registered: bool):
         if j != rank:   # registered: pushed into the stand-in's output; private: into its staging
             pushed = io.get(comm.region(j, "out" if registered or not gpu else "staging"))[lo:hi]
             assert np.array_equal(pushed, got_out[lo:hi]), f"stand-in {j} did not get my normed rows"
-    _check_pushed_partials(comm, io, enc, tp, rank, start, end)
+    if not pull:   # pulled: phase 1 moves no data
+        _check_pushed_partials(comm, io, enc, tp, rank, start, end)
     comm.close()
 
 
@@ -150,6 +153,7 @@ def _run_fused(gpu, tp, rank, start, end, registered: bool):
 def test_cpu_loopback_sums_are_exact(tp, rank, start, end):
     _run_all_reduce(False, tp, rank, start, end)
     _run_fused(False, tp, rank, start, end, registered=False)
+    _run_fused(False, tp, rank, start, end, registered=False, pull=True)
 
 
 @requires_gpu
@@ -158,6 +162,50 @@ def test_gpu_loopback_sums_are_exact(tp, rank, start, end):
     _run_all_reduce(True, tp, rank, start, end)
     _run_fused(True, tp, rank, start, end, registered=True)
     _run_fused(True, tp, rank, start, end, registered=False)
+    _run_fused(True, tp, rank, start, end, registered=True, pull=True)
+    _run_fused(True, tp, rank, start, end, registered=False, pull=True)
+
+
+def _run_decomposition(gpu, tp, rank, start, end):
+    """--emulate-comm norm: my rows <- add + norm of MY staging alone (no stand-in read or written);
+    none: nothing written at all."""
+    io = _Arrays(gpu)
+    for mode in ("norm", "none"):
+        comm = _make(gpu, tp, rank, comm=mode)
+        enc = _fill(comm, io, tp, rank, start, end)
+        before = [io.get(comm.region(j, name)) for j in range(tp) for name in ("staging", "out", "recv")]
+        res0 = np.random.default_rng(tp + rank).standard_normal((MAX_TOKENS, HIDDEN))
+        residual, weight, out = io.new((MAX_TOKENS, HIDDEN)), io.new((HIDDEN,)), io.new((MAX_TOKENS, HIDDEN))
+        io.put(residual, res0)
+        io.put(weight, np.ones(HIDDEN))
+        res0 = io.get(residual)
+        comm.ar_add_norm(start, end, residual, weight, EPS, out)
+        comm.check()
+        lo, hi = owned_rows(start, end, rank, tp)
+        got_res, got_out = io.get(residual), io.get(out)
+        if mode == "none":
+            assert np.array_equal(got_res, res0) and not got_out.any(), "--emulate-comm none wrote something"
+        elif hi > lo:
+            h = enc[rank][lo:hi] + res0[lo:hi]
+            y = h / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + EPS)
+            err = np.linalg.norm(got_out[lo:hi] - y) / np.linalg.norm(y)
+            assert err <= (1e-2 if gpu else 1e-5), f"norm-only rows: rel_err {err:.2e}"
+            rest = np.r_[0:lo, hi:MAX_TOKENS]
+            assert not got_out[rest].any(), "norm-only wrote rows this rank does not own"
+        after = [io.get(comm.region(j, name)) for j in range(tp) for name in ("staging", "out", "recv")]
+        assert all(np.array_equal(a, b) for a, b in zip(before, after)), f"--emulate-comm {mode} touched peer memory"
+        comm.close()
+
+
+@pytest.mark.parametrize("tp,rank,start,end", CASES[::3])
+def test_cpu_decomposition_modes(tp, rank, start, end):
+    _run_decomposition(False, tp, rank, start, end)
+
+
+@requires_gpu
+@pytest.mark.parametrize("tp,rank,start,end", CASES[::3])
+def test_gpu_decomposition_modes(tp, rank, start, end):
+    _run_decomposition(True, tp, rank, start, end)
 
 
 @requires_gpu

@@ -54,12 +54,13 @@ class CpuLoopback(BufferComm):
 
     name = "cpu"
 
-    def __init__(self, world, hidden: int, max_tokens: int, dtype=np.float32, *, sharded: bool = True, emulate=None):
+    def __init__(self, world, hidden: int, max_tokens: int, dtype=np.float32, *, sharded: bool = True, emulate=None,
+                 pull: bool = False):
         if emulate is None:
             raise ValueError("CpuLoopback needs an Emulation (tw/comm/emulation.py)")
         if world.tp_size != 1:
             raise ValueError(f"an emulated rank runs alone: the world has TP={world.tp_size}, expected 1")
-        self.sharded, self.emulate = bool(sharded), emulate
+        self.sharded, self.emulate, self.pull = bool(sharded), emulate, bool(pull)
         self.tp, self.rank = emulate.tp, emulate.rank
         self.hidden, self.max_tokens = hidden, max_tokens
         self.chunk_max = -(-max_tokens // self.tp)
@@ -78,12 +79,16 @@ class CpuLoopback(BufferComm):
                 lo, hi = owned_rows(start, end, j, self.tp)
                 self._regions[j]["recv"][self.rank, :hi - lo] = self.buf[lo:hi]
 
-    def _sum_mine(self, start, end):
+    def _sum_mine(self, start, end, pull: bool = False):
+        """My rows' sum in rank order: pushed partials from my recv, or (pull) read from the stand-ins' staging."""
         lo, hi = owned_rows(start, end, self.rank, self.tp)
         recv = self._regions[self.rank]["recv"]
         acc = np.zeros((hi - lo, self.hidden), np.float32)
         for k in range(self.tp):
-            acc += self.buf[lo:hi] if k == self.rank else recv[k, :hi - lo]
+            if k == self.rank:
+                acc += self.buf[lo:hi]
+            else:
+                acc += self._regions[k]["staging"][lo:hi] if pull else recv[k, :hi - lo]
         return lo, hi, acc
 
     def all_reduce(self, start, end, stream=None, ctas=None):
@@ -98,8 +103,16 @@ class CpuLoopback(BufferComm):
         self._range(start, end)
         if not self._sharded(sharded):
             raise ValueError("the emulated rank runs the sharded order only (fused, tokenweave)")
-        self._push_partials(start, end)
-        lo, hi, acc = self._sum_mine(start, end)
+        comm_mode = self.emulate.comm
+        if comm_mode == "none":      # decomposition runs (tw/comm/emulation.py): nothing
+            return
+        if comm_mode == "norm":      # my rows' add + norm from my own staging, nothing to or from peers
+            lo, hi = owned_rows(start, end, self.rank, self.tp)
+            ops.add_rmsnorm(self.buf[lo:hi], residual[lo:hi], weight, eps, out[lo:hi])
+            return
+        if not self.pull:
+            self._push_partials(start, end)
+        lo, hi, acc = self._sum_mine(start, end, self.pull)
         ops.add_rmsnorm(acc, residual[lo:hi], weight, eps, out[lo:hi])
         for j in range(self.tp):
             if j != self.rank:

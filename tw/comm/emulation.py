@@ -20,6 +20,11 @@ late peer (skew between ranks); the peers' incoming writes into this GPU's memor
 SM work of ours); NVSwitch. The rows this rank does not own are never written by anyone: the model's
 output is not the real one, so --check is refused.
 
+DECOMPOSITION RUNS (comm="norm" / "none", --emulate-comm): the fused steps run the owner's add + norm of its
+1/N rows only (cuda/ar_norm_p2p.cu p2p_norm_only: no bytes to or from peers, same CTAs), or nothing at all.
+Their outputs are not the model's; they exist to split a strategy's cost into the comm kernel's bytes, its
+norm and the split itself, each measured (experiments/NOTES.md).
+
 NCCL cannot run on one rank. Its time is PROJECTED (not measured): the emulated nocomm pass plus
 2 x layers all-reduces of T rows, interpolated from a named table of measured all-reduce times
 (projected_allreduce_us).
@@ -34,6 +39,9 @@ MAX_TP = 8
 BANNER = "emulated: one rank of TP={tp} on one GPU; link time not included; nccl projected"
 STAND_INS = ("{peers} stand-in peers: distinct device allocations of the real layout, filled once; peer "
              "arrival satisfied locally; pushes land in local HBM (no link)")
+# What the fused steps do on an emulated rank (--emulate-comm): the decomposition runs.
+COMM_MODES = {"full": "the fused comm kernel", "norm": "fused steps run only their 1/N add + norm, no peer bytes",
+              "none": "fused steps skipped (no comm, no norm)"}
 PAPER_DIR = Path(__file__).resolve().parents[2] / "experiments" / "paper"
 
 
@@ -43,26 +51,31 @@ class Emulation:
     tp: int
     rank: int = 0
     link_gbps: float | None = None   # None: no link time; else each comm phase is floored at this rate
+    comm: str = "full"               # full: the fused kernel; norm: its norm alone; none: skipped
 
     def __post_init__(self):
         if not 2 <= self.tp <= MAX_TP:
             raise ValueError(f"--emulate-tp {self.tp}: expected 2..{MAX_TP} (the P2P kernel's TP limit)")
         if not 0 <= self.rank < self.tp:
             raise ValueError(f"--emulate-rank {self.rank}: expected 0..{self.tp - 1} (a rank of TP={self.tp})")
+        if self.comm not in COMM_MODES:
+            raise ValueError(f"--emulate-comm {self.comm}: expected one of {', '.join(COMM_MODES)}")
         if self.link_gbps is not None and not self.link_gbps > 0:
             raise ValueError(f"--emulate-link-gbps {self.link_gbps}: expected a rate > 0 (GB/s per direction)")
 
     @property
     def banner(self) -> str:
+        text = BANNER.format(tp=self.tp)
         if self.link_gbps:
-            return BANNER.format(tp=self.tp).replace(
-                "link time not included", f"each comm phase floored at a {self.link_gbps:g} GB/s link")
-        return BANNER.format(tp=self.tp)
+            text = text.replace("link time not included", f"each comm phase floored at a {self.link_gbps:g} GB/s link")
+        if self.comm != "full":
+            text += f"; DECOMPOSITION: {COMM_MODES[self.comm]} (outputs are not the model's)"
+        return text
 
     def row_fields(self) -> dict:
         """The columns every emulated result row carries."""
         return {"emulated_tp": self.tp, "emulated_rank": self.rank, "emulated_link_gbps": self.link_gbps,
-                "stand_ins": STAND_INS.format(peers=self.tp - 1)}
+                "emulated_comm": self.comm, "stand_ins": STAND_INS.format(peers=self.tp - 1)}
 
 
 # ---------------------------------------------------------------- projected NCCL

@@ -122,13 +122,16 @@ class P2PComm:
     timeout_s: how long a kernel waits for a peer before it gives up and flags an error.
     emulate: a tw.comm.emulation.Emulation: this one process plays rank emulate.rank of TP=emulate.tp over
     stand-in peers (tw/comm/standin.py) instead of an MPI TP group; the kernels are the same.
+    pull: the fused two-shot call reads its rows' partials from the peers' staging (p2p_ar_norm_pull)
+    instead of having them pushed into its receive area: the same result, about half the bytes through
+    this rank's SMs.
     """
 
     name = "p2p"
 
     def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *, sharded: bool = True,
                  ctas: int | None = None, oneshot_max_tokens: int = DEFAULT_ONESHOT_MAX_TOKENS,
-                 timeout_s: float = 10.0, emulate=None):
+                 timeout_s: float = 10.0, emulate=None, pull: bool = False):
         import cupy as cp
         if not world.is_gpu:
             raise P2PUnavailable("P2PComm needs GPUs; this world runs on the CPU")
@@ -138,7 +141,7 @@ class P2PComm:
             raise ValueError(f"hidden={hidden} must be a positive multiple of 8 (rows move as 16-byte vectors)")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens={max_tokens} must be positive")
-        self.emulate = emulate
+        self.emulate, self.pull = emulate, bool(pull)
         if emulate is not None and world.tp_size != 1:
             raise ValueError(f"an emulated rank runs alone: the world has TP={world.tp_size}, expected 1")
         self.rank, self.tp = (emulate.rank, emulate.tp) if emulate is not None else (world.tp_rank, world.tp_size)
@@ -344,7 +347,12 @@ class P2PComm:
         if self._oneshot(start, end, oneshot):
             op = "oneshot_ar_norm"
         elif self.sharded if sharded is None else sharded:
-            op = "ar_norm"
+            op = "ar_norm_pull" if self.pull else "ar_norm"
+            comm_mode = getattr(self.emulate, "comm", "full")
+            if comm_mode == "none":   # decomposition runs of an emulated rank (tw/comm/emulation.py)
+                return
+            if comm_mode == "norm":
+                op = "norm_only"
         else:
             op = "ar_norm_replicated"
             if out_kind == OUT_STAGING:
