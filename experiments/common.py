@@ -73,6 +73,10 @@ def add_emulation_flags(p) -> None:
     p.add_argument("--emulate-link-gbps", type=float, default=None, metavar="G",
                    help="with --emulate-tp: each comm phase ends no earlier than a G GB/s (per direction) link "
                         "could carry its bytes (2xH200 NV18 measured ~355) (default: no link time)")
+    p.add_argument("--emulate-comm", choices=("full", "norm", "none"), default=None,
+                   help="with --emulate-tp, DECOMPOSITION runs: full = the fused comm kernel; norm = fused steps run "
+                        "only their 1/N add + norm (no peer bytes); none = fused steps skipped. Outputs are not the "
+                        "model's (default: full)")
 
 
 def add_tokens_flag(p, gpu, cpu, help: str = "batch sizes in tokens") -> None:
@@ -93,10 +97,12 @@ def add_timing_flags(p, iters: int = 20, warmup: int = 5, repeats: int | None = 
 
 
 def add_transport_flag(p) -> None:
-    p.add_argument("--transport", choices=("p2p", "ce", "nccl"), default="p2p",
-                   help="what fused and tokenweave communicate with: p2p (our fused kernel over CUDA IPC), ce (peer "
-                        "copies on the copy engines + a local add + RMSNorm kernel), or nccl (NCCL reduce-scatter + "
-                        "norm + NCCL all-gather); the CPU path uses MPI for all three")
+    p.add_argument("--transport", choices=("p2p", "p2p-pull", "ce", "nccl"), default="p2p",
+                   help="what fused and tokenweave communicate with: p2p (our fused kernel over CUDA IPC: partials "
+                        "pushed to their owner), p2p-pull (the same kernel, each owner pulls its rows' partials: "
+                        "about half the bytes through its SMs), ce (peer copies on the copy engines + a local add + "
+                        "RMSNorm kernel), or nccl (NCCL reduce-scatter + norm + NCCL all-gather); the CPU path uses "
+                        "MPI for all of them")
 
 
 def add_run_flags(p, tp: bool = True) -> None:
@@ -151,11 +157,12 @@ def check_emulation(args, world) -> None:
     args._emulation (a tw.comm.emulation.Emulation, or None)."""
     n, r = getattr(args, "emulate_tp", None), getattr(args, "emulate_rank", None)
     link = getattr(args, "emulate_link_gbps", None)
+    comm = getattr(args, "emulate_comm", None)
     args._emulation = None
     if n is None:
-        if r is not None or link is not None:
-            raise dist.UsageError(f"--emulate-{'rank' if r is not None else 'link-gbps'} needs --emulate-tp N "
-                                  "(the TP degree whose rank to play)")
+        given = [f for f, v in (("rank", r), ("link-gbps", link), ("comm", comm)) if v is not None]
+        if given:
+            raise dist.UsageError(f"--emulate-{given[0]} needs --emulate-tp N (the TP degree whose rank to play)")
         return
     if world.size != 1:
         raise dist.UsageError(f"--emulate-tp {n} plays one rank of TP={n} in ONE process; this job has {world.size} "
@@ -165,14 +172,14 @@ def check_emulation(args, world) -> None:
                               "TP=N shards; drop --shard-as-tp")
     from tw.comm.emulation import Emulation
     try:
-        args._emulation = Emulation(n, 0 if r is None else r, link)
+        args._emulation = Emulation(n, 0 if r is None else r, link, comm or "full")
     except ValueError as e:
         raise dist.UsageError(str(e)) from None
     if getattr(args, "check", False):
         raise dist.UsageError(f"--check with --emulate-tp {n}: the emulated rank computes only its own 1/{n} of "
                               "each norm's rows (the stand-in peers compute nothing), so its output is not the "
                               "model's; check correctness on ranks sharing a GPU (TW_SHARE_GPU=1) instead")
-    if getattr(args, "transport", "p2p") != "p2p":
+    if getattr(args, "transport", "p2p") not in ("p2p", "p2p-pull"):
         raise dist.UsageError(f"--transport {args.transport} with --emulate-tp: only p2p is emulated (nccl needs real "
                               "ranks; a same-device copy runs on the SMs, so a ce emulation would not be faithful)")
 
@@ -204,7 +211,8 @@ def tuning_key(args, world, cfg, seq_len: int):
     from tw.schedule import tuned
     emu = emulation(args)
     if emu is not None:
-        return tuned.TuningKey(cfg.name, emu.tp, None, cfg.num_layers, "p2p-emulated", seq_len, world.gpu_tag)
+        transport = f"{getattr(args, 'transport', 'p2p')}-emulated"
+        return tuned.TuningKey(cfg.name, emu.tp, None, cfg.num_layers, transport, seq_len, world.gpu_tag)
     return tuned.TuningKey(cfg.name, world.tp_size, args.shard_as_tp, cfg.num_layers, args.transport, seq_len,
                            world.gpu_tag)
 

@@ -278,7 +278,8 @@ def main(argv=None):
                     stream.synchronize()
                 strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
             row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs), "split_at": plan.split_at,
-                   "split_source": plan.split_source, "transport": strat.comm.name, "ctas": plan.ctas,
+                   "split_source": plan.split_source, "transport": strat.comm.name,
+                   "p2p_pull": bool(getattr(strat.comm, "pull", False)), "ctas": plan.ctas,
                    "ctas_attn": plan.ctas_attn, "ctas_mlp": plan.ctas_mlp, "sm_target_attn": plan.sm_target_attn,
                    "sm_target_mlp": plan.sm_target_mlp}
             if routed_refs and strat.name != "nocomm":

@@ -119,7 +119,8 @@ def _emulated(kind, world, hidden, max_tokens, dtype, sharded, emulate, options)
                          + "; use p2p")
     if not world.is_gpu:
         from tw.comm.cpu import CpuLoopback
-        return CpuLoopback(world, hidden, max_tokens, dtype, sharded=sharded, emulate=emulate)
+        return CpuLoopback(world, hidden, max_tokens, dtype, sharded=sharded, emulate=emulate,
+                           pull=options.get("pull", False))
     from tw.comm.p2p import P2PComm
     return P2PComm(world, hidden, max_tokens, dtype, sharded=sharded, emulate=emulate, **options)
 
