@@ -122,9 +122,8 @@ def measure_point(args, world, writer, compute, side, model, tp, gemm, x, w, out
     m = x.shape[0]
 
     def run(target):
-        with ops.sm_target(target):
-            for _ in range(args.reps):
-                ops.linear(x, w, out, compute)
+        for _ in range(args.reps):
+            ops.linear(x, w, out, compute, target)
 
     configs = [(0, "off", "held"), (0, "left_of_8", "held")] + [(k, t, b) for b in args.beside for k in args.held
                                                                  for t in args.targets]

@@ -14,7 +14,7 @@ Steps (the GPU kernels are cuda/moe.cu, called through tw/ops/moe.py):
 3. permutation: the n k (token, slot) pairs sorted by expert, stably (token order within an expert),
    and the token rows gathered into that order;
 4. per expert e, on its contiguous rows: gate_up GEMM, SiLU * mul, down GEMM (on the GPU a loop of
-   cuBLAS GEMMs, the default, or one cuBLAS grouped GEMM per projection: gemm_mode);
+   cuBLAS GEMMs, the default, or one cuBLAS grouped GEMM per projection: moe_forward's gemm_mode);
 5. un-permute: y[t] = sum_j weight[t, j] * out[row of (t, j)], float32 sums rounded once.
 
 The expert GEMMs need each expert's row count on the host (cuBLAS takes sizes from the host), so the
@@ -27,7 +27,6 @@ own) route each token as the whole batch does.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,22 +35,15 @@ from tw import ops
 from tw.runtime.arrays import xp_of
 from tw.measure.trace import span
 
+# The GPU's expert GEMMs: a loop of cuBLAS GEMMs, or one cublasGemmGroupedBatchedEx per projection.
+# The model runs the loop, the faster of the two (experiments/moe.py times both; docs/design.md#moe).
 GEMM_MODES = ("loop", "grouped")
-_GEMM_MODE = ["loop"]   # the GPU's expert GEMMs: the faster of the two (experiments/moe.py; docs/design.md#moe)
+DEFAULT_GEMM_MODE = "loop"
 
 
-@contextlib.contextmanager
-def gemm_mode(mode: str):
-    """Expert GEMMs issued inside use `mode` (GEMM_MODES) on the GPU: a loop of cuBLAS GEMMs (the
-    default) or one cublasGemmGroupedBatchedEx per projection."""
+def check_gemm_mode(mode: str) -> None:
     if mode not in GEMM_MODES:
         raise ValueError(f"MoE GEMM mode {mode!r}; choose one of {GEMM_MODES}")
-    old = _GEMM_MODE[0]
-    _GEMM_MODE[0] = mode
-    try:
-        yield
-    finally:
-        _GEMM_MODE[0] = old
 
 
 @dataclass
@@ -155,26 +147,29 @@ def permute(experts, num_experts: int):
     return order, offsets, inverse
 
 
-def moe_forward(x, moe: MoEWeights, top_k: int, bufs: MoEBuffers, y, name: str = "", stream=None):
+def moe_forward(x, moe: MoEWeights, top_k: int, bufs: MoEBuffers, y, name: str = "", stream=None,
+                sm_target: int | None = None, gemm_mode: str = DEFAULT_GEMM_MODE):
     """The block on x [n, H] into y [n, H] (every row written). bufs: rows for n tokens
-    (MoEBuffers.rows). Returns the per-expert row counts (host int array [E])."""
+    (MoEBuffers.rows). Returns the per-expert row counts (host int array [E]). sm_target: the SM-count
+    target of its GEMMs (tw.ops.linear); gemm_mode: the expert GEMMs on the GPU (GEMM_MODES)."""
+    check_gemm_mode(gemm_mode)
     if x.shape[0] == 0:
         return np.zeros(moe.router.shape[0], np.int64)
     if ops.is_cpu(x):
-        return _forward_cpu(x, moe, top_k, bufs, y, name, stream)
-    return _forward_gpu(x, moe, top_k, bufs, y, name, stream)
+        return _forward_cpu(x, moe, top_k, bufs, y, name, stream, sm_target)
+    return _forward_gpu(x, moe, top_k, bufs, y, name, stream, sm_target, gemm_mode)
 
 
-def _forward_cpu(x, moe, k, bufs, y, name, stream):
+def _forward_cpu(x, moe, k, bufs, y, name, stream, sm_target):
     n, num_experts = x.shape[0], moe.router.shape[0]
     with span(name + "router", stream):
-        ops.linear(x, moe.router, bufs.logits, stream)
+        ops.linear(x, moe.router, bufs.logits, stream, sm_target)
         experts, weights = route(bufs.logits, k)
         bufs.experts[...], bufs.weights[...] = experts, weights
     with span(name + "permute", stream):
         order, offsets, inverse = permute(experts, num_experts)
         np.take(x, order // k, axis=0, out=bufs.xs)
-    _expert_gemms(bufs, moe, offsets, name, stream)
+    _expert_gemms(bufs, moe, offsets, name, stream, sm_target)
     with span(name + "unpermute", stream):
         inv = inverse.reshape(n, k)
         acc = weights[:, 0, None] * bufs.out[inv[:, 0]]
@@ -184,24 +179,24 @@ def _forward_cpu(x, moe, k, bufs, y, name, stream):
     return np.diff(offsets)
 
 
-def _forward_gpu(x, moe, k, bufs, y, name, stream):
+def _forward_gpu(x, moe, k, bufs, y, name, stream, sm_target, gemm_mode):
     from tw.ops import moe as moe_ops
     with span(name + "router", stream):
-        route_gpu(x, moe, k, bufs, stream)
+        route_gpu(x, moe, k, bufs, stream, sm_target)
     with span(name + "permute", stream):
         copied = permute_gpu(x, moe, bufs, stream)
         offsets = moe_ops.wait_offsets(copied, bufs.offsets_host)   # the one host wait (the gather runs meanwhile)
-    _expert_gemms(bufs, moe, offsets, name, stream)
+    _expert_gemms(bufs, moe, offsets, name, stream, sm_target, gemm_mode)
     with span(name + "unpermute", stream):
         unpermute_gpu(bufs, y, stream)
     return np.diff(offsets)
 
 
 # The GPU block's phases (experiments/moe.py times each alone).
-def route_gpu(x, moe, k, bufs, stream):
+def route_gpu(x, moe, k, bufs, stream, sm_target=None):
     """Router GEMM (float32 logits), then top-k and softmax into bufs.experts / bufs.weights."""
     from tw.ops import moe as moe_ops
-    ops.linear(x, moe.router, bufs.logits, stream)
+    ops.linear(x, moe.router, bufs.logits, stream, sm_target)
     moe_ops.topk_softmax(bufs.logits, k, bufs.experts, bufs.weights, stream)
 
 
@@ -222,36 +217,38 @@ def unpermute_gpu(bufs, y, stream):
     moe_ops.unpermute(bufs.out, bufs.inverse, bufs.weights, y, stream)
 
 
-def _expert_gemms(bufs, moe, offsets, name, stream):
-    """gate_up, SiLU * mul and down of every expert on its rows [offsets[e], offsets[e + 1])."""
+def _expert_gemms(bufs, moe, offsets, name, stream, sm_target=None, gemm_mode=DEFAULT_GEMM_MODE):
+    """gate_up, SiLU * mul and down of every expert on its rows [offsets[e], offsets[e + 1]); on the GPU
+    as gemm_mode says (GEMM_MODES; the CPU always loops)."""
+    check_gemm_mode(gemm_mode)
     nk = int(offsets[-1])
     spans = [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
-    if _GEMM_MODE[0] == "grouped" and not ops.is_cpu(bufs.xs):
+    if gemm_mode == "grouped" and not ops.is_cpu(bufs.xs):
         from tw.ops import moe as moe_ops
         with span(name + "experts_gate_up", stream):
-            moe_ops.grouped_linear(bufs.xs, moe.gate_up, bufs.gate_up, spans, 0, stream)
+            moe_ops.grouped_linear(bufs.xs, moe.gate_up, bufs.gate_up, spans, 0, stream, sm_target)
         with span(name + "experts_act", stream):
             ops.silu_mul(bufs.gate_up[:nk], bufs.act[:nk], stream)
         with span(name + "experts_down", stream):
-            moe_ops.grouped_linear(bufs.act, moe.down, bufs.out, spans, 1, stream)
+            moe_ops.grouped_linear(bufs.act, moe.down, bufs.out, spans, 1, stream, sm_target)
         return
     for e, lo, hi in spans:
         with span(f"{name}expert{e}.gate_up", stream):
-            ops.linear(bufs.xs[lo:hi], moe.gate_up[e], bufs.gate_up[lo:hi], stream)
+            ops.linear(bufs.xs[lo:hi], moe.gate_up[e], bufs.gate_up[lo:hi], stream, sm_target)
     with span(name + "experts_act", stream):
         ops.silu_mul(bufs.gate_up[:nk], bufs.act[:nk], stream)
     for e, lo, hi in spans:
         with span(f"{name}expert{e}.down", stream):
-            ops.linear(bufs.act[lo:hi], moe.down[e], bufs.out[lo:hi], stream)
+            ops.linear(bufs.act[lo:hi], moe.down[e], bufs.out[lo:hi], stream, sm_target)
 
 
-def moe_block(model, w, x, part, y, stream=None):
-    """tw/layers.mlp_block for an MoE layer, on the workspace rows of `part`. With model.routing a dict
-    (a --check run), the chosen experts of every token are recorded there per layer
-    (host int arrays [T, k]): the float64 reference follows them where its own choice is a near-tie."""
+def moe_block(model, w, x, part, y, stream=None, sm_target: int | None = None):
+    """tw/model/layers.mlp_block for an MoE layer, on the workspace rows of `part` (sm_target: as there).
+    With model.routing a dict (a --check run), the chosen experts of every token are recorded there per
+    layer (host int arrays [T, k]): the float64 reference follows them where its own choice is a near-tie."""
     k = model.cfg.top_k
     bufs = model.ws.moe.rows(part.offset, part.num_tokens, k)
-    counts = moe_forward(x, w.moe, k, bufs, y, f"L{w.index}.moe.{part.label}.", stream)
+    counts = moe_forward(x, w.moe, k, bufs, y, f"L{w.index}.moe.{part.label}.", stream, sm_target)
     if model.routing is not None and part.num_tokens:
         chosen = bufs.experts if ops.is_cpu(x) else bufs.experts.get(stream=stream)
         rec = model.routing.setdefault(w.index, np.full((model.max_tokens, k), -1, np.int64))

@@ -5,8 +5,7 @@ captured in a CUDA graph. The array type picks the path: `numpy.ndarray` -> NumP
 dtype, float32 for the CPU model), `cupy.ndarray` -> GPU (bf16 only). The CPU versions round to the
 storage dtype at the same points as the kernels, and are checked against tw/model/reference.py in the tests.
 """
-from tw.ops.blas import linear, sm_target
+from tw.ops.blas import linear
 from tw.ops.elementwise import BF16, add_rmsnorm, check_bf16, embedding, is_cpu, rope_store_kv, silu_mul
 
-__all__ = ["BF16", "add_rmsnorm", "check_bf16", "embedding", "is_cpu", "linear", "rope_store_kv", "silu_mul",
-           "sm_target"]
+__all__ = ["BF16", "add_rmsnorm", "check_bf16", "embedding", "is_cpu", "linear", "rope_store_kv", "silu_mul"]

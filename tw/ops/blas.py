@@ -4,7 +4,6 @@ the CPU.
 cuBLAS is called through entry points written here with ctypes; why, in _Cublas's docstring."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 
@@ -70,7 +69,7 @@ class _Cublas:
         cublasGemmGroupedBatchedEx (one problem per group). *_ptrs: device arrays of device pointers."""
         if self.grouped is None:
             raise RuntimeError("cublasGemmGroupedBatchedEx needs cuBLAS >= 12.5; this libcublas lacks it "
-                               "(the MoE block's default, a loop of GEMMs, does not need it: tw.moe.gemm_mode)")
+                               "(the MoE block's default, a loop of GEMMs, does not need it: tw.model.moe.moe_forward's gemm_mode)")
         g = len(ms)
         i32 = lambda v: np.full(g, v, np.int32)
         args = {"ta": i32(_OP_T), "tb": i32(_OP_N), "m": i32(n), "n": np.ascontiguousarray(ms, np.int32),
@@ -91,33 +90,16 @@ def _cublas(device_id: int) -> _Cublas:
     return _Cublas()
 
 
-_SM_TARGET = [0]  # the SM-count target of the GEMMs issued now (0: none); see sm_target()
-
-
-@contextlib.contextmanager
-def sm_target(n: int | None):
-    """GEMMs issued inside plan for `n` SMs (cublasSetSmCountTarget); None or 0: no target. For GEMMs that
-    run beside a comm kernel holding some SMs: planned for all SMs, their last wave waits for the SMs
-    the comm holds (docs/hardware.md#measured). A no-op on the CPU."""
-    old = _SM_TARGET[0]
-    _SM_TARGET[0] = int(n or 0)
-    try:
-        yield
-    finally:
-        _SM_TARGET[0] = old
-
-
-def sm_target_now() -> int:
-    """The SM-count target set by the innermost sm_target() around this call (0: none)."""
-    return _SM_TARGET[0]
-
-
-def linear(x, w, out, stream=None):
+def linear(x, w, out, stream=None, sm_target: int | None = None):
     """out[M, N] = x[M, K] @ w[N, K]^T  (weights stored [out_features, in_features], as nn.Linear).
 
     GPU: one cublasGemmEx, bf16 operands, fp32 accumulation, bf16 output (or float32 where `out` is
     float32: the MoE router's logits); `out` may be a row range of a larger buffer (e.g. the
     registered communication buffer) as long as its rows are contiguous.
+    sm_target: plan the GEMM for this many SMs (cublasSetSmCountTarget; None or 0: every SM), for a GEMM
+    that runs beside a comm kernel holding some SMs: planned for all SMs, its last wave waits for the SMs
+    the comm holds (docs/hardware.md#measured). The handle's target is set at each call, so a captured
+    GEMM keeps the one it was issued with. Ignored on the CPU.
     """
     m, k = x.shape
     n = w.shape[0]
@@ -136,7 +118,7 @@ def linear(x, w, out, stream=None):
         return out
     stream = stream or cp.cuda.get_current_stream()
     blas = _cublas(cp.cuda.Device().id)
-    blas.set_sm_target(_SM_TARGET[0])
+    blas.set_sm_target(int(sm_target or 0))
     # Row-major out[M,N] = x w^T is column-major out^T[N,M] = op_T(w_cm[K,N]) @ x_cm[K,M].
     blas.gemm_tn(stream.ptr, n, m, k, w.data.ptr, x.data.ptr, out.data.ptr, _CUDA_R_32F if f32 else _CUDA_R_16BF)
     return out

@@ -145,9 +145,10 @@ def _grouped(device_id: int) -> _Grouped:
     return _Grouped()
 
 
-def grouped_linear(x, w, out, spans, slot: int, stream=None):
+def grouped_linear(x, w, out, spans, slot: int, stream=None, sm_target: int | None = None):
     """out[lo:hi] = x[lo:hi] @ w[e]^T for every (e, lo, hi) in spans, in one cublasGemmGroupedBatchedEx
-    (one group per expert: their row counts differ). x [R, K], w [E, N, K], out [R, N], bf16."""
+    (one group per expert: their row counts differ). x [R, K], w [E, N, K], out [R, N], bf16.
+    sm_target: as in tw.ops.blas.linear."""
     import cupy as cp
     if not spans:
         return
@@ -169,7 +170,7 @@ def grouped_linear(x, w, out, spans, slot: int, stream=None):
     cp.cuda.runtime.memcpyAsync(dev.data.ptr, host.ctypes.data, 3 * 8 * count, cp.cuda.runtime.memcpyHostToDevice,
                                 stream.ptr)
     handle = blas._cublas(cp.cuda.Device().id)
-    handle.set_sm_target(blas.sm_target_now())
+    handle.set_sm_target(int(sm_target or 0))
     handle.gemm_grouped_tn(stream.ptr, n, m, k, dev.data.ptr, dev.data.ptr + 8 * count, dev.data.ptr + 16 * count)
 
 

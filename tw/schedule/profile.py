@@ -99,7 +99,6 @@ class GemmProfile:
         """ms of one call of gemms() with `held` SMs held beside it and SM-count target `target`: the
         holder starts first (the GEMMs wait 0.3 ms behind a hold on their stream) and outlasts them."""
         import cupy as cp
-        from tw import ops
         from tw.measure import bench
         if not hasattr(self, "_side"):
             self._side = cp.cuda.Stream(non_blocking=True)
@@ -111,9 +110,8 @@ class GemmProfile:
                 bench.hold_sms(self._side, held, us)
             bench.hold(self._stream, 300)
             ev[0].record(self._stream)
-            with ops.sm_target(target):
-                for _ in range(self.iters):
-                    gemms()
+            for _ in range(self.iters):
+                gemms(target)
             ev[1].record(self._stream)
             ev[1].synchronize()
             return cp.cuda.get_elapsed_time(*ev) / self.iters
@@ -128,15 +126,16 @@ class GemmProfile:
 
 
 def block_gemms(model, num_tokens: int, stream=None):
-    """(attention GEMMs, MLP GEMMs) of layer 0 on rows [0, num_tokens), as two launch functions (an MoE
-    layer's MLP GEMMs: every expert's at balanced row counts, tw/layers.mlp_gemms)."""
+    """(attention GEMMs, MLP GEMMs) of layer 0 on rows [0, num_tokens), as two launch functions of an
+    SM-count target, fn(sm_target=None) (an MoE layer's MLP GEMMs: every expert's at balanced row counts,
+    tw/model/layers.mlp_gemms)."""
     from tw import ops
     from tw.model.layers import mlp_gemms
     w, ws, r = model.layers[0], model.ws, slice(0, num_tokens)
 
-    def attn():
-        ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream)
-        ops.linear(ws.attn[r], w.wo, ws.residual[r], stream)
+    def attn(sm_target=None):
+        ops.linear(ws.x[r], w.wqkv, ws.qkv[r], stream, sm_target)
+        ops.linear(ws.attn[r], w.wo, ws.residual[r], stream, sm_target)
 
     return attn, mlp_gemms(model, num_tokens, stream)[0]
 

@@ -33,8 +33,13 @@ STRATEGIES = ("nccl", "nocomm", "fused", "finegrained", "tokenweave")
 def transport_for(kind: str, model: Model, world, sharded: bool):
     """The strategy's transport, sized for the model (tw/comm.make). p2p runs two-shot only: at 64-256
     rows the one-shot path measured slower at 8 CTAs and equal at 64-132
-    (experiments/results/kernels-H200x2-run14.jsonl)."""
-    options = {"oneshot_max_tokens": 0} if kind == "p2p" and world.is_gpu else {}
+    (experiments/results/kernels-H200x2-run14.jsonl). "p2p-pull" is p2p with the pulled fused kernel
+    (P2PComm(pull=True))."""
+    options = {}
+    if kind == "p2p-pull":
+        kind, options["pull"] = "p2p", True
+    if kind == "p2p" and world.is_gpu:
+        options["oneshot_max_tokens"] = 0
     if model.emulation is not None:
         options["emulate"] = model.emulation
     return transports.make(kind, world, model.cfg.hidden, model.max_tokens, model.dtype, sharded=sharded, **options)
@@ -288,32 +293,24 @@ class TokenWeave:
             st.signal(done, cs)
 
         ca, cm = plan.ctas_attn, plan.ctas_mlp
-        def beside_attn():  # a fresh context each time (a generator context manager is single-use)
-            return ops.sm_target(plan.sm_target_attn)
-
-        def beside_mlp():
-            return ops.sm_target(plan.sm_target_mlp)
-
+        ta, tm = plan.sm_target_attn, plan.sm_target_mlp   # the GEMMs' SM-count targets beside ca / cm
         for i, w in enumerate(m.layers):
             nxt = _next_norm(m, i)
             st.wait(stream, "normA_mlp")
-            with ops.sm_target(None) if i == 0 else beside_attn():  # layer 0: no comm before attn(A)
-                attention_block(m, w, x[a.rows], a, y[a.rows], stream)
+            # layer 0: no comm before attn(A), so no target; later layers: beside norm(B, MLP), ctas_attn
+            attention_block(m, w, x[a.rows], a, y[a.rows], stream, None if i == 0 else ta)
             st.signal("attnA", stream)
             norm(f"L{i}.comm.A.post_attn_norm", a, w.post_norm, ca, "attnA", "normA_attn")
             st.wait(stream, "normB_mlp")
-            with beside_attn():                                # beside norm(A, attn): ctas_attn
-                attention_block(m, w, x[b.rows], b, y[b.rows], stream)
+            attention_block(m, w, x[b.rows], b, y[b.rows], stream, ta)   # beside norm(A, attn): ctas_attn
             st.signal("attnB", stream)
             norm(f"L{i}.comm.B.post_attn_norm", b, w.post_norm, cm, "attnB", "normB_attn")
             st.wait(stream, "normA_attn")
-            with beside_mlp():                                 # beside norm(B, attn): ctas_mlp
-                mlp_block(m, w, x[a.rows], a, y[a.rows], stream)
+            mlp_block(m, w, x[a.rows], a, y[a.rows], stream, tm)          # beside norm(B, attn): ctas_mlp
             st.signal("mlpA", stream)
             norm(f"L{i}.comm.A.{nxt}", a, m.norm_weight_after(i), cm, "mlpA", "normA_mlp")
             st.wait(stream, "normB_attn")
-            with beside_mlp():                                 # beside norm(A, MLP): ctas_mlp
-                mlp_block(m, w, x[b.rows], b, y[b.rows], stream)
+            mlp_block(m, w, x[b.rows], b, y[b.rows], stream, tm)          # beside norm(A, MLP): ctas_mlp
             st.signal("mlpB", stream)
             norm(f"L{i}.comm.B.{nxt}", b, m.norm_weight_after(i), ca, "mlpB", "normB_mlp")
         st.wait(stream, "normA_mlp")                # join: the caller's stream sees both halves done
