@@ -87,31 +87,51 @@ def e2e_table() -> list[str]:
     return lines
 
 
-BASELINE = (("llama3-70b", "Llama-3.3-70B-Instruct"), ("qwen2.5-72b", "Qwen2.5-72B-Instruct"))
+HEADLINE = (  # (setting, model, file): the 2xH200 runs, then the EMULATED TP=8 rank on one H200
+    ("2xH200, TP=2", "llama3-70b", "latency-llama3-70b-tp2-H200-e2e-tuned.jsonl"),
+    ("2xH200, TP=2", "qwen2.5-72b", "latency-qwen2.5-72b-tp2-H200-tuned.jsonl"),
+    ("1xH200, EMULATED TP=8", "llama3-70b", "latency-llama3-70b-emulated-tp8-H200.jsonl"),
+    ("1xH200, EMULATED TP=8", "qwen2.5-72b", "latency-qwen2.5-72b-emulated-tp8-H200.jsonl"))
+HEADLINE_TOKENS = (4096, 16384, 32768)
 
 
-def paper_ratios(path=None) -> dict:
-    """{(paper model name, prompt tokens): overlap_fused / no_ar} from the paper's figure_11a.csv copy."""
+PAPER_MODEL = {"llama3-70b": "Llama-3.3-70B-Instruct", "qwen2.5-72b": "Qwen2.5-72B-Instruct",
+               "mixtral-8x22b": "Mixtral-8x22B-Instruct-v0.1"}   # our preset -> the paper's model column
+
+
+def paper_times(path=None) -> dict:
+    """{(our model name, prompt tokens): {baseline_multimem, no_ar, overlap_fused: ms}} from the paper's
+    figure_11a.csv copy (8xH100, TP=8, one prompt, 80 layers, eager)."""
     import csv
 
     from tw.comm.emulation import PAPER_DIR
+    ours = {v: k for k, v in PAPER_MODEL.items()}
     with open(path or PAPER_DIR / "figure_11a.csv") as f:
-        return {(r["model"], int(r["prompt_len"])): float(r["overlap_fused"]) / float(r["no_ar"]) for r in csv.DictReader(f)}
+        return {(ours[r["model"]], int(r["prompt_len"])): {k: float(r[k]) for k in ("baseline_multimem", "no_ar", "overlap_fused")}
+                for r in csv.DictReader(f)}
 
 
 def baseline_table() -> str:
-    """tokenweave / nocomm on the emulated TP=8 rank (4 layers, graphs, wave split, 8 CTAs), beside the
-    paper's (8xH100, 80 layers, eager: not the same setting, named so)."""
-    paper = paper_ratios()
-    lines = ["| model | tokens | tokenweave / nocomm, emulated TP=8 (one H200) | paper, 8xH100 (figure_11a.csv) | file |",
-             "|---|---|---|---|---|"]
-    for model, paper_name in BASELINE:
-        f = f"latency-{model}-emulated-tp8-H200.jsonl"
-        rows = [r for r in read(RESULTS_DIR / f) if r["strategy"] == "tokenweave"]
-        for r in sorted(rows, key=lambda r: r["tokens"]):
-            p = paper.get((paper_name, r["tokens"]))
-            lines.append(f"| {model} | {r['tokens']} | {r['vs_nocomm']:.3f} | {p:.3f} | `{f}` |" if p else
-                         f"| {model} | {r['tokens']} | {r['vs_nocomm']:.3f} | - | `{f}` |")
+    """The README's headline: tokenweave against nccl and against nocomm, on 2xH200 (TP=2) and on the
+    EMULATED TP=8 rank (whose nccl is PROJECTED, never run), beside the paper's figure_11a.csv (8xH100,
+    80 layers, eager, its baseline on multimem: not the same setting, named so). 4 layers, CUDA graphs."""
+    paper = paper_times()
+    lines = ["| setting | model | tokens | tokenweave vs nccl | nocomm vs nccl | tokenweave / nocomm "
+             "| paper: tokenweave vs baseline | paper: tokenweave / no_ar | file |", "|---|---|---|---|---|---|---|---|---|"]
+    for setting, model, f in HEADLINE:
+        ms = {(r["tokens"], r["strategy"]): r for r in read(RESULTS_DIR / f)}
+        for tokens in HEADLINE_TOKENS:
+            if (tokens, "tokenweave") not in ms:
+                continue
+            tw, nocomm = ms[(tokens, "tokenweave")], ms[(tokens, "nocomm")]
+            if "EMULATED" in setting:
+                vs_nccl = [f"{r['projected_speedup_vs_nccl']:.3f} PROJECTED" for r in (tw, nocomm)]
+            else:
+                vs_nccl = [f"{ms[(tokens, 'nccl')]['median_ms'] / r['median_ms']:.3f}" for r in (tw, nocomm)]
+            p = paper[(model, tokens)]
+            lines.append(f"| {setting} | {model} | {tokens} | {vs_nccl[0]} | {vs_nccl[1]} | "
+                         f"{tw['median_ms'] / nocomm['median_ms']:.3f} | {p['baseline_multimem'] / p['overlap_fused']:.3f} | "
+                         f"{p['overlap_fused'] / p['no_ar']:.3f} | `{f}` |")
     return "\n".join(lines)
 
 
