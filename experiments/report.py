@@ -4,7 +4,7 @@
     python -m experiments.report --check    # exit 1 naming every block that differs from its files
 
 A block sits between `<!-- generated: NAME -->` and `<!-- end: NAME -->`; its text is BLOCKS[NAME]()
-(experiments/record.py, experiments/fidelity.py), computed from the result files the table names.
+(experiments/record.py, record_parts.py, summary.py, fidelity.py), computed from the result files the table names.
 tests/test_report.py runs the check and keeps hand-typed result numbers out of the prose around them.
 """
 from __future__ import annotations
@@ -13,31 +13,31 @@ import argparse
 import re
 import sys
 
-from experiments import fidelity, record
+from experiments import fidelity, record, record_parts, summary
 from experiments.index import ROOT
 
 DOCS = ("README.md", "docs/results.md")
 BLOCKS = {
     "headline": fidelity.baseline_table,
-    "reproduce": record.reproduce_table,
-    "status": record.status_block,
-    "targets": record.targets_table,
+    "reproduce": summary.reproduce_table,
+    "status": summary.status_block,
+    "targets": summary.targets_table,
     "e2e": record.e2e_table,
     "paid": record.paid_table,
     "spread": record.spread_table,
-    "interference": record.interference_table,
-    "kernels": record.kernels_table,
-    "sm-rate": record.sm_rate_table,
-    "kernel-history": record.kernel_history_table,
-    "sm-share": record.sm_share_table,
-    "wave": record.wave_table,
-    "split-rules": record.split_rules_table,
-    "mlp-split": record.mlp_split_table,
-    "overhead": record.overhead_table,
-    "moe": record.moe_table,
-    "host": record.host_table,
+    "interference": record_parts.interference_table,
+    "kernels": record_parts.kernels_table,
+    "sm-rate": record_parts.sm_rate_table,
+    "kernel-history": record_parts.kernel_history_table,
+    "sm-share": record_parts.sm_share_table,
+    "wave": record_parts.wave_table,
+    "split-rules": record_parts.split_rules_table,
+    "mlp-split": record_parts.mlp_split_table,
+    "overhead": record_parts.overhead_table,
+    "moe": record_parts.moe_table,
+    "host": record_parts.host_table,
     "mixtral": record.mixtral_table,
-    "attention": record.attention_table,
+    "attention": record_parts.attention_table,
     "emulated": record.emulated_table,
     "emulated-ctas": record.emulated_ctas_table,
     "checks": record.checks_table,
