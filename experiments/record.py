@@ -169,19 +169,25 @@ def emulated_ctas_table() -> str:
 
 # ---- correctness ----------------------------------------------------------------------------------------
 
-def checks_table() -> str:
-    """Every current GPU file whose rows carry a check against the float64 reference."""
-    body = []
+def checks() -> list[dict]:
+    """Every current GPU latency or throughput file whose rows carry a check against the float64
+    reference: {file, model, on, checked, passed, rel_errs}."""
+    out = []
     for path in sorted(RESULTS.glob("*.jsonl")):
         rs = read(path)
         checked = [r for r in rs if r.get("correct") is not None or r.get("check_logits_rel_err") is not None]
         if not checked or not path.name.startswith(("latency-", "throughput-")) or str(rs[0].get("gpu", "")).startswith("none"):
             continue
-        ok = sum(bool(r["correct"]) if r.get("correct") is not None else r["check_logits_rel_err"] <= r["check_tolerance"]
-                 for r in checked)
-        errs = [e for e in (r.get("rel_err", r.get("check_logits_rel_err")) for r in checked) if e is not None]
         n = rs[0]["world_size"]
-        where = f"{n} ranks sharing 1 GPU" if rs[0].get("shared_gpu") else f"{n} GPU{'s' if n > 1 else ''}"
-        body.append([f"`{path.name}`", rs[0].get("model", "-"), where, len(checked), ok,
-                     span(errs, "{:.1e}") if errs else "-"])
-    return table(["file", "model", "on", "checked rows", "passed", "rel_err vs float64"], body)
+        out.append({"file": path.name, "model": rs[0].get("model", "-"), "checked": len(checked),
+                    "on": f"{n} ranks sharing 1 GPU" if rs[0].get("shared_gpu") else f"{n} GPU{'s' if n > 1 else ''}",
+                    "passed": sum(bool(r["correct"]) if r.get("correct") is not None
+                                  else r["check_logits_rel_err"] <= r["check_tolerance"] for r in checked),
+                    "rel_errs": [e for e in (r.get("rel_err", r.get("check_logits_rel_err")) for r in checked) if e is not None]})
+    return out
+
+
+def checks_table() -> str:
+    return table(["file", "model", "on", "checked rows", "passed", "rel_err vs float64"],
+                 [[f"`{c['file']}`", c["model"], c["on"], c["checked"], c["passed"],
+                   span(c["rel_errs"], "{:.1e}") if c["rel_errs"] else "-"] for c in checks()])

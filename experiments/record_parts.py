@@ -10,20 +10,26 @@ from experiments.record import KERNELS, gap, rows, span, table
 
 # ---- the fused kernel, the SMs, interference ---------------------------------------------------------
 
-def kernels_table() -> str:
-    """p2p_fused (two-shot) and p2p_ar against NCCL's all-reduce alone, hidden 8192, TP=2."""
+def fused_kernel_rows(kernels=("p2p_fused", "p2p_ar"), tokens=(1024, 8192, 32768), ctas=(8, 16, 32, 132)) -> list[dict]:
+    """The two-shot P2P rows of KERNELS (hidden 8192, TP=2), each with `nccl_us` (NCCL's all-reduce alone at
+    the same size, same run) and `vs_floor`: the time over bytes through this rank's SMs / (CTAs x the
+    per-SM copy rate), as experiments/kernels.py defines them (sm_bytes, per_sm_gbps)."""
     from experiments.kernels import per_sm_gbps, sm_bytes
     rs = [r for r in rows(KERNELS) if r["hidden"] == 8192]
     nccl = {r["tokens"]: r["time_us"] for r in rs if r["kernel"] == "nccl_ar"}
     per_sm, _ = per_sm_gbps()
-    body = []
-    for r in sorted((r for r in rs if r["kernel"] in ("p2p_fused", "p2p_ar") and r["tokens"] in (1024, 8192, 32768)
-                     and r["ctas"] in (8, 16, 32, 132) and not r.get("oneshot")),
-                    key=lambda r: (r["kernel"], r["tokens"], r["ctas"])):
-        floor_us = sm_bytes(r["kernel"], r["tokens"], 8192, 2) / (r["ctas"] * per_sm * 1e3)
-        body.append([r["kernel"], r["tokens"], r["ctas"], f"{r['time_us']:.0f}", f"{nccl[r['tokens']]:.0f}",
-                     f"{r['time_us'] / nccl[r['tokens']]:.2f}", f"{r['algbw_gbps']:.0f}", f"{r['time_us'] / floor_us:.2f}"])
-    return table(["kernel", "tokens", "CTAs", "us", "NCCL all-reduce us", "vs NCCL", "algbw GB/s", "vs SM floor"], body)
+    return [{**r, "nccl_us": nccl[r["tokens"]],
+             "vs_floor": r["time_us"] * r["ctas"] * per_sm * 1e3 / sm_bytes(r["kernel"], r["tokens"], r["hidden"], r["tp"])}
+            for r in sorted(rs, key=lambda r: (r["kernel"], r["tokens"], r["ctas"]))
+            if r["kernel"] in kernels and r["tokens"] in tokens and r["ctas"] in ctas and not r.get("oneshot")]
+
+
+def kernels_table() -> str:
+    """p2p_fused and p2p_ar against NCCL's all-reduce alone, and against their SM floor."""
+    return table(["kernel", "tokens", "CTAs", "us", "NCCL all-reduce us", "vs NCCL", "algbw GB/s", "vs SM floor"],
+                 [[r["kernel"], r["tokens"], r["ctas"], f"{r['time_us']:.0f}", f"{r['nccl_us']:.0f}",
+                   f"{r['time_us'] / r['nccl_us']:.2f}", f"{r['algbw_gbps']:.0f}", f"{r['vs_floor']:.2f}"]
+                  for r in fused_kernel_rows()])
 
 
 def sm_rate_table() -> str:
