@@ -88,7 +88,7 @@
 
 // TW_TP: the TP degree as a compile-time constant (tw/comm/p2p.py compiles with -DTW_TP=<tp>), so
 // the loops over ranks unroll and peer pointers stay in registers; 0 = read it from the arguments at
-// run time. Compiling it in cut the phase-2 row loop of p2p_all_reduce_v2 from 1646 to ~520 SASS
+// run time. Compiling it in cut the phase-2 row loop of p2p_all_reduce from 1646 to ~520 SASS
 // instructions per 2-row iteration (TP=2): the loop was instruction-bound (experiments/NOTES.md).
 #ifndef TW_TP
 #define TW_TP 0

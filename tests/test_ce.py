@@ -29,6 +29,21 @@ def cpu_world():
 
 
 # ----------------------------------------------------------------------------- factory and arguments
+def test_the_transport_table_names_every_kind_and_name():
+    """tw/comm's docstring is where a reader meets the transports: its table lists every kind `make`
+    takes, and its contract every `name` a row can record."""
+    import re
+
+    from tw.comm import ce, cpu, multimem, nocomm, p2p   # (nccl.py needs CuPy to import: its name is "nccl")
+    doc = transports.__doc__
+    assert re.findall(r"^\| `([a-z0-9]+)` ", doc, re.M) == ["nccl", "p2p", "none", "multimem", "ce"]
+    assert set(transports.KINDS) == {"nccl", "p2p", "none", "multimem", "ce"}
+    names = {ce.CeComm.name, cpu.CpuComm.name, cpu.CpuLoopback.name, multimem.MultimemComm.name,
+             "nccl", nocomm.NoComm.name, p2p.P2PComm.name}
+    line = next(line for line in doc.splitlines() if line.strip().startswith("comm.name"))
+    assert names == set(re.findall(r'"([a-z0-9]+)"', line)), line
+
+
 def test_make_ce_on_a_cpu_world_is_the_cpu_transport():
     assert "ce" in transports.KINDS
     comm = transports.make("ce", cpu_world(), 16, 8, np.float32)

@@ -7,18 +7,19 @@ One interface (`Transport`), one factory (`make`), one constructor shape:
 | kind       | module        | what moves the bytes                                                  |
 |------------|---------------|-----------------------------------------------------------------------|
 | `nccl`     | `nccl.py`     | NCCL all-reduce (unsharded) or reduce-scatter + norm + all-gather     |
-| `p2p`      | `p2p.py`      | our push kernels over CUDA-IPC peer pointers (cuda/ar_norm_p2p.cu)    |
+| `p2p`      | `p2p.py`      | our kernels over CUDA-IPC peer pointers (cuda/ar_norm_p2p.cu); they   |
+|            |               | push partials to their owner, or with `pull=True` the owner pulls     |
 | `none`     | `nocomm.py`   | nothing: the "communication is free" bound (output not the model's)   |
 | `multimem` | `multimem.py` | NVLS multicast; compiled, refuses to run on the lab machines (Rule 1) |
 | `ce`       | `ce.py`       | peer copies on the copy engines + a local add + RMSNorm kernel        |
-| (cpu)      | `cpu.py`      | NumPy + MPI collectives: what `nccl` and `p2p` become on a CPU world  |
+| (cpu)      | `cpu.py`      | NumPy + MPI collectives: what `nccl`, `p2p` and `ce` are on the CPU   |
 
 `emulate=Emulation(tp, rank)` (tw/comm/emulation.py) makes `p2p` play one rank of a TP group alone, over
 stand-in peers (`standin.py`; on the CPU, `cpu.CpuLoopback`); the other kinds refuse it.
 
 The contract (docs/design.md#transports):
 
-    comm.name      "nccl", "p2p", "none", "multimem" or "cpu": what result rows record as `transport`
+    comm.name      "nccl", "p2p", "ce", "none", "multimem" or "cpu": what result rows record as `transport`
     comm.sharded   the order ar_add_norm uses unless a call says otherwise (see below)
     comm.staging(num_tokens) -> [num_tokens, hidden] array
         Where a row-parallel GEMM writes its partial output. For P2P this is the registered (IPC)
