@@ -183,7 +183,10 @@ def test_stress(world, comm, num_calls, seed):
         parts = [s[start:start + n] for s in src_all]
         tag = f"stress call {i} op={op} [{start},{start + n}) ctas={ctas}"
         if op == "all_reduce":
-            exp = (parts[0].astype(np.float32) + sum(p.astype(np.float32) for p in parts[1:])).astype(BF16)
+            acc = parts[0].astype(np.float32)
+            for p in parts[1:]:      # the kernel's order: ((p0 + p1) + p2) + ... in fp32, then bf16
+                acc += p.astype(np.float32)
+            exp = acc.astype(BF16)
             got = to_host(stage[start:start + n])
             nbad = int(np.sum(got.view(np.uint16) != exp.view(np.uint16)))
             expect(nbad == 0, f"{tag}: {nbad} values differ from the bf16-rounded fp32 sum")
