@@ -41,16 +41,15 @@ GEMMs alone at this token count (the compute ceiling all strategies share); per_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
+from dataclasses import dataclass
 
-from experiments import common
+from experiments import common, tuned_choices
 from tw.model import config, reference
 from tw.model import batch as batching
 from tw.measure import bench, trace
 from tw.runtime import dist, graph
-from tw.schedule import tuned
 from tw.schedule import strategies as schedules
 from tw.schedule import split as splitting
 from tw.model.layers import layer_gemms
@@ -196,8 +195,62 @@ def gemm_tflops(model, num_tokens, stream, iters):
     return flops / (ms * 1e-3) / 1e12, ms
 
 
+@dataclass
+class Run:
+    """A latency run as `build` sets it up; every later step reads it."""
+    args: argparse.Namespace
+    world: object
+    cfg: object
+    model: object
+    strategies: list
+    batches: dict        # {tokens: Batch}
+    stream: object
+    writer: object
+
+    @property
+    def routed_refs(self) -> bool:
+        """MoE --check: rounding can flip near-tie routings, so each strategy gets a reference that follows
+        its own routing at near-ties (tw/model/reference.forward's `routing`), computed after its pass."""
+        return bool(self.args.check and self.cfg.num_experts and not self.model.emulated)
+
+
+@dataclass
+class Captured:
+    """One strategy at one token count: passed once, checked, ready to time."""
+    strat: object
+    run: object          # what is timed: the CUDA graph's replay, or the eager pass
+    forward: object      # the eager pass (--trace)
+    out: object          # where its passes (and replays) write
+    row: dict
+    ref: object = None   # what `out` was checked against (None: not checked)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    world, cfg = configure(args)
+    run = build(args, world, cfg)
+    rows, step, total = [], 0, len(args.tokens) * len(run.strategies)
+    for tokens in args.tokens:
+        batch, ids = run.batches[tokens], batching.token_ids(tokens, cfg.vocab, args.seed)
+        ref = reference_of(run, tokens, batch, ids)
+        # Set up and check every strategy first, then time them round-robin, so slow drifts of the
+        # machine hit every strategy alike instead of favouring the one measured first.
+        point = []
+        for strat in run.strategies:
+            step += 1
+            c, routing = capture(run, strat, tokens, batch, ids)
+            ref = check(run, c, ref, routing, batch, ids)
+            world.print0(f"[{step}/{total}] tokens={tokens:>6} {strat.name:<12} ready"
+                         + (f"  rel_err={c.row['rel_err']:.2e} {'ok' if c.row['correct'] else 'FAIL'}"
+                            if "rel_err" in c.row else ""))
+            point.append(c)
+        time_point(run, tokens, point)
+        rows += [c.row for c in point]
+    return report(run, rows)
+
+
+def configure(args):
+    """(world, cfg): the device and the model preset, the flags checked and their defaults filled in."""
     tokens_given = args.tokens is not None
     world = common.init(args)
     cfg = common.model_config(args, world)
@@ -217,8 +270,13 @@ def main(argv=None):
                      f"{PAPER['tokens'][0]}-{PAPER['tokens'][-1]} (one prompt of 64K tokens takes minutes here)")
     common.shared_gpu_strategies(args, world)
     common.note_tp1(world)
+    return world, cfg
+
+
+def build(args, world, cfg) -> Run:
+    """The batches, the model, the strategies (tokenweave with its tuned choices) and the result writer.
+    Everything is sized from the token counts (workspace, KV, transports); nothing else caps them."""
     stream = world.new_stream()
-    # Everything is sized from the token counts (workspace, KV, transports); nothing else caps them.
     tokens = max(args.tokens)  # an upper bound of the KV slots, before any batch is built
     longest = min(common.seq_len_of(args, tokens), tokens)  # the longest prefill sequence (the reference's scores)
     kv_bound = tokens + (tokens // longest + 1) * args.prefix + args.decode * args.decode_context
@@ -231,102 +289,119 @@ def main(argv=None):
     capacity = max(b.kv_capacity for b in batches.values())
     model = common.build_model(args, world, cfg, max(args.tokens), capacity, transports=len(args.strategies),
                                reference_tokens=max(args.tokens) if args.check else 0, seq_len=longest)
-    rule = "wave" if args.split == "tuned" else args.split  # the rule where nothing is tuned
-    strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=rule, ctas_mlp=args.ctas_mlp,
-                                 min_split_tokens=args.min_split_tokens,
-                                 sm_target="left" if args.sm_target == "left" else "off") for s in args.strategies]
+    strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=args.split, ctas_mlp=args.ctas_mlp,
+                                 min_split_tokens=args.min_split_tokens, sm_target=args.sm_target,
+                                 tuned_file=args.tuned_file) for s in args.strategies]
     writer = common.writer(args, world, "latency", cfg, dtype=str(model.dtype),
                            check_against="nccl" if model.emulated else "float64 reference")
-    choices = load_choices(args, world, cfg)
-    rows, step, total = [], 0, len(args.tokens) * len(strategies)
-    for tokens in args.tokens:
-        batch = batches[tokens]
-        ids = batching.token_ids(tokens, cfg.vocab, args.seed)
-        ref = None
-        # MoE: rounding can flip near-tie routings, so each strategy gets a reference that follows its own
-        # routing at near-ties (tw/reference.forward's `routing`), computed after its pass.
-        routed_refs = bool(args.check and cfg.num_experts and not model.emulated)
-        if args.check and not model.emulated and not routed_refs:
-            world.print0(f"float64 reference for {tokens} tokens (rank 0, then broadcast) ...")
-            t0 = time.perf_counter()
-            with dist.step(f"float64 reference, {tokens} tokens"):
-                ref = reference.forward_once(world, cfg, batch, ids, args.seed, model.xp, model.dtype)
-            world.print0(f"  done in {time.perf_counter() - t0:.1f} s")
-        # Set up and check every strategy first, then time them round-robin, so slow drifts of the
-        # machine hit every strategy alike instead of favouring the one measured first.
-        runs, point_rows, refs = [], [], {}
-        for strat in strategies:
-            step += 1
-            choice = choices.get(tokens) if strat.name == "tokenweave" else None
-            if choice is not None and args.sm_target != "tuned":  # the flag overrides the tuned targets
-                left = args.sm_target == "left"
-                choice = dataclasses.replace(choice, sm_target_attn=world.sm_count - choice.ctas_attn if left else None,
-                                             sm_target_mlp=world.sm_count - choice.ctas_mlp if left else None)
-            plan = strat.prepare(batch, ids, choice) if strat.name == "tokenweave" else strat.prepare(batch, ids)
+    tuned_choices.use(args, world, cfg, strategies, args.seq_len, args.tokens)
+    return Run(args, world, cfg, model, strategies, batches, stream, writer)
 
-            def forward(strat=strat, plan=plan):
-                return strat.forward(plan, stream)
 
-            with dist.step(f"tokens={tokens} {strat.name}: first pass"):
-                model.routing = {} if routed_refs else None
-                out = forward()
-                routing, model.routing = model.routing, None
-                run = graph.Graph(forward, stream, args.graph_priority) if args.graph and world.is_gpu else forward
-                if world.is_gpu:
-                    if run is not forward:  # one replay of the new graph (eager: the pass above was one)
-                        run()
-                    stream.synchronize()
-                strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
-            row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs), "split_at": plan.split_at,
-                   "split_source": plan.split_source, "transport": strat.comm.name,
-                   "p2p_pull": bool(getattr(strat.comm, "pull", False)), "ctas": plan.ctas,
-                   "ctas_attn": plan.ctas_attn, "ctas_mlp": plan.ctas_mlp, "sm_target_attn": plan.sm_target_attn,
-                   "sm_target_mlp": plan.sm_target_mlp}
-            if routed_refs and strat.name != "nocomm":
-                with dist.step(f"float64 reference for {strat.name}, {tokens} tokens"):
-                    ref = reference.forward_once(world, cfg, batch, ids, args.seed, model.xp, model.dtype,
-                                                 routing if world.rank == 0 else None)
-                refs[strat.name] = ref
-            if args.check and model.emulated and strat.name == "nccl":
-                ref = out.astype(model.xp.float64)  # the baseline's output is the reference here
-            elif ref is not None and strat.name != "nocomm":
-                err = {k: world.comm.allreduce(v, op=common._max()) for k, v in reference.rel_err(out, ref).items()}
-                row.update(err, correct=bool(err["rel_err"] <= reference.tolerance(model.dtype)))
-            world.print0(f"[{step}/{total}] tokens={tokens:>6} {strat.name:<12} ready"
-                         + (f"  rel_err={row['rel_err']:.2e} {'ok' if row['correct'] else 'FAIL'}" if "rel_err" in row
-                            else ""))
-            runs.append((run, forward, out))   # out: where this strategy's passes (and replays) write
-            point_rows.append(row)
-        def measure(i, tokens=tokens):
-            # One step per strategy and round, not per token count: at full depth and 64K tokens one
-            # pass takes seconds, and a step is bounded by TW_TIMEOUT_S (tw/runtime/watchdog.py).
-            with dist.step(f"timing tokens={tokens} {strategies[i].name}"):
-                return bench.passes(runs[i][0], world, stream, args.iters, args.warmup)
+def reference_of(run, tokens, batch, ids):
+    """--check: the float64 reference of this batch, shared by every strategy (None without --check, for
+    emulated shards, and for MoE models, whose references follow each strategy's routing: check)."""
+    args, world, model = run.args, run.world, run.model
+    if not args.check or model.emulated or run.routed_refs:
+        return None
+    world.print0(f"float64 reference for {tokens} tokens (rank 0, then broadcast) ...")
+    t0 = time.perf_counter()
+    with dist.step(f"float64 reference, {tokens} tokens"):
+        ref = reference.forward_once(world, run.cfg, batch, ids, args.seed, model.xp, model.dtype)
+    world.print0(f"  done in {time.perf_counter() - t0:.1f} s")
+    return ref
 
-        samples = bench.round_robin(range(len(runs)), measure, args.repeats)
-        for strat, (run, _, out), row in zip(strategies, runs, point_rows):
-            # After timing: no transport gave up, and every strategy still computes the same output
-            # (a failed P2P call would otherwise only show as implausibly fast timings).
-            run()
-            if world.is_gpu:
-                stream.synchronize()
-            strat.comm.check()
-            if "rel_err" in row:
-                mine = refs.get(strat.name, ref)
-                after = world.comm.allreduce(reference.rel_err(out, mine)["rel_err"], op=common._max())
-                row["rel_err_after_timing"] = after
-                row["correct"] = row["correct"] and bool(after <= reference.tolerance(model.dtype))
-        gemm = gemm_tflops(model, tokens, stream, args.iters) if world.is_gpu else None
-        for i, (row, (_, forward, _)) in enumerate(zip(point_rows, runs)):
-            row.update(bench.summarize(samples[i], world.comm), iters=args.iters, warmup=args.warmup,
-                       repeats=args.repeats)
-            row["per_layer_ms"] = row["median_ms"] / cfg.num_layers
-            if gemm:
-                row.update(gemm_tflops=gemm[0], gemm_layer_ms=gemm[1])
-            if args.trace:
-                write_trace(args, world, cfg, row["strategy"], tokens, forward, stream)
-            world.print0(f"        tokens={tokens:>6} {row['strategy']:<12} {row['median_ms']:9.3f} ms")
-        rows += point_rows
+
+def capture(run, strat, tokens, batch, ids):
+    """(Captured, routing): strat's plan for the batch, one eager pass, and its CUDA graph (--graph, GPU)
+    replayed once; routing: the MoE experts the pass chose (MoE --check), else None."""
+    args, world, model, stream = run.args, run.world, run.model, run.stream
+    plan = strat.prepare(batch, ids)
+
+    def forward():
+        return strat.forward(plan, stream)
+
+    with dist.step(f"tokens={tokens} {strat.name}: first pass"):
+        model.routing = {} if run.routed_refs else None
+        out = forward()
+        routing, model.routing = model.routing, None
+        timed = graph.Graph(forward, stream, args.graph_priority) if args.graph and world.is_gpu else forward
+        if world.is_gpu:
+            if timed is not forward:  # one replay of the new graph (eager: the pass above was one)
+                timed()
+            stream.synchronize()
+        strat.comm.check()  # a P2P kernel that gave up waiting for a peer raises here
+    row = {"tokens": tokens, "strategy": strat.name, "seqs": len(batch.seqs), "split_at": plan.split_at,
+           "split_source": plan.split_source, "transport": strat.comm.name,
+           "p2p_pull": bool(getattr(strat.comm, "pull", False)), "ctas": plan.ctas,
+           "ctas_attn": plan.ctas_attn, "ctas_mlp": plan.ctas_mlp, "sm_target_attn": plan.sm_target_attn,
+           "sm_target_mlp": plan.sm_target_mlp}
+    return Captured(strat, timed, forward, out, row), routing
+
+
+def check(run, c, ref, routing, batch, ids):
+    """--check: c's output against `ref` (MoE: against a reference of its own, following its routing at
+    near-ties), into c.row's rel_err / correct. Returns the reference of the strategies after it: on
+    emulated shards nccl's output is the reference of those that follow it."""
+    args, world, model = run.args, run.world, run.model
+    name = c.strat.name
+    if run.routed_refs and name != "nocomm":
+        with dist.step(f"float64 reference for {name}, {c.row['tokens']} tokens"):
+            ref = reference.forward_once(world, run.cfg, batch, ids, args.seed, model.xp, model.dtype,
+                                         routing if world.rank == 0 else None)
+    if args.check and model.emulated and name == "nccl":
+        return c.out.astype(model.xp.float64)  # the baseline's output is the reference here
+    if ref is not None and name != "nocomm":
+        err = {k: world.comm.allreduce(v, op=common._max()) for k, v in reference.rel_err(c.out, ref).items()}
+        c.row.update(err, correct=bool(err["rel_err"] <= reference.tolerance(model.dtype)))
+        c.ref = ref
+    return ref
+
+
+def time_point(run, tokens, point) -> None:
+    """Time the captured strategies round-robin (--repeats rounds of --iters passes each), check them
+    again, and complete their rows: times, layer 0's GEMM rate (GPU), and --trace's extra pass."""
+    args, world, stream = run.args, run.world, run.stream
+
+    def measure(i):
+        # One step per strategy and round, not per token count: at full depth and 64K tokens one
+        # pass takes seconds, and a step is bounded by TW_TIMEOUT_S (tw/runtime/watchdog.py).
+        with dist.step(f"timing tokens={tokens} {point[i].strat.name}"):
+            return bench.passes(point[i].run, world, stream, args.iters, args.warmup)
+
+    samples = bench.round_robin(range(len(point)), measure, args.repeats)
+    for c in point:
+        check_after_timing(run, c)
+    gemm = gemm_tflops(run.model, tokens, stream, args.iters) if world.is_gpu else None
+    for i, c in enumerate(point):
+        row = c.row
+        row.update(bench.summarize(samples[i], world.comm), iters=args.iters, warmup=args.warmup,
+                   repeats=args.repeats)
+        row["per_layer_ms"] = row["median_ms"] / run.cfg.num_layers
+        if gemm:
+            row.update(gemm_tflops=gemm[0], gemm_layer_ms=gemm[1])
+        if args.trace:
+            write_trace(args, world, run.cfg, row["strategy"], tokens, c.forward, stream)
+        world.print0(f"        tokens={tokens:>6} {row['strategy']:<12} {row['median_ms']:9.3f} ms")
+
+
+def check_after_timing(run, c) -> None:
+    """After timing: no transport gave up, and the strategy still computes the same output (a failed
+    P2P call would otherwise only show as implausibly fast timings)."""
+    c.run()
+    if run.world.is_gpu:
+        run.stream.synchronize()
+    c.strat.comm.check()
+    if "rel_err" in c.row:
+        after = run.world.comm.allreduce(reference.rel_err(c.out, c.ref)["rel_err"], op=common._max())
+        c.row["rel_err_after_timing"] = after
+        c.row["correct"] = c.row["correct"] and bool(after <= reference.tolerance(run.model.dtype))
+
+
+def report(run, rows) -> int:
+    """The columns relative to nccl and nocomm (and the projected ones of an emulated rank), the rows
+    written, the table printed; 1 when a check failed."""
+    args, world, cfg = run.args, run.world, run.cfg
     base = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nccl"}
     bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
     emu = common.emulation(args)
@@ -338,9 +413,9 @@ def main(argv=None):
         r["vs_nocomm"] = r["median_ms"] / bound[r["tokens"]] if r["tokens"] in bound else None
         if r["strategy"] not in ("nccl", "nocomm"):
             r["comm_paid"] = common.comm_paid(r["median_ms"], base.get(r["tokens"]), bound.get(r["tokens"]))
-        writer.write(r)
+        run.writer.write(r)
     print_table(world, rows, cfg, args)
-    world.print0(f"wrote {writer.path}")
+    world.print0(f"wrote {run.writer.path}")
     failed = [r for r in rows if r.get("correct") is False]
     if failed:
         world.print0(f"CHECK FAILED for {[(r['tokens'], r['strategy']) for r in failed]}")
@@ -360,62 +435,6 @@ def check_attention_grid(batches) -> None:
                                   f"sequences, one block per {DEFAULT_BLOCK_M} new tokens of each) but the attention "
                                   f"kernel's grid holds {MAX_WORK_ITEMS}; use a longer --seq-len (or all), fewer "
                                   "--tokens or fewer --decode tokens")
-
-
-def load_choices(args, world, cfg) -> dict:
-    """{tokens: tune.py's choice} for exactly this setting (--split tuned, flags not overriding them).
-
-    A choice holds only for the batch it was tuned on, and the key's seq_len says which batch that was:
-    prefill sequences of seq_len tokens. With --seq-len all the batch of T tokens is one sequence of T,
-    which is what tune.py measured with --seq-len T --tokens T, so each T uses the file keyed seq_len = T
-    and only its entry for T (that file's other token counts were batches of several sequences)."""
-    if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
-        return {}
-    if getattr(args, "tuned_file", None):
-        return choices_from_file(args, world)
-    keys = dict.fromkeys(common.tuning_key(args, world, cfg, common.seq_len_of(args, t)) for t in args.tokens)  # one per seq_len
-    found, used, missing = {}, [], []
-    for key in keys:
-        got = tuned.load(key)
-        if args.seq_len == "all":
-            got = {t: c for t, c in got.items() if t == key.seq_len}
-        if got:
-            found.update(got)
-            used.append(key.path.name)
-        else:
-            missing.append(key)
-    if missing and args.seq_len != "all":
-        key = missing[0]
-        world.print0(f"tokenweave: {tuned.mismatch(key) or 'no tuned choices for this setting'}; "
-                     "using the wave rule and the CTA flags")
-    elif missing:
-        world.print0(f"tokenweave: no choices tuned on one prompt of {sorted(k.seq_len for k in missing)} tokens "
-                     f"(tune.py --seq-len T --tokens T, {cfg.num_layers} layers); the wave rule and the CTA flags "
-                     "there")
-    if not found:
-        return {}
-    if args.ctas is not None or args.ctas_mlp is not None:
-        world.print0("tokenweave: --ctas/--ctas-mlp given: tuned choices ignored")
-        return {}
-    world.print0(f"tokenweave: tuned split and CTA budgets from {', '.join(used)} for tokens {sorted(found)}")
-    return found
-
-
-def choices_from_file(args, world) -> dict:
-    """{tokens: choice} of the file --tuned-file names, for the token counts it holds."""
-    import json
-    from pathlib import Path
-    path = Path(args.tuned_file)
-    try:
-        data = json.loads(path.read_text())
-        got = {int(t): tuned.TunedChoice(**c) for t, c in data["tokens"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise dist.UsageError(f"--tuned-file {path}: not a readable tuned file ({type(e).__name__}: {e})") from None
-    got = {t: dataclasses.replace(c, extra={**c.extra, "source": f"file:{path.name}"}) for t, c in got.items()
-           if t in args.tokens}
-    world.print0(f"tokenweave: split and CTA budgets from {path.name} (tuned for {data.get('key')}) for tokens "
-                 f"{sorted(got)}; the wave rule elsewhere")
-    return got
 
 
 def write_trace(args, world, cfg, strategy, tokens, forward, stream):

@@ -53,8 +53,8 @@ def main(argv=None):
     w, ws = model.layers[0], model.ws
     if world.is_gpu:
         fill_random(ws, ("x",))  # timed GEMMs on random data, not on a fresh model's zeros
-    split_fn = splitting.split_function("wave", model, world)
-    writer = common.writer(args, world, "split", cfg, split_rule=split_fn.source)
+    rule = splitting.split_rule("wave", model, world)   # on the CPU: the naive rule
+    writer = common.writer(args, world, "split", cfg, split_rule=rule.source)
 
     def mlp(*bounds):
         for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -68,7 +68,7 @@ def main(argv=None):
         return 0
     world.print0(f"{'tokens':>7} {'unsplit_ms':>10} {'equal':>16} {'wave':>22}")
     for t in args.tokens:
-        wave = split_fn(t)
+        wave = rule(t)
         cases = {"unsplit": (None, (0, t)), "equal": (t // 2, (0, t // 2, t)), "wave": (wave, (0, wave, t))}
         fns = {k: (lambda b=b: mlp(*b)) for k, (_, b) in cases.items()}
         if world.is_gpu:

@@ -32,13 +32,12 @@ step); host and GPU medians are the slowest rank's.
 """
 from __future__ import annotations
 
-from experiments import common, workloads
+from experiments import common, tuned_choices, workloads
 from experiments.throughput_check import check, check_refs
 from experiments.throughput_serve import serve, step_stats
 from tw.model import config
 from tw.runtime import dist
 from tw.serve import engine, lm_head
-from tw.schedule import tuned
 from tw.schedule import strategies as schedules
 from tw.schedule import split as splitting
 from tw.model.model import memory_estimate
@@ -186,24 +185,6 @@ def kv_tokens(args, world, cfg, chunk: int, transports: int, ref_tokens: int, lo
     return kv
 
 
-def load_choices(args, world, cfg, chunk: int) -> dict:
-    """tune.py's choices for exactly this setting with seq_len = the chunk (experiments/latency.py's
-    load_choices with that one change), else {} (the wave rule)."""
-    if args.split != "tuned" or "tokenweave" not in args.strategies or not world.is_gpu:
-        return {}
-    key = common.tuning_key(args, world, cfg, chunk)
-    found = tuned.load(key)
-    if not found:
-        world.print0(f"tokenweave: {tuned.mismatch(key) or 'no tuned choices for this setting'}; "
-                     "using the wave rule and the CTA flags")
-        return {}
-    if args.ctas is not None or args.ctas_mlp is not None:
-        world.print0("tokenweave: --ctas/--ctas-mlp given: tuned choices ignored")
-        return {}
-    world.print0(f"tokenweave: tuned split and CTA budgets from {key.path.name} for tokens {sorted(found)}")
-    return found
-
-
 class Ceil64Profile:
     """The GEMM profile at M rounded up to a multiple of 64 rows (at most `cap`, the workspace). A GEMM's
     wave count is ceil(M / tile) with tile heights that are multiples of 64, so ceil64(M) has the same
@@ -223,60 +204,43 @@ class Ceil64Profile:
         self.inner.prefetch(sorted({self._m(m) for m in ms}))
 
 
-def memoized(split_fn):
-    """split_fn per batch size, computed once (the wave rule broadcasts rank 0's answer each call)."""
-    known = {}
-
-    def split(n: int) -> int:
-        if n not in known:
-            known[n] = split_fn(n)
-        return known[n]
-
-    split.source = getattr(split_fn, "source", "rule")
-    split.profile = getattr(split_fn, "profile", None)
-    return split
-
-
 def make_strategies(args, world, model) -> list:
-    rule = "wave" if args.split == "tuned" else args.split
     out = []
     for name in args.strategies:
         profile = None
-        if name == "tokenweave" and rule == "wave" and world.is_gpu:
+        if name == "tokenweave" and args.split != "naive" and world.is_gpu:   # the wave rule's profile
             from tw.schedule.profile import GemmProfile
             profile = Ceil64Profile(GemmProfile(model), model.max_tokens)
-        strat = schedules.make(name, model, world, args.transport, args.ctas, split=rule, ctas_mlp=args.ctas_mlp,
-                               profile=profile, min_split_tokens=args.min_split_tokens)
-        if name == "tokenweave":
-            strat.split_fn = memoized(strat.split_fn)
-        out.append(strat)
+        out.append(schedules.make(name, model, world, args.transport, args.ctas, split=args.split,
+                                  ctas_mlp=args.ctas_mlp, profile=profile, min_split_tokens=args.min_split_tokens))
     return out
 
 
-def plan_splits(world, strat, sizes: list, choices: dict) -> None:
+def plan_splits(world, strat, sizes: list) -> None:
     """Decide tokenweave's split for every batch size the run will see, before it is timed (the
-    scheduler never looks at token values, so engine.dry_run gives exactly those sizes)."""
-    todo = sorted({n for n in sizes if n >= strat.min_tokens and n not in choices})
-    profile = strat.split_fn.profile
+    scheduler never looks at token values, so engine.dry_run gives exactly those sizes; the split
+    rule remembers each size's answer)."""
+    policy = strat.policy
+    todo = sorted({n for n in sizes if policy.by_rule(n)})
+    profile = policy.rule.profile
     with dist.step("tokenweave: splits of the run's batch sizes"):
         if profile is not None and todo:
             world.print0(f"tokenweave: GEMM profile for {len(todo)} batch sizes (rows rounded up to 64) ...")
             if world.tp_rank == 0:
                 profile.prefetch({m for n in todo for s in splitting.candidates(n) for m in (s, n - s)})
         for n in todo:
-            strat.split_fn(n)
+            policy.rule(n)
 
 
-def run_one(args, world, cfg, model, head, strat, stream, chunk, load, steps, choices, kv, refs) -> dict:
+def run_one(args, world, cfg, model, head, strat, stream, chunk, load, steps, kv, refs) -> dict:
     """One strategy on one workload: warm-up steps, the timed run, its row (and check)."""
     label = f"chunk={chunk} {load.name} {strat.name}"
     if strat.name == "tokenweave":
-        plan_splits(world, strat, steps, choices)
+        plan_splits(world, strat, steps)
     if args.warmup_steps:
-        serve(strat, model, head, world, load.requests, chunk, kv, args, choices, stream, label,
-              stop_after=args.warmup_steps)
-    sched, records, logits, routing = serve(strat, model, head, world, load.requests, chunk, kv, args, choices,
-                                            stream, label, capture=set(refs))
+        serve(strat, model, head, world, load.requests, chunk, kv, args, stream, label, stop_after=args.warmup_steps)
+    sched, records, logits, routing = serve(strat, model, head, world, load.requests, chunk, kv, args, stream, label,
+                                            capture=set(refs))
     row = {"chunk": chunk, "workload": load.name, "workload_kind": load.kind, "input_len": load.input_len,
            "output_len": load.output_len, "requests": len(load.requests), "kv_tokens": kv,
            "max_seqs": args.max_seqs, "strategy": strat.name, "transport": strat.comm.name,
@@ -318,7 +282,7 @@ def main(argv=None):
     writer = common.writer(args, world, "throughput", cfg, dtype=str(model.dtype), check_against="float64 reference")
     rows, order, refs_of = [], {s.name: i for i, s in enumerate(strategies)}, {}
     for c in args.chunk:
-        choices = load_choices(args, world, cfg, c)
+        tuned_choices.use(args, world, cfg, strategies, c)   # tuned with seq_len = the chunk
         for load in loads:
             world.print0(f"\n{load.name}: {len(load.requests)} requests, chunk {c}, {kv} KV slots, "
                          f"{len(sizes[c, load.name])} steps each")
@@ -328,8 +292,8 @@ def main(argv=None):
             if load.name not in refs_of:     # the same for every chunk size
                 refs_of[load.name] = check_refs(args, world, cfg, model, load)
             refs = refs_of[load.name]
-            point = [run_one(args, world, cfg, model, head, strat, stream, c, load, sizes[c, load.name], choices,
-                             kv, refs) for strat in strategies[k:] + strategies[:k]]
+            point = [run_one(args, world, cfg, model, head, strat, stream, c, load, sizes[c, load.name], kv, refs)
+                     for strat in strategies[k:] + strategies[:k]]
             rows += sorted(point, key=lambda r: order[r["strategy"]])
     base = {(r["chunk"], r["workload"]): r["total_tokens_per_s"] for r in rows if r["strategy"] == "nccl"}
     bound = {(r["chunk"], r["workload"]): r["total_tokens_per_s"] for r in rows if r["strategy"] == "nocomm"}

@@ -17,8 +17,7 @@ from tw.serve import engine
 PROGRESS_S = 2.0   # seconds between progress lines
 
 
-def serve(strat, model, head, world, requests, chunk, kv, args, choices, stream, label, stop_after=None,
-          capture=()):
+def serve(strat, model, head, world, requests, chunk, kv, args, stream, label, stop_after=None, capture=()):
     """Run the workload to completion (or `stop_after` steps: warm-up). Returns the finished scheduler,
     the per-step records and, for request ids in `capture`, the full logits of their first and last
     output step (--check; that gather is left out of every time, the timeline included)."""
@@ -39,9 +38,7 @@ def serve(strat, model, head, world, requests, chunk, kv, args, choices, stream,
         with dist.step(f"{label}: step {sched.steps}"):
             h0 = time.perf_counter()
             step = sched.schedule()
-            if strat.name == "tokenweave":
-                kw["choice"] = choices.get(step.num_tokens)
-            plan = strat.prepare(step.batch, step.ids, **kw)
+            plan = strat.prepare(step.batch, step.ids, **kw)   # tokenweave: as its policy decides
             record = bool(model.cfg.num_experts and capture and any(r.rid in capture for r in step.requests))
             model.routing = {} if record else None
             h1 = time.perf_counter()

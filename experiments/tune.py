@@ -28,6 +28,7 @@ in the choice row the TunedChoice fields.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from experiments import common
 from tw.model import batch as batching
@@ -64,13 +65,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@dataclass
+class Tuner:
+    """A tune run as `build` sets it up; every later step reads it. tw: the tokenweave strategy, each
+    configuration forced on it (a TunedChoice passed to prepare)."""
+    args: object
+    world: object
+    cfg: object
+    model: object
+    tw: object
+    stream: object
+    writer: object
+
+    def key_of(self, tokens: int):
+        """The tuning key of a batch of `tokens` tokens: one per sequence length (with --seq-len all, one
+        per token count)."""
+        return common.tuning_key(self.args, self.world, self.cfg, common.seq_len_of(self.args, tokens))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    validate(args)
+    t = build(args)
+    for tokens in args.tokens:
+        tune_point(t, tokens)
+    t.world.print0(f"wrote {t.writer.path}")
+    return 0
+
+
+def validate(args) -> None:
+    """User errors, before anything is built (each names its flag)."""
     if args.shortlist < 1:
         raise dist.UsageError(f"--shortlist must be >= 1 (the wave rule's own pick is always timed), got {args.shortlist}")
     if not 0 < args.window < 0.5 or args.step < 1:
         raise dist.UsageError(f"--window must lie in (0, 0.5) and --step be >= 1, got {args.window} and {args.step}")
     args.seq_len = common.seq_len_value(args.seq_len)
+
+
+def build(args) -> Tuner:
+    """The world, the model, tokenweave (its split rule measures the GEMM profile on a GPU) and the writer."""
     world = common.init(args)
     cfg = common.model_config(args, world)
     stream = world.new_stream()
@@ -78,103 +111,129 @@ def main(argv=None):
         world.print0("(CPU: checks the procedure only; no GEMM profile, nothing saved to experiments/tuned/)")
     model = common.build_model(args, world, cfg, max(args.tokens))
     tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)
-    profile = tw.split_fn.profile  # None on the CPU: the wave rule is then T/2
-    def key_of(tokens):  # one key per sequence length: with --seq-len all, one per token count
-        return common.tuning_key(args, world, cfg, common.seq_len_of(args, tokens))
+    key = (common.tuning_key(args, world, cfg, common.seq_len_of(args, args.tokens[0])).tag if args.seq_len != "all"
+           else "per token count")
+    writer = common.writer(args, world, "tune", cfg, tuning_key=key)
+    return Tuner(args, world, cfg, model, tw, stream, writer)
 
-    writer = common.writer(args, world, "tune", cfg,
-                           tuning_key=key_of(args.tokens[0]).tag if args.seq_len != "all" else "per token count")
 
-    def runnable(batch, ids, config):
-        split_at, ca, cm, ta, tm = config
-        choice = (tuned.TunedChoice(None, ca, cm, split=False) if split_at == UNSPLIT else
-                  tuned.TunedChoice(split_at, ca, cm, sm_target_attn=ta, sm_target_mlp=tm, extra={"source": "forced"}))
-        plan = tw.prepare(batch, ids, choice)
-        run = lambda: tw.forward(plan, stream)  # noqa: E731
-        # an MoE block waits on the host for its row counts: no CUDA graph (tw/model/moe.py)
-        return graph.Graph(run, stream) if world.is_gpu and not model.cfg.num_experts else run
+def tune_point(t, tokens: int) -> None:
+    """Steps 1-5 of the module docstring at one token count, then its choice (report)."""
+    t0 = time.perf_counter()
+    batch = batching.prefill(tokens, common.seq_len_of(t.args, tokens))
+    ids = batching.token_ids(tokens, t.cfg.vocab, 0)
+    rule = t.tw.policy.rule   # the wave rule (on the CPU: naive, T/2)
+    shortlist = rule.shortlist(tokens, t.args.shortlist)
+    wave = shortlist[0]
+    ca, cm = tune_ctas(t, batch, ids, tokens, wave)
+    ta, tm = tune_sm_targets(t, batch, ids, tokens, wave, ca, cm) if t.world.is_gpu else (None, None)
+    loaded = loaded_split(t, tokens, ca, cm, ta, tm) if t.world.is_gpu else None
+    # Every split point (the shortlist, naive, the loaded pick) and not splitting, in the same rounds.
+    points = sorted({splitting.naive(tokens), *shortlist, *([loaded] if loaded else [])} | (set() if t.args.no_exhaustive else
+                                                           set(splitting.candidates(tokens, t.args.step, t.args.window))))
+    times = time_all(t, batch, ids, [(s, ca, cm, ta, tm) for s in points] + [(UNSPLIT, ca, cm, None, None)])
+    split_times = {c[0]: ms for c, ms in times.items() if c[0] != UNSPLIT}
+    unsplit_ms = times[(UNSPLIT, ca, cm, None, None)]
+    t.writer.write({"tokens": tokens, "kind": "unsplit", "split_at": None, "ctas": t.world.sm_count or None,
+                    "median_ms": unsplit_ms})
+    for s, ms in split_times.items():
+        t.writer.write({"tokens": tokens, "kind": "split", "split_at": s, "ctas_attn": ca, "ctas_mlp": cm,
+                        "median_ms": ms, "wave_split": s == wave, "shortlisted": s in shortlist})
+    report(t, tokens, (ca, cm, ta, tm), shortlist, loaded, split_times, unsplit_ms, t0)
 
-    def timed_all(batch, ids, configs):
-        runs = {c: runnable(batch, ids, c) for c in configs}
-        with dist.step(f"tune: timing {len(configs)} configurations"):
-            samples = bench.round_robin(configs, lambda c: bench.passes(runs[c], world, stream, args.iters,
-                                                                        args.warmup), args.repeats)
-        return {c: bench.slowest_median(s, world.comm) for c, s in samples.items()}
 
-    def sm_targets(k):
-        """The candidate SM-count targets for GEMMs beside a comm kernel of k CTAs (None: no target)."""
-        sms = world.sm_count
+def capture(t, batch, ids, config):
+    """What one configuration (split_at or UNSPLIT, ctas_attn, ctas_mlp, sm_target_attn, sm_target_mlp)
+    times: its plan forced on tokenweave, as a CUDA graph on a GPU."""
+    split_at, ca, cm, ta, tm = config
+    choice = (tuned.TunedChoice(None, ca, cm, split=False) if split_at == UNSPLIT else
+              tuned.TunedChoice(split_at, ca, cm, sm_target_attn=ta, sm_target_mlp=tm, extra={"source": "forced"}))
+    plan = t.tw.prepare(batch, ids, choice)
+    run = lambda: t.tw.forward(plan, t.stream)  # noqa: E731
+    # an MoE block waits on the host for its row counts: no CUDA graph (tw/model/moe.py)
+    return graph.Graph(run, t.stream) if t.world.is_gpu and not t.model.cfg.num_experts else run
+
+
+def time_all(t, batch, ids, configs) -> dict:
+    """{configuration: ms}: every configuration timed in the same rounds (tw/measure/bench.py), slowest rank."""
+    runs = {c: capture(t, batch, ids, c) for c in configs}
+    with dist.step(f"tune: timing {len(configs)} configurations"):
+        samples = bench.round_robin(configs, lambda c: bench.passes(runs[c], t.world, t.stream, t.args.iters,
+                                                                    t.args.warmup), t.args.repeats)
+    return {c: bench.slowest_median(s, t.world.comm) for c, s in samples.items()}
+
+
+def tune_ctas(t, batch, ids, tokens, wave) -> tuple:
+    """Step 2a: (ctas_attn, ctas_mlp), the fastest pair of --ctas-grid at the wave rule's split."""
+    ctas_times = time_all(t, batch, ids, [(wave, ca, cm, None, None) for ca in t.args.ctas_grid
+                                          for cm in t.args.ctas_grid])
+    for (_, ca, cm, _, _), ms in ctas_times.items():
+        t.writer.write({"tokens": tokens, "kind": "ctas", "split_at": wave, "ctas_attn": ca, "ctas_mlp": cm,
+                        "median_ms": ms})
+    (_, ca, cm, _, _), _ = min(ctas_times.items(), key=lambda kv: kv[1])
+    return ca, cm
+
+
+def tune_sm_targets(t, batch, ids, tokens, wave, ca, cm) -> tuple:
+    """Step 2b (GPU): (sm_target_attn, sm_target_mlp), the fastest pair of --sm-targets candidates."""
+    def candidates(k):
+        """The SM-count targets for GEMMs beside a comm kernel of k CTAs (None: no target)."""
+        sms = t.world.sm_count
         values = {"off": None, "left": sms - k, "half": sms - k // 2}
-        return {values[c] for c in args.sm_targets}
+        return {values[c] for c in t.args.sm_targets}
 
-    for tokens in args.tokens:
-        t0 = time.perf_counter()
-        batch = batching.prefill(tokens, common.seq_len_of(args, tokens))
-        ids = batching.token_ids(tokens, cfg.vocab, 0)
-        shortlist = (splitting.wave_shortlist(tokens, profile, args.shortlist) if profile
-                     else [splitting.naive(tokens)]) if world.tp_rank == 0 else None
-        shortlist = world.tp_comm.bcast(shortlist, root=0)
-        wave = shortlist[0]
-        ctas_times = timed_all(batch, ids, [(wave, ca, cm, None, None) for ca in args.ctas_grid
-                                            for cm in args.ctas_grid])
-        for (_, ca, cm, _, _), ms in ctas_times.items():
-            writer.write({"tokens": tokens, "kind": "ctas", "split_at": wave, "ctas_attn": ca, "ctas_mlp": cm,
-                          "median_ms": ms})
-        (_, ca, cm, _, _), _ = min(ctas_times.items(), key=lambda kv: kv[1])
-        ta = tm = None
-        if world.is_gpu:
-            pairs = sorted({(a, b) for a in sm_targets(ca) for b in sm_targets(cm)}, key=str)
-            target_times = timed_all(batch, ids, [(wave, ca, cm, a, b) for a, b in pairs])
-            for (_, _, _, a, b), ms in target_times.items():
-                writer.write({"tokens": tokens, "kind": "sm_target", "split_at": wave, "ctas_attn": ca,
-                              "ctas_mlp": cm, "sm_target_attn": a, "sm_target_mlp": b, "median_ms": ms})
-            (_, _, _, ta, tm), _ = min(target_times.items(), key=lambda kv: kv[1])
-        loaded = None
-        if world.is_gpu:  # the rule on GEMMs timed as they run in the schedule: beside the comm's SMs
-            from tw.schedule.profile import GemmProfile
-            lp = GemmProfile(model, held=(ca, cm), targets=(ta, tm))
-            loaded = splitting.wave_split(tokens, lp) if world.tp_rank == 0 else None
-            loaded = world.tp_comm.bcast(loaded, root=0)
-            if world.rank == 0:
-                lp.save()
-        # Every split point (the shortlist, naive, the loaded pick) and not splitting, in the same rounds.
-        points = sorted({splitting.naive(tokens), *shortlist, *([loaded] if loaded else [])} | (set() if args.no_exhaustive else
-                                                               set(splitting.candidates(tokens, args.step, args.window))))
-        times = timed_all(batch, ids, [(s, ca, cm, ta, tm) for s in points] + [(UNSPLIT, ca, cm, None, None)])
-        split_times = {c[0]: ms for c, ms in times.items() if c[0] != UNSPLIT}
-        unsplit_ms = times[(UNSPLIT, ca, cm, None, None)]
-        writer.write({"tokens": tokens, "kind": "unsplit", "split_at": None, "ctas": world.sm_count or None,
-                      "median_ms": unsplit_ms})
-        for s, ms in split_times.items():
-            writer.write({"tokens": tokens, "kind": "split", "split_at": s, "ctas_attn": ca, "ctas_mlp": cm,
-                          "median_ms": ms, "wave_split": s == wave, "shortlisted": s in shortlist})
-        short = min(shortlist, key=split_times.get)
-        best = min(split_times, key=split_times.get)
-        extra = {"naive_split_ms": split_times[splitting.naive(tokens)], "shortlist": shortlist,
-                 "shortlist_best": short, "shortlist_ms": split_times[short]}
-        if loaded:
-            extra.update(loaded_split=loaded, loaded_ms=split_times[loaded],
-                         loaded_vs_best=split_times[loaded] / split_times[min(split_times, key=split_times.get)])
-        if not args.no_exhaustive:
-            extra.update(wave_vs_best=split_times[wave] / split_times[best],
-                         shortlist_vs_best=split_times[short] / split_times[best])
-        choice = tuned.TunedChoice(split_at=best, ctas_attn=ca, ctas_mlp=cm, split=split_times[best] < unsplit_ms,
-                                   sm_target_attn=ta, sm_target_mlp=tm,
-                                   wave_split=wave, median_ms=split_times[best], wave_ms=split_times[wave],
-                                   unsplit_ms=unsplit_ms, search="shortlist" if args.no_exhaustive else "exhaustive",
-                                   extra=extra)
-        writer.write({"tokens": tokens, "kind": "choice", "tuning_key": key_of(tokens).tag, **choice.to_json()})
-        if world.rank == 0 and profile is not None:  # after every token count: a killed run keeps its work
-            profile.save()
-            world.print0(f"  saved to {tuned.save(key_of(tokens), tokens, choice)}")
-        world.print0(f"tokens={tokens}: ctas {ca}/{cm}; SM targets {ta}/{tm}; split {wave} (wave rule) {split_times[wave]:.3f} ms; naive "
-                     f"{extra['naive_split_ms']:.3f} ms; best of the rule's top {len(shortlist)} {short} "
-                     f"{extra['shortlist_ms']:.3f} ms" + (f"; exhaustive best {best} {split_times[best]:.3f} ms, "
-                     f"wave/best {extra['wave_vs_best']:.4f}, shortlist/best {extra['shortlist_vs_best']:.4f}"
-                     if not args.no_exhaustive else "") + f"; unsplit (fused, every SM) {unsplit_ms:.3f} ms"
-                     + ("" if choice.split else " -> do not split") + f"  ({time.perf_counter() - t0:.0f} s)")
-    world.print0(f"wrote {writer.path}")
-    return 0
+    pairs = sorted({(a, b) for a in candidates(ca) for b in candidates(cm)}, key=str)
+    target_times = time_all(t, batch, ids, [(wave, ca, cm, a, b) for a, b in pairs])
+    for (_, _, _, a, b), ms in target_times.items():
+        t.writer.write({"tokens": tokens, "kind": "sm_target", "split_at": wave, "ctas_attn": ca,
+                        "ctas_mlp": cm, "sm_target_attn": a, "sm_target_mlp": b, "median_ms": ms})
+    (_, _, _, ta, tm), _ = min(target_times.items(), key=lambda kv: kv[1])
+    return ta, tm
+
+
+def loaded_split(t, tokens, ca, cm, ta, tm) -> int:
+    """Step 4's loaded pick (GPU): the wave rule on GEMMs timed as they run in the schedule, beside the
+    comm's SMs with the chosen targets (tw/schedule/profile.py); that profile is saved."""
+    from tw.schedule.profile import GemmProfile
+    lp = GemmProfile(t.model, held=(ca, cm), targets=(ta, tm))
+    loaded = splitting.wave_split(tokens, lp) if t.world.tp_rank == 0 else None
+    loaded = t.world.tp_comm.bcast(loaded, root=0)
+    if t.world.rank == 0:
+        lp.save()
+    return loaded
+
+
+def report(t, tokens, budgets, shortlist, loaded, split_times, unsplit_ms, t0) -> None:
+    """The choice at this token count: its row, the tuned file (GPU) and one line."""
+    args, world = t.args, t.world
+    ca, cm, ta, tm = budgets
+    wave = shortlist[0]
+    short = min(shortlist, key=split_times.get)
+    best = min(split_times, key=split_times.get)
+    extra = {"naive_split_ms": split_times[splitting.naive(tokens)], "shortlist": shortlist,
+             "shortlist_best": short, "shortlist_ms": split_times[short]}
+    if loaded:
+        extra.update(loaded_split=loaded, loaded_ms=split_times[loaded],
+                     loaded_vs_best=split_times[loaded] / split_times[min(split_times, key=split_times.get)])
+    if not args.no_exhaustive:
+        extra.update(wave_vs_best=split_times[wave] / split_times[best],
+                     shortlist_vs_best=split_times[short] / split_times[best])
+    choice = tuned.TunedChoice(split_at=best, ctas_attn=ca, ctas_mlp=cm, split=split_times[best] < unsplit_ms,
+                               sm_target_attn=ta, sm_target_mlp=tm,
+                               wave_split=wave, median_ms=split_times[best], wave_ms=split_times[wave],
+                               unsplit_ms=unsplit_ms, search="shortlist" if args.no_exhaustive else "exhaustive",
+                               extra=extra)
+    t.writer.write({"tokens": tokens, "kind": "choice", "tuning_key": t.key_of(tokens).tag, **choice.to_json()})
+    profile = t.tw.policy.rule.profile
+    if world.rank == 0 and profile is not None:  # after every token count: a killed run keeps its work
+        profile.save()
+        world.print0(f"  saved to {tuned.save(t.key_of(tokens), tokens, choice)}")
+    world.print0(f"tokens={tokens}: ctas {ca}/{cm}; SM targets {ta}/{tm}; split {wave} (wave rule) {split_times[wave]:.3f} ms; naive "
+                 f"{extra['naive_split_ms']:.3f} ms; best of the rule's top {len(shortlist)} {short} "
+                 f"{extra['shortlist_ms']:.3f} ms" + (f"; exhaustive best {best} {split_times[best]:.3f} ms, "
+                 f"wave/best {extra['wave_vs_best']:.4f}, shortlist/best {extra['shortlist_vs_best']:.4f}"
+                 if not args.no_exhaustive else "") + f"; unsplit (fused, every SM) {unsplit_ms:.3f} ms"
+                 + ("" if choice.split else " -> do not split") + f"  ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,8 @@ def test_attention_grid_limit_is_a_usage_error():
 def test_one_prompt_uses_only_choices_tuned_on_that_prompt(tmp_path, monkeypatch):
     """A choice keyed seq_len=4096 holds for a 4096-token prompt; the same file's 8192-token entry was
     two sequences of 4096, so a one-prompt run at 8192 must not use it (it uses the wave rule)."""
+    from experiments import tuned_choices
+    from tw.schedule.policy import Flags
     monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
     world = SimpleNamespace(is_gpu=True, tp_size=2, gpu_tag="NVIDIA_H200", print0=lambda *a: None)
     cfg = config.get("llama3-70b", 4)
@@ -155,9 +157,10 @@ def test_one_prompt_uses_only_choices_tuned_on_that_prompt(tmp_path, monkeypatch
         tuned.save(key, t, tuned.TunedChoice(split_at=t // 2, ctas_attn=8, ctas_mlp=16))
     args = SimpleNamespace(split="tuned", strategies=["tokenweave"], shard_as_tp=None, transport="p2p",
                            tokens=[4096, 8192], seq_len="all", ctas=None, ctas_mlp=None)
-    assert sorted(latency.load_choices(args, world, cfg)) == [4096]
-    args.seq_len = 4096
-    assert sorted(latency.load_choices(args, world, cfg)) == [4096, 8192]
+    flags = Flags()   # --split tuned, no CTA flag
+    assert sorted(tuned_choices.load(args, world, cfg, flags, "all", args.tokens)) == [4096]
+    assert sorted(tuned_choices.load(args, world, cfg, flags, 4096, args.tokens)) == [4096, 8192]
+    assert tuned_choices.load(args, world, cfg, Flags(ctas=16), 4096, args.tokens) == {}
 
 
 # ---------------------------------------------------------------- overhead: the paper's ablations

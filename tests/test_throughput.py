@@ -136,7 +136,9 @@ def test_argmax_across_ranks_breaks_ties_by_the_lowest_index():
 
 
 def test_wave_rule_reads_the_profile_at_64_row_multiples_and_splits_once_per_size():
-    from experiments.throughput import Ceil64Profile, memoized
+    from types import SimpleNamespace
+
+    from experiments.throughput import Ceil64Profile
     from tw.schedule import split
     seen, calls = [], []
 
@@ -153,13 +155,14 @@ def test_wave_rule_reads_the_profile_at_64_row_multiples_and_splits_once_per_siz
     assert all(m % 64 == 0 and m <= 2048 for m in seen) and 0 < s < 1500
     assert prof(1) == 1 and prof(4000) == 16                                  # 64 rows; capped at 2048
 
-    def rule(n):
-        calls.append(n)
-        return n // 2
+    class Comm:  # one rank: the broadcast hands the pick back, and counts
+        def bcast(self, value, root):
+            calls.append(value)
+            return value
 
-    rule.source = "naive"
-    f = memoized(rule)
-    assert [f(10), f(10), f(12)] == [5, 5, 6] and calls == [10, 12] and f.source == "naive"
+    rule = split.SplitRule("wave", prof, SimpleNamespace(tp_rank=0, tp_comm=Comm()))
+    assert [rule(1500), rule(1500)] == [s, s] and len(calls) == 1 and rule.source == "wave"
+    assert split.SplitRule("naive")(11) == 5 and split.SplitRule("naive").profile is None
 
 
 @pytest.mark.parametrize("ranks", [2, 3])

@@ -62,28 +62,44 @@ def wave_shortlist(num_tokens: int, profile, top: int, grid: int = GRID, window:
     return ranked(num_tokens, profile, grid, window)[:top]
 
 
-def split_function(kind: str, model, world, profile=None):
-    """T -> split point, identical on every rank. kind: "naive" or "wave". On the CPU there is no
-    profile to measure, so "wave" is the naive split; `.source` on the returned function says which
-    rule it is ("naive" or "wave"), for result rows."""
+class SplitRule:
+    """T -> split point, identical on every rank, decided once per T (a wave pick is rank 0's, broadcast:
+    one broadcast per batch size, not per batch).
+
+    source: the rule's name in result rows ("naive": T // 2; "wave": the wave-aware pick on `profile`).
+    profile: the wave rule's GEMM cost, M -> ms (tw.schedule.profile.GemmProfile or a wrapper of it);
+    None for the naive rule. world: what the wave rule broadcasts over (tp_rank, tp_comm)."""
+
+    def __init__(self, source: str, profile=None, world=None):
+        if source not in ("naive", "wave"):
+            raise ValueError(f"split rule must be naive or wave, got {source!r}")
+        if source == "wave" and (profile is None or world is None):
+            raise ValueError("the wave rule needs a GEMM profile and the world to broadcast its pick over")
+        self.source, self.profile, self.world = source, (profile if source == "wave" else None), world
+        self._known = {}   # {T: split point}
+
+    def __call__(self, num_tokens: int) -> int:
+        if num_tokens not in self._known:
+            self._known[num_tokens] = self.shortlist(num_tokens, 1)[0]
+        return self._known[num_tokens]
+
+    def shortlist(self, num_tokens: int, top: int) -> list[int]:
+        """The rule's `top` best-predicted split points, best first, identical on every rank (tune.py
+        times them end to end); the naive rule has one."""
+        if self.profile is None:
+            return [naive(num_tokens)]
+        s = wave_shortlist(num_tokens, self.profile, top) if self.world.tp_rank == 0 else None
+        return self.world.tp_comm.bcast(s, root=0)
+
+
+def split_rule(kind: str, model, world, profile=None) -> SplitRule:
+    """The SplitRule of `kind`, "naive" or "wave". On the CPU there is no profile to measure, so "wave"
+    is the naive rule (its source says so). profile: the wave rule's (default: a GemmProfile of model)."""
     if kind not in ("naive", "wave"):
         raise ValueError(f"split must be naive or wave, got {kind!r}")
     if kind == "naive" or not world.is_gpu:
-        return _naive_rule
+        return SplitRule("naive")
     if profile is None:
         from tw.schedule.profile import GemmProfile
         profile = GemmProfile(model)
-
-    def wave(num_tokens: int) -> int:
-        s = wave_split(num_tokens, profile) if world.tp_rank == 0 else None
-        return world.tp_comm.bcast(s, root=0)
-
-    wave.profile, wave.source = profile, "wave"
-    return wave
-
-
-def _naive_rule(num_tokens: int) -> int:
-    return naive(num_tokens)
-
-
-_naive_rule.profile, _naive_rule.source = None, "naive"
+    return SplitRule("wave", profile, world)

@@ -222,55 +222,34 @@ class TokenWeave:
         mlp(B)_L   <- norm(B, attn)_L         norm(B, MLP)_L  <- mlp(B)_L
     The staging rows of a half are rewritten only after the comm step that read them has finished
     (the compute step that rewrites them waits for it), and halves use disjoint workspace rows.
-    ctas_attn: CTAs for the comm steps that overlap attention (norm(B, MLP), norm(A, attn));
-    ctas_mlp: for those that overlap the MLP (norm(B, attn), norm(A, MLP)). Batches with fewer than
-    `min_tokens` tokens, or a tuned choice that says so, run unsplit: the fused strategy alone, with
-    `unsplit_ctas` (every SM: nothing overlaps the comm then).
+    The split point, the CTA budgets (ctas_attn: the comm steps that overlap attention, norm(B, MLP)
+    and norm(A, attn); ctas_mlp: those that overlap the MLP, norm(B, attn) and norm(A, MLP)) and the
+    GEMMs' SM targets are the policy's (tw/schedule/policy.py). An unsplit batch runs the fused
+    strategy alone, with `unsplit_ctas` (every SM: nothing overlaps the comm then).
     """
 
-    def __init__(self, model: Model, comm, world, split_fn, ctas_attn=None, ctas_mlp=None,
-                 min_tokens: int = 1024, unsplit_ctas: int | None = None, sm_target: str = "off"):
-        if sm_target not in ("off", "left"):
-            raise ValueError(f"sm_target must be off or left (tuned values come with a choice), got {sm_target!r}")
+    def __init__(self, model: Model, comm, world, policy, unsplit_ctas: int | None = None):
         self.name, self.model, self.comm = "tokenweave", model, comm
-        self.sm_target, self.sm_count = sm_target, world.sm_count
-        self.split_fn, self.min_tokens, self.unsplit_ctas = split_fn, min_tokens, unsplit_ctas
-        default = getattr(comm, "ctas", None)  # the transport's own default budget (p2p: 8)
-        self.ctas_attn = ctas_attn or default
-        self.ctas_mlp = ctas_mlp or self.ctas_attn
+        self.policy, self.unsplit_ctas = policy, unsplit_ctas
         self.streams = _Streams(world)
         self.unsplit = Sequential("fused", model, comm)
 
     def prepare(self, batch: Batch, ids=None, choice=None, fill_prefix: bool = True) -> Plan:
-        """The plan for `batch`. choice (a tw.schedule.tuned.TunedChoice, from tune.py or built by a script to
-        force a setting): its split point, or no split, and its CTA budgets; else the split rule and
-        the budgets given at construction. fill_prefix: as in Sequential.prepare."""
+        """The plan for `batch`, as self.policy.decide says. choice (a tw.schedule.tuned.TunedChoice, from
+        tune.py or built by a script to force a setting) overrides the policy: its split point, or no
+        split, its CTA budgets and its SM targets. fill_prefix: as in Sequential.prepare."""
         if fill_prefix:
             self.model.load_prefix(batch)
         n = batch.num_tokens
-        if choice is not None and not choice.split:
-            s, source = None, "tuned-unsplit"
-        elif n < self.min_tokens and choice is None:
-            s, source = None, "below-threshold"
-        elif choice is not None:
-            s, source = int(choice.split_at), choice.extra.get("source", "tuned")
-        else:
-            s, source = int(self.split_fn(n)), getattr(self.split_fn, "source", "rule")
-        if s is None:
-            return Plan(batch, (self.model.part(batch, ids),), ctas=self.unsplit_ctas, split_source=source)
-        if not 0 < s < n:
-            raise ValueError(f"split point {s} for {n} tokens must lie strictly inside the batch")
-        a, b = batch.split(s)
-        ca = choice.ctas_attn if choice is not None else self.ctas_attn
-        cm = choice.ctas_mlp if choice is not None else self.ctas_mlp
-        if choice is not None:
-            ta, tm = choice.sm_target_attn, choice.sm_target_mlp
-        elif self.sm_target == "left" and self.sm_count and ca and cm:
-            ta, tm = self.sm_count - ca, self.sm_count - cm   # plan the GEMMs for the SMs the comm leaves
-        else:
-            ta = tm = None
-        return Plan(batch, (self.model.part(a, ids, "A"), self.model.part(b, ids, "B")), ctas_attn=ca,
-                    ctas_mlp=cm, split_source=source, sm_target_attn=ta, sm_target_mlp=tm)
+        d = self.policy.decide(n, forced=choice)
+        if d.split_at is None:
+            return Plan(batch, (self.model.part(batch, ids),), ctas=self.unsplit_ctas, split_source=d.source)
+        if not 0 < d.split_at < n:
+            raise ValueError(f"split point {d.split_at} for {n} tokens must lie strictly inside the batch")
+        a, b = batch.split(d.split_at)
+        return Plan(batch, (self.model.part(a, ids, "A"), self.model.part(b, ids, "B")), ctas_attn=d.ctas_attn,
+                    ctas_mlp=d.ctas_mlp, split_source=d.source, sm_target_attn=d.sm_target_attn,
+                    sm_target_mlp=d.sm_target_mlp)
 
     def forward(self, plan: Plan, stream=None):
         if len(plan.parts) == 1:
@@ -330,16 +309,17 @@ def finegrained_k(name: str, default: int = 4) -> int | None:
 
 def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | None = None,
          split: str = "wave", ctas_mlp: int | None = None, profile=None, min_split_tokens: int = 1024,
-         sm_target: str = "off"):
+         sm_target: str = "tuned", tuned_file: str | None = None):
     """Build strategy `name` for `model`.
 
     transport: what fused/tokenweave communicate with (p2p, or nccl = reduce-scatter + norm + all-gather).
     ctas / ctas_mlp: CTA budgets of the fused kernel (fused: default every SM, nothing to overlap;
     tokenweave: the comm overlapping attention / the MLP, default the transport's own, 8 for p2p).
-    split: tokenweave's split rule, "naive" (T // 2) or "wave" (from the GEMM profile, tw/schedule/split.py).
-    finegrained<k>: k chunks (bare finegrained: k = 4). min_split_tokens: tokenweave does not split
-    smaller batches (runs fused alone). sm_target: tokenweave's GEMM SM-count target where no tuned
-    choice gives one, "off" or "left" (the SMs the overlapped comm leaves).
+    finegrained<k>: k chunks (bare finegrained: k = 4).
+    tokenweave: split ("tuned", "wave" or "naive"), ctas, ctas_mlp, sm_target ("tuned", "left" or "off"),
+    min_split_tokens and tuned_file are its policy's flags (tw/schedule/policy.py); the tuned choices
+    come later (strategy.policy = strategy.policy.with_tuned(...)). profile: the wave rule's GEMM
+    profile (default: measured for the model, tw/schedule/profile.py).
     """
     every_sm = world.sm_count or None  # None on the CPU, where CTAs mean nothing
     if model.emulation is not None and (name == "nccl" or finegrained_k(name) is not None):
@@ -356,7 +336,10 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
         return FineGrained(model, transport_for("nccl", model, world, sharded=False), k, world)
     if name == "tokenweave":
         from tw.schedule import split as splitting
-        split_fn = splitting.split_function(split, model, world, profile)
-        return TokenWeave(model, transport_for(transport, model, world, sharded=True), world, split_fn, ctas,
-                          ctas_mlp or ctas, min_split_tokens, unsplit_ctas=every_sm, sm_target=sm_target)
+        from tw.schedule.policy import Flags, Policy
+        flags = Flags(split, ctas, ctas_mlp, sm_target, min_split_tokens, tuned_file)
+        rule = splitting.split_rule(flags.rule, model, world, profile)
+        comm = transport_for(transport, model, world, sharded=True)
+        policy = Policy(flags, rule, default_ctas=getattr(comm, "ctas", None), sm_count=world.sm_count)
+        return TokenWeave(model, comm, world, policy, unsplit_ctas=every_sm)
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES} (finegrained<k> for k chunks)")
