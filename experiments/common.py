@@ -139,6 +139,7 @@ def init(args, gpu_only: str | None = None):
         raise dist.UsageError(f"--shard-as-tp {args.shard_as_tp} must be a positive multiple of the TP degree "
                               f"({world.tp_size})")
     check_emulation(args, world)
+    read_p2p_options(args)
     for name in ("iters", "repeats"):
         if getattr(args, name, 1) < 1:
             raise dist.UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -187,6 +188,22 @@ def check_emulation(args, world) -> None:
 def emulation(args):
     """The run's tw.comm.emulation.Emulation, or None."""
     return getattr(args, "_emulation", None)
+
+
+def read_p2p_options(args) -> None:
+    """The P2P kernels' build switches, read from the environment once per run (TW_P2P_CLUSTER,
+    TW_P2P_RUNTIME_TP: tw.comm.p2p.options_from_env) into args._p2p_options."""
+    from tw.comm.p2p import options_from_env
+    try:
+        args._p2p_options = options_from_env()
+    except ValueError as e:
+        raise dist.UsageError(str(e)) from None
+
+
+def p2p_options(args) -> dict:
+    """The run's P2P build options ({"cluster": 1 or 2, "runtime_tp": bool}), which every P2P transport of the
+    run is built with and every row records (p2p_cluster, p2p_runtime_tp)."""
+    return getattr(args, "_p2p_options", None) or {"cluster": 1, "runtime_tp": False}
 
 
 def emulation_strategies(args) -> None:
@@ -352,6 +369,8 @@ def writer(args, world, experiment: str, cfg=None, **fields) -> results.Writer:
     name = tag(world, cfg, getattr(args, "shard_as_tp", None), emu) if cfg else f"tp{world.tp_size}-{world.gpu_tag}"
     if emu is not None:
         fields = {**emu.row_fields(), **fields}
+    p2p = p2p_options(args)
+    fields = {"p2p_cluster": p2p["cluster"], "p2p_runtime_tp": p2p["runtime_tp"], **fields}
     flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("out",)}
     for k in ("device", "tp"):  # the world's values (metadata) win; the flags are kept beside them
         if k in flags:

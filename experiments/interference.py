@@ -58,7 +58,7 @@ def main(argv=None):
     args.layers = 1
     cfg = common.model_config(args, world)
     model = common.build_model(args, world, cfg, max(args.tokens))
-    comm = schedules.transport_for("p2p", model, world, sharded=True)
+    comm = schedules.transport_for("p2p", model, world, sharded=True, p2p=common.p2p_options(args))
     if comm.name != "p2p":
         world.print0("P2P is unavailable here (see the warning above): nothing to measure")
         return 2

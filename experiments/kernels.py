@@ -260,7 +260,7 @@ def main(argv=None):
     for hidden in a.hidden:
         max_tokens = max(a.tokens + (a.sweep_tokens if hidden == a.hidden[0] else []))
         nc = NcclComm(world, hidden, max_tokens)
-        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=a.oneshot_max_tokens)
+        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=a.oneshot_max_tokens, **common.p2p_options(a))
         sizes = sorted(set(a.tokens) | (set(a.sweep_tokens) if hidden == a.hidden[0] else set()))
         for n in sizes:
             case = Case(world, n, hidden)
@@ -299,7 +299,7 @@ def main_emulated(a, world, emu):
         max_tokens = max(a.tokens + (a.sweep_tokens if hidden == a.hidden[0] else []))
         # Two-shot only: the one-shot path reduces every row from its one-shot area, which the stand-ins fill
         # with a pattern, not the case's partials (a --quick run at 64 rows read WRONG there).
-        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=0, emulate=emu)
+        pc = P2PComm(world, hidden, max_tokens, oneshot_max_tokens=0, emulate=emu, **common.p2p_options(a))
         sizes = sorted(set(a.tokens) | (set(a.sweep_tokens) if hidden == a.hidden[0] else set()))
         for n in sizes:
             case = Case(world, n, hidden, tp=emu.tp, me=emu.rank, pc=pc)

@@ -291,7 +291,7 @@ def build(args, world, cfg) -> Run:
                                reference_tokens=max(args.tokens) if args.check else 0, seq_len=longest)
     strategies = [schedules.make(s, model, world, args.transport, args.ctas, split=args.split, ctas_mlp=args.ctas_mlp,
                                  min_split_tokens=args.min_split_tokens, sm_target=args.sm_target,
-                                 tuned_file=args.tuned_file) for s in args.strategies]
+                                 tuned_file=args.tuned_file, p2p=common.p2p_options(args)) for s in args.strategies]
     writer = common.writer(args, world, "latency", cfg, dtype=str(model.dtype),
                            check_against="nccl" if model.emulated else "float64 reference")
     tuned_choices.use(args, world, cfg, strategies, args.seq_len, args.tokens)

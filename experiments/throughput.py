@@ -212,7 +212,8 @@ def make_strategies(args, world, model) -> list:
             from tw.schedule.profile import GemmProfile
             profile = Ceil64Profile(GemmProfile(model), model.max_tokens)
         out.append(schedules.make(name, model, world, args.transport, args.ctas, split=args.split,
-                                  ctas_mlp=args.ctas_mlp, profile=profile, min_split_tokens=args.min_split_tokens))
+                                  ctas_mlp=args.ctas_mlp, profile=profile, min_split_tokens=args.min_split_tokens,
+                                  p2p=common.p2p_options(args)))
     return out
 
 

@@ -110,7 +110,7 @@ def build(args) -> Tuner:
     if not world.is_gpu:
         world.print0("(CPU: checks the procedure only; no GEMM profile, nothing saved to experiments/tuned/)")
     model = common.build_model(args, world, cfg, max(args.tokens))
-    tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1)
+    tw = schedules.make("tokenweave", model, world, args.transport, min_split_tokens=1, p2p=common.p2p_options(args))
     key = (common.tuning_key(args, world, cfg, common.seq_len_of(args, args.tokens[0])).tag if args.seq_len != "all"
            else "per token count")
     writer = common.writer(args, world, "tune", cfg, tuning_key=key)

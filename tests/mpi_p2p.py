@@ -23,7 +23,11 @@ from tests.mpi_checks import FAILS, expect, expect_user_errors, rel_err, report,
 from tw.runtime import dist
 from tw.runtime.graph import Graph
 from tw.comm import owned_rows
-from tw.comm.p2p import P2PComm, P2PTimeout, cluster_size
+from tw.comm.p2p import P2PComm, P2PTimeout, options_from_env
+
+# The kernels' build options (TW_P2P_CLUSTER=2 tests the 2-CTA cluster build), read once and passed to every
+# P2PComm here, as an experiment passes its run's.
+BUILD = options_from_env()
 
 BF16 = ml_dtypes.bfloat16
 
@@ -262,7 +266,7 @@ def test_bad_input(world, comm):
 
 def test_timeout(world, hidden):
     """Rank 0 calls, the others do not: rank 0's kernel gives up after timeout_s and check() raises."""
-    comm = P2PComm(world, hidden, 64, timeout_s=1.0)
+    comm = P2PComm(world, hidden, 64, timeout_s=1.0, **BUILD)
     if world.tp_rank == 0:
         comm.all_reduce(0, 64)
         try:
@@ -285,7 +289,7 @@ def main():
     say = world.print0
     tp = world.tp_size
     say(f"P2P tests on {tp} ranks, GPU {cp.cuda.runtime.getDeviceProperties(0)['name']}"
-        + (f", {cluster_size()}-CTA clusters (TW_P2P_CLUSTER)" if cluster_size() > 1 else ""))
+        + (f", {BUILD['cluster']}-CTA clusters (TW_P2P_CLUSTER)" if BUILD["cluster"] > 1 else ""))
     keep = []
 
     def section(name, fn, *a, **k):
@@ -293,7 +297,7 @@ def main():
 
     hiddens = (8192,) if args.quick else (5120, 6144, 8192)
     for H in hiddens:
-        comm = P2PComm(world, H, 4608)
+        comm = P2PComm(world, H, 4608, **BUILD)
         keep.append(comm)
         ex_cases = [(0, 1, 1, None), (3, 40, 3, None), (3, 40, 3, False), (100, 1101, 8, False),
                     (100, 1101, 132, None), (7, 7 + 4099, 16, None), (0, 4608, 8, None), (17, 17 + 255, 5, True)]
@@ -313,7 +317,7 @@ def main():
             section(f"fused H={H} [{s},{e}) ctas={c} {kw}", run_fused, world, comm, s, e, c, 10 * H + k, **kw)
     # The pulled fused kernel (p2p_ar_norm_pull, two-shot only): the same cases' shapes and a stress run that
     # mixes it with the pushed all-reduce on the same buffers (its reuse argument, cuda/ar_norm_p2p.cu).
-    pull = P2PComm(world, hiddens[-1], 4608, pull=True, oneshot_max_tokens=0)
+    pull = P2PComm(world, hiddens[-1], 4608, pull=True, oneshot_max_tokens=0, **BUILD)
     keep.append(pull)
     pcases = [(3, 40, 3, {}), (100, 1101, 8, {}), (100, 1101, 7, dict(out_kind="registered")),
               (100, 1101, 8, dict(out_kind="staging")), (1, 1 + 4099, 16, {}), (0, 4608, 8, dict(out_kind="registered")),

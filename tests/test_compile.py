@@ -117,16 +117,19 @@ def test_p2p_kernels_launch_bounds_are_python_threads(tp):
 
 @needs_nvcc
 def test_p2p_cluster_build_declares_2_cta_clusters_and_the_probe_does_not(monkeypatch):
-    """TW_P2P_CLUSTER=2: every collective kernel carries .reqnctapercluster 2 (launched as 2-CTA
-    clusters); the one-CTA probe stays a plain kernel. Other values are refused."""
+    """TW_P2P_CLUSTER=2 (cluster=2): every collective kernel carries .reqnctapercluster 2 (launched as
+    2-CTA clusters); the one-CTA probe stays a plain kernel. Other values are refused."""
     from tw.comm import p2p
     monkeypatch.setenv("TW_P2P_CLUSTER", "2")
-    ptx = kernels.compile("ar_norm_p2p", "sm_90a", p2p.kernel_defines(2), kind="ptx").read_text()
+    monkeypatch.delenv("TW_P2P_RUNTIME_TP", raising=False)
+    options = p2p.options_from_env()
+    assert options == {"cluster": 2, "runtime_tp": False}
+    ptx = kernels.compile("ar_norm_p2p", "sm_90a", p2p.kernel_defines(2, **options), kind="ptx").read_text()
     for name, head in re.findall(r"\.entry (p2p_\w+)\((.*?)\{", ptx, re.S):
         assert (".reqnctapercluster 2" in head) == (name != "p2p_probe"), (name, head[-200:])
     monkeypatch.setenv("TW_P2P_CLUSTER", "4")
     with pytest.raises(ValueError, match="expected 1 .* or 2"):
-        p2p.kernel_defines(2)
+        p2p.options_from_env()
 
 
 def test_sync_helpers_are_defined_once():

@@ -1,4 +1,4 @@
-"""tw/measure/results.py: every row's metadata, including the build switches that change the P2P kernels."""
+"""tw/measure/results.py: every row's metadata, including the debug switches that change what runs."""
 from tw.measure import results
 
 
@@ -11,7 +11,8 @@ def test_metadata_names_commit_and_hardware(monkeypatch):
     assert "build_env" not in meta   # nothing switched: the default kernels
 
 
-def test_metadata_records_the_kernel_build_switches(monkeypatch):
-    monkeypatch.setenv("TW_P2P_CLUSTER", "2")
-    monkeypatch.delenv("TW_P2P_RUNTIME_TP", raising=False)
-    assert results.metadata(None)["build_env"] == {"TW_P2P_CLUSTER": "2"}
+def test_metadata_records_the_debug_switches(monkeypatch):
+    monkeypatch.setenv("TW_PRIVATE_X", "1")
+    assert results.metadata(None)["build_env"] == {"TW_PRIVATE_X": "1"}
+    monkeypatch.setenv("TW_P2P_CLUSTER", "2")   # a P2P build option: recorded by the run (p2p_cluster), not here
+    assert results.metadata(None)["build_env"] == {"TW_PRIVATE_X": "1"}

@@ -77,22 +77,23 @@ if [v for v, _ in _SLOTS] != list(range(len(_SLOTS))) or len(_SLOTS) > NUM_SLOTS
     raise RuntimeError(f"{LAYOUT_HEADER}: the kSlot* indices must be 0..n-1 with n <= kSlots, got {_LAYOUT}")
 
 
-def cluster_size() -> int:
-    """CTAs per thread-block cluster of the P2P kernels: $TW_P2P_CLUSTER, 1 (plain launch, the default)
-    or 2 (the kernel takes its SMs in pairs within a GPC; CTA budgets must then be even)."""
+def options_from_env() -> dict:
+    """P2PComm's build options as the environment switches them, {"cluster": ..., "runtime_tp": ...}: the one
+    place that reads them (a run reads them once and passes them on). TW_P2P_CLUSTER: CTAs per thread-block
+    cluster of the kernels, 1 (plain launch, the default) or 2 (the kernel takes its SMs in pairs within a
+    GPC; CTA budgets must then be even). TW_P2P_RUNTIME_TP=1: TP read at run time, not compiled in."""
     raw = os.environ.get("TW_P2P_CLUSTER", "1").strip() or "1"
     if raw not in ("1", "2"):
         raise ValueError(f"TW_P2P_CLUSTER={raw!r}: expected 1 (plain launch) or 2 (2-CTA clusters)")
-    return int(raw)
+    return {"cluster": int(raw), "runtime_tp": env_flag("TW_P2P_RUNTIME_TP")}
 
 
-def kernel_defines(tp: int, cluster: int | None = None) -> dict | None:
+def kernel_defines(tp: int, cluster: int = 1, runtime_tp: bool = False) -> dict | None:
     """The -D defines P2PComm compiles cuda/ar_norm_p2p.cu with for TP degree `tp`: TP as a
-    compile-time constant (loops over ranks unroll), or none (TP read at run time) with
-    TW_P2P_RUNTIME_TP=1; TW_CLUSTER for clusters of `cluster` CTAs (None: cluster_size(), from
-    TW_P2P_CLUSTER). The layout constants are not defines: they come from cuda/peer_sync.cuh."""
-    cluster = cluster_size() if cluster is None else cluster
-    defines = {} if env_flag("TW_P2P_RUNTIME_TP") else {"TW_TP": int(tp)}
+    compile-time constant (loops over ranks unroll), or none (TP read at run time) with runtime_tp;
+    TW_CLUSTER for clusters of `cluster` CTAs. The layout constants are not defines: they come from
+    cuda/peer_sync.cuh."""
+    defines = {} if runtime_tp else {"TW_TP": int(tp)}
     if cluster > 1:
         defines["TW_CLUSTER"] = cluster
     return defines or None
@@ -125,13 +126,15 @@ class P2PComm:
     pull: the fused two-shot call reads its rows' partials from the peers' staging (p2p_ar_norm_pull)
     instead of having them pushed into its receive area: the same result, about half the bytes through
     this rank's SMs.
+    cluster, runtime_tp: how the kernels are built (kernel_defines; options_from_env reads the switches).
     """
 
     name = "p2p"
 
     def __init__(self, world, hidden: int, max_tokens: int, dtype: str = "bfloat16", *, sharded: bool = True,
                  ctas: int | None = None, oneshot_max_tokens: int = DEFAULT_ONESHOT_MAX_TOKENS,
-                 timeout_s: float = 10.0, emulate=None, pull: bool = False):
+                 timeout_s: float = 10.0, emulate=None, pull: bool = False, cluster: int = 1,
+                 runtime_tp: bool = False):
         import cupy as cp
         if not world.is_gpu:
             raise P2PUnavailable("P2PComm needs GPUs; this world runs on the CPU")
@@ -151,7 +154,9 @@ class P2PComm:
         self.sharded = bool(sharded)
         self.dtype = cp.dtype("bfloat16")
         self.num_sms = world.sm_count
-        self.cluster = cluster_size()   # CTAs per cluster of the kernels (TW_P2P_CLUSTER)
+        if cluster not in (1, 2):
+            raise ValueError(f"cluster={cluster!r}: expected 1 (plain launch) or 2 (2-CTA clusters)")
+        self.cluster, self.runtime_tp = int(cluster), bool(runtime_tp)   # how the kernels are built
         self.ctas = self._check_ctas(ctas or min(DEFAULT_CTAS, self.num_sms))
         self.oneshot_max_tokens = max(0, min(int(oneshot_max_tokens), max_tokens))
         self.timeout_s = float(timeout_s)
@@ -220,8 +225,9 @@ class P2PComm:
     def _fn(self, name: str):
         if name not in self._fns:
             # TP compiled in as a constant (loops over ranks unroll; see cuda/ar_norm_p2p.cu);
-            # TW_P2P_RUNTIME_TP=1 builds the variant that reads TP at run time instead.
-            self._fns[name] = kernels.function("ar_norm_p2p", name, kernel_defines(self.tp, self.cluster))
+            # runtime_tp builds the variant that reads TP at run time instead.
+            self._fns[name] = kernels.function("ar_norm_p2p", name,
+                                               kernel_defines(self.tp, self.cluster, self.runtime_tp))
         return self._fns[name]
 
     def _check_ctas(self, ctas) -> int:
@@ -232,7 +238,7 @@ class P2PComm:
                              "resident at once, because CTAs wait for their partners on the peers")
         if ctas % self.cluster:
             raise ValueError(f"ctas={ctas} must be a multiple of {self.cluster}: the P2P kernels launch "
-                             f"{self.cluster}-CTA clusters (TW_P2P_CLUSTER={self.cluster})")
+                             f"{self.cluster}-CTA clusters (cluster={self.cluster}, TW_P2P_CLUSTER)")
         return ctas
 
     def close(self) -> None:

@@ -32,7 +32,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-BUILD_ENV = ("TW_P2P_CLUSTER", "TW_P2P_RUNTIME_TP", "TW_PRIVATE_X")
+# Debug switches read from the environment where they act. The P2P kernels' build options are not here:
+# a run reads them once and passes them to its transports, and experiments/common.writer records them
+# as the columns p2p_cluster and p2p_runtime_tp.
+BUILD_ENV = ("TW_PRIVATE_X",)
 
 
 def metadata(world=None, **extra) -> dict:
@@ -59,7 +62,7 @@ def metadata(world=None, **extra) -> dict:
         if world.shared_gpu:
             meta["timing_note"] = "TW_SHARE_GPU=1: several ranks on one GPU, timings meaningless"
     knobs = {k: os.environ[k] for k in BUILD_ENV if os.environ.get(k)}
-    if knobs:   # environment switches that change what the kernels are (tw/comm/p2p.py)
+    if knobs:   # environment switches that change what runs (tw/model/model.py)
         meta["build_env"] = knobs
     meta.update(extra)
     return meta

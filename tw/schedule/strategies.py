@@ -30,16 +30,17 @@ from tw.measure.trace import span
 STRATEGIES = ("nccl", "nocomm", "fused", "finegrained", "tokenweave")
 
 
-def transport_for(kind: str, model: Model, world, sharded: bool):
+def transport_for(kind: str, model: Model, world, sharded: bool, p2p: dict | None = None):
     """The strategy's transport, sized for the model (tw/comm.make). p2p runs two-shot only: at 64-256
     rows the one-shot path measured slower at 8 CTAs and equal at 64-132
     (experiments/results/kernels-H200x2-run14.jsonl). "p2p-pull" is p2p with the pulled fused kernel
-    (P2PComm(pull=True))."""
+    (P2PComm(pull=True)). p2p: the P2P kernels' build options (P2PComm's cluster, runtime_tp; default:
+    plain CTAs, TP compiled in)."""
     options = {}
     if kind == "p2p-pull":
         kind, options["pull"] = "p2p", True
     if kind == "p2p" and world.is_gpu:
-        options["oneshot_max_tokens"] = 0
+        options.update(p2p or {}, oneshot_max_tokens=0)
     if model.emulation is not None:
         options["emulate"] = model.emulation
     return transports.make(kind, world, model.cfg.hidden, model.max_tokens, model.dtype, sharded=sharded, **options)
@@ -309,10 +310,11 @@ def finegrained_k(name: str, default: int = 4) -> int | None:
 
 def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | None = None,
          split: str = "wave", ctas_mlp: int | None = None, profile=None, min_split_tokens: int = 1024,
-         sm_target: str = "tuned", tuned_file: str | None = None):
+         sm_target: str = "tuned", tuned_file: str | None = None, p2p: dict | None = None):
     """Build strategy `name` for `model`.
 
-    transport: what fused/tokenweave communicate with (p2p, or nccl = reduce-scatter + norm + all-gather).
+    transport: what fused/tokenweave communicate with (p2p, or nccl = reduce-scatter + norm + all-gather);
+    p2p: the P2P kernels' build options (transport_for).
     ctas / ctas_mlp: CTA budgets of the fused kernel (fused: default every SM, nothing to overlap;
     tokenweave: the comm overlapping attention / the MLP, default the transport's own, 8 for p2p).
     finegrained<k>: k chunks (bare finegrained: k = 4).
@@ -330,7 +332,8 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
     if name == "nocomm":
         return Sequential(name, model, transport_for("none", model, world, sharded=False))
     if name == "fused":
-        return Sequential(name, model, transport_for(transport, model, world, sharded=True), ctas=ctas or every_sm)
+        return Sequential(name, model, transport_for(transport, model, world, sharded=True, p2p=p2p),
+                          ctas=ctas or every_sm)
     k = finegrained_k(name)
     if k is not None:
         return FineGrained(model, transport_for("nccl", model, world, sharded=False), k, world)
@@ -339,7 +342,7 @@ def make(name: str, model: Model, world, transport: str = "p2p", ctas: int | Non
         from tw.schedule.policy import Flags, Policy
         flags = Flags(split, ctas, ctas_mlp, sm_target, min_split_tokens, tuned_file)
         rule = splitting.split_rule(flags.rule, model, world, profile)
-        comm = transport_for(transport, model, world, sharded=True)
+        comm = transport_for(transport, model, world, sharded=True, p2p=p2p)
         policy = Policy(flags, rule, default_ctas=getattr(comm, "ctas", None), sm_count=world.sm_count)
         return TokenWeave(model, comm, world, policy, unsplit_ctas=every_sm)
     raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGIES} (finegrained<k> for k chunks)")
