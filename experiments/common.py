@@ -28,11 +28,29 @@ BANNER = ("=" * 78 + "\n  NO GPU: running the CPU fallback (NumPy + MPI, float32
           "  This checks correctness only: the timings below mean nothing for GPUs.\n" + "=" * 78)
 
 
+class HelpFormatter(dist.HelpFormatter):
+    """--help for a person: every default spelled `(default: X)` at the end of its option's help, except
+    where it says nothing: a flag is off unless given, and an option whose default is None says what
+    that means in words, `(default: ...)`, or needs none (it is then simply not done)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(module: str, doc: str):
-    """An argument parser whose help shows every default and prints on rank 0 only."""
-    p = dist.ArgumentParser(prog=f"python -m experiments.{module}", description=doc)
+    """An argument parser whose help shows the defaults (HelpFormatter) and prints on rank 0 only; the
+    options are listed below the description, so the usage line does not repeat them."""
+    p = dist.ArgumentParser(prog=f"python -m experiments.{module}", usage="%(prog)s [options]", description=doc,
+                            formatter_class=HelpFormatter)
     p.set_defaults(_module=f"experiments.{module}")
     return p
+
+
+def gpu_group(p):
+    """The argument group of the options only a GPU run uses."""
+    return p.add_argument_group("GPU only (the CPU path runs eagerly, over MPI, with no CTAs or SM targets)")
 
 
 def add_model_flags(p, layers: bool = True, shard: bool = True, models: tuple | None = None) -> None:
@@ -44,75 +62,74 @@ def add_model_flags(p, layers: bool = True, shard: bool = True, models: tuple | 
                             f"next), from {sorted(config.PRESETS)} (default: {' '.join(models)} on a GPU, "
                             f"{DEFAULT_MODEL['cpu']} on the CPU, where only {', '.join(CPU_MODELS)} fit)")
     else:
-        p.add_argument("--model", default=None,
-                       help=f"model preset, one of {sorted(config.PRESETS)} (default: {DEFAULT_MODEL['gpu']} on a "
-                            f"GPU, {DEFAULT_MODEL['cpu']} on the CPU, where only {', '.join(CPU_MODELS)} fit)")
+        big = [m for m in config.PRESETS if m not in CPU_MODELS]
+        p.add_argument("--model", default=None, metavar="NAME",
+                       help=f"{', '.join(big)}, or on the CPU {', '.join(CPU_MODELS)} (default: "
+                            f"{DEFAULT_MODEL['gpu']} on a GPU, {DEFAULT_MODEL['cpu']} on the CPU)")
     if layers:
         # A string, checked in init(): a bad value is then one `error:` line like every other user error.
         p.add_argument("--layers", default=None, metavar="N|all",
-                       help="decoder layers per forward pass, or all: the preset's full depth (80 for llama3-70b "
-                            "and qwen2.5-72b) (default: 4 on a GPU, the preset's count on the CPU)")
+                       help="decoder layers per pass, at most the preset's (all: every one) (default: 4 on a GPU, "
+                            "all on the CPU)")
     if shard:
         p.add_argument("--shard-as-tp", type=int, default=None, metavar="N",
-                       help="hold weight shards sized as at TP=N (a multiple of the real TP) while communicating "
-                            "over the real TP group: the paper's TP=8 compute/comm ratio on 2 GPUs; outputs are "
-                            "then not the model's (default: the real TP)")
+                       help="weight shards as at TP=N (a multiple of --tp) over the real TP group: TP=8's compute "
+                            "per byte on 2 GPUs; outputs not the model's (default: --tp)")
         add_emulation_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and token ids")
 
 
 def add_emulation_flags(p) -> None:
-    """--emulate-tp N and --emulate-rank R (checked in init: check_emulation)."""
-    p.add_argument("--emulate-tp", type=int, default=None, metavar="N",
-                   help="one process on one GPU plays one rank of a TP=N job (N = 2..8): that rank's shards, "
-                        "the real fused comm kernel moving its bytes through its CTAs into stand-in peers, "
-                        "the norm on its 1/N of the rows; no link time; nccl is projected, not run. Run it "
-                        "as ONE rank (no mpirun -n). Rows carry emulated_tp (docs/design.md#emulation)")
-    p.add_argument("--emulate-rank", type=int, default=None, metavar="R",
-                   help="with --emulate-tp N: which rank of the TP=N job to play, 0..N-1 (default 0)")
-    p.add_argument("--emulate-link-gbps", type=float, default=None, metavar="G",
-                   help="with --emulate-tp: each comm phase ends no earlier than a G GB/s (per direction) link "
-                        "could carry its bytes (2xH200 NV18 measured ~355) (default: no link time)")
-    p.add_argument("--emulate-comm", choices=("full", "norm", "none"), default=None,
-                   help="with --emulate-tp, DECOMPOSITION runs: full = the fused comm kernel; norm = fused steps run "
-                        "only their 1/N add + norm (no peer bytes); none = fused steps skipped. Outputs are not the "
-                        "model's (default: full)")
+    """--emulate-tp N, --emulate-rank R, --emulate-link-gbps G, --emulate-comm MODE, in their own group
+    (checked in init: check_emulation)."""
+    g = p.add_argument_group("emulated rank (one process, no mpirun -n; docs/design.md#emulation)")
+    g.add_argument("--emulate-tp", type=int, default=None, metavar="N",
+                   help="play one rank of TP=N (2..8): its shards, its comm kernel into stand-in peers; nccl "
+                        "projected")
+    g.add_argument("--emulate-rank", type=int, default=None, metavar="R",
+                   help="the rank to play, 0..N-1 (default: 0)")
+    g.add_argument("--emulate-link-gbps", type=float, default=None, metavar="G",
+                   help="each comm phase lasts at least its bytes over a G GB/s link (2xH200 NV18: ~355) "
+                        "(default: no link time)")
+    g.add_argument("--emulate-comm", choices=("full", "norm", "none"), default=None, metavar="MODE",
+                   help="full = the fused comm kernel; DECOMPOSITION runs, outputs not the model's: norm = its "
+                        "1/N add + norm alone; none = fused steps skipped (default: full)")
 
 
 def add_tokens_flag(p, gpu, cpu, help: str = "batch sizes in tokens") -> None:
-    p.add_argument("--tokens", type=int, nargs="+", default=None,
+    p.add_argument("--tokens", type=int, nargs="+", default=None, metavar="T",
                    help=f"{help} (default: {' '.join(map(str, gpu))} on a GPU, {' '.join(map(str, cpu))} on the CPU)")
     p.set_defaults(_tokens_defaults=(list(gpu), list(cpu)))
 
 
 def add_timing_flags(p, iters: int = 20, warmup: int = 5, repeats: int | None = 3) -> None:
-    p.add_argument("--iters", type=int, default=iters,
-                   help=f"timed passes per configuration and round (the CPU path runs at most {CPU_ITERS})")
-    p.add_argument("--warmup", type=int, default=warmup,
-                   help=f"untimed passes before each timing (the CPU path runs at most {CPU_WARMUP})")
+    p.add_argument("--iters", type=int, default=iters, metavar="N",
+                   help=f"timed passes per point and round (CPU: at most {CPU_ITERS})")
+    p.add_argument("--warmup", type=int, default=warmup, metavar="N",
+                   help=f"untimed passes first (CPU: at most {CPU_WARMUP})")
     if repeats is not None:
-        p.add_argument("--repeats", type=int, default=repeats,
-                       help="rounds over all configurations, each timing --iters passes of every configuration "
-                            "in a rotated order (tw/measure/bench.py); the median of all samples counts (1 on the CPU)")
+        p.add_argument("--repeats", type=int, default=repeats, metavar="N",
+                       help="rounds over all configurations, rotated; the median of all samples counts (1 on "
+                            "the CPU)")
 
 
 def add_transport_flag(p) -> None:
-    p.add_argument("--transport", choices=("p2p", "p2p-pull", "ce", "nccl"), default="p2p",
-                   help="what fused and tokenweave communicate with: p2p (our fused kernel over CUDA IPC: partials "
-                        "pushed to their owner), p2p-pull (the same kernel, each owner pulls its rows' partials: "
-                        "about half the bytes through its SMs), ce (peer copies on the copy engines + a local add + "
-                        "RMSNorm kernel), or nccl (NCCL reduce-scatter + norm + NCCL all-gather); the CPU path uses "
-                        "MPI for all of them")
+    """--transport (p: the parser or its gpu_group)."""
+    p.add_argument("--transport", choices=("p2p", "p2p-pull", "ce", "nccl"), default="p2p", metavar="KIND",
+                   help="fused and tokenweave's: p2p (our kernel over CUDA IPC, partials pushed to their owner), "
+                        "p2p-pull (the owner pulls them: ~half the bytes through its SMs), ce (copy engines + an "
+                        "add-norm kernel), nccl (reduce-scatter, norm, all-gather)")
 
 
 def add_run_flags(p, tp: bool = True) -> None:
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="auto: a GPU if one is usable, else the CPU fallback")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", metavar="D",
+                   help="gpu, cpu, or auto: a GPU if usable")
     if tp:
-        p.add_argument("--tp", type=int, default=None,
-                       help="tensor-parallel degree (default: every rank of the node in one TP group)")
-    p.add_argument("--out", default=None,
-                   help="result file, JSON lines (default: experiments/results/<experiment>-<model>-tp<TP>-<gpu>-<time>.jsonl)")
+        p.add_argument("--tp", type=int, default=None, metavar="N",
+                       help="tensor-parallel degree (default: all ranks of a node)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="result rows, JSON lines (default: experiments/results/<experiment>-<model>-tp<TP>-"
+                        "<gpu>-<time>.jsonl)")
 
 
 def init(args, gpu_only: str | None = None):
@@ -206,6 +223,16 @@ def p2p_options(args) -> dict:
     return getattr(args, "_p2p_options", None) or {"cluster": 1, "runtime_tp": False}
 
 
+def check_ctas(args, world) -> None:
+    """--ctas / --ctas-mlp: at least 1, and on a GPU at most its SM count (the CPU path has no CTAs)."""
+    for flag in ("ctas", "ctas_mlp"):
+        v, name = getattr(args, flag, None), "--" + flag.replace("_", "-")
+        if v is not None and v < 1:
+            raise dist.UsageError(f"{name} must be >= 1, got {v}")
+        if v is not None and world.is_gpu and v > world.sm_count:
+            raise dist.UsageError(f"{name} {v} must be at most the GPU's SM count, {world.sm_count}")
+
+
 def emulation_strategies(args) -> None:
     """Under --emulate-tp, nccl and finegrained (NCCL between real ranks) cannot run: named explicitly
     they are an error; left to the defaults, nccl is dropped and projected instead (tw/comm/emulation.py)."""
@@ -269,9 +296,12 @@ def model_config(args, world, gpu_layers: int = 4, banner: bool = True):
         if banner:
             world.print0(BANNER.format(model=args.model))
     args.model = args.model or DEFAULT_MODEL["gpu"]
-    layers = getattr(args, "layers", None)
+    layers = given = getattr(args, "layers", None)
     if layers is None and world.is_gpu and hasattr(args, "layers"):
         layers = args.layers = gpu_layers
+    depth = config.PRESETS[args.model].num_layers
+    if isinstance(given, int) and given > depth:   # (the GPU default may exceed a test preset's 2 layers: kept)
+        raise dist.UsageError(f"--layers {given}: {args.model} has {depth} layers; give at most {depth}, or all")
     cfg = config.get(args.model, None if layers == "all" else layers)
     try:
         emu = emulation(args)

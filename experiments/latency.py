@@ -1,42 +1,27 @@
 """The main job: end-to-end latency of a TP transformer forward pass, strategy by strategy.
 
-    mpirun -n 2 python -m experiments.latency                       # llama3-70b, 4 layers, TP=2
-    mpiexec -n 2 python -m experiments.latency --check --tokens 64 1500 --min-split-tokens 512
-                                                                     # no GPU: tiny model, NumPy + MPI
-    mpirun -n 2 python -m experiments.latency --paper                # the paper's Fig. 2/11 setting
+    mpirun -n 2 python -m experiments.latency             # llama3-70b, 4 layers, TP=2
+    mpiexec -n 2 python -m experiments.latency --check     # no GPU: the tiny model, NumPy + MPI
+    mpirun -n 2 python -m experiments.latency --paper     # the paper's Fig. 2/11 setting
 
---paper: as the paper measured latency, one prompt of N tokens per forward pass (batch 1, N = 1K..64K)
-through the model's full depth, launched eagerly: --seq-len all --layers all --no-graph --strategies
-nccl nocomm fused tokenweave --tokens 1024 2048 4096 8192 16384 32768 65536 (on the CPU: its usual
---tokens). A flag given explicitly wins over --paper's value for it.
+Per token count each strategy passes once (--check: against the float64 reference), then all are timed
+round-robin: --repeats rounds of --iters passes (CUDA events, slowest rank, CUDA graphs).
+Strategies: nccl (baseline: GEMM -> NCCL all-reduce -> add + RMSNorm); nocomm (all-reduce removed: the
+bound, output not the model's); fused (one fused AR + add + RMSNorm kernel, every SM); finegrained<k>
+(GEMMs in k token chunks overlapping their all-reduces); tokenweave (two halves, one half's fused comm
+overlapping the other half's compute).
 
-For every token count and strategy it builds the batch (prefill sequences of --seq-len tokens, or one
-sequence of all of them with --seq-len all), runs the forward once, optionally checks it against the
-float64 reference (tw/model/reference.py), then times --iters forward passes (CUDA events, slowest rank),
-replaying one CUDA graph per token count and strategy when --graph is on. Strategies are timed
-round-robin, --repeats rounds (tw/measure/bench.py).
-
-Strategies: nccl (baseline: GEMM -> NCCL all-reduce -> add + RMSNorm), nocomm (all-reduce removed:
-the bound; its output is not the model's), fused (one fused AR + add + RMSNorm kernel, every SM),
-finegrained<k> (GEMMs in k token chunks overlapping their all-reduces; bare `finegrained` is k = 4),
-tokenweave (two halves, one half's fused comm overlapping the other half's compute).
-
---emulate-tp N (one process, one GPU): rank --emulate-rank of a TP=N job, its comm kernel pushing into
-stand-in peers (tw/comm/emulation.py). nccl and finegrained cannot run there; nccl is PROJECTED instead:
-proj_vs_nccl / proj_paid (rows: projected_nccl_ms, projected_speedup_vs_nccl, projected_comm_paid,
-projected_nccl_source) use nocomm + 2 x layers all-reduces from a named table of measured times.
-
-Columns (table and rows): layers = decoder layers of each forward pass (--layers; all = the preset's
-full depth); ms = median_ms, one forward pass of that many layers (min_ms, max_ms in the rows);
-vs_nocomm = ms / nocomm's ms (below 1: faster than removing the communication; GPU only);
-vs_nccl = speedup_vs_nccl, nccl's ms / this ms; paid = comm_paid, the share of the communication cost
-still paid, (ms - nocomm's) / (nccl's - nocomm's) (0%: all hidden; 100%: as much as nccl; needs nccl
-and nocomm in the run, and nccl slower than nocomm); rel_err = ||out - ref|| / ||ref|| (--check);
-check = correct, rel_err <= the dtype's tolerance; split_at = tokenweave's first token of half B (`-`:
-not split) and split_source (tuned, tuned-unsplit, wave, naive, below-threshold: see --split);
-ctas, ctas_attn / ctas_mlp = the fused kernel's CTA budgets that ran; sm_target_attn / sm_target_mlp =
-the cuBLAS SM-count target of tokenweave's GEMMs beside them (--sm-target); gemm_tflops = layer 0's four
-GEMMs alone at this token count (the compute ceiling all strategies share); per_layer_ms.
+Columns: ms = median_ms, one pass of `layers` layers; vs_nocomm = ms / nocomm's (below 1: faster than
+removing the comm); vs_nccl = speedup_vs_nccl, nccl's ms / ms; paid = comm_paid, the share of nccl's
+comm cost still paid, (ms - nocomm's) / (nccl's - nocomm's) (0%: all hidden; 100%: as much as nccl;
+needs nccl slower than nocomm); rel_err = ||out - ref|| / ||ref|| (--check); check = correct, rel_err <=
+the dtype's tolerance; split_at = tokenweave's first token of half B (`-`: unsplit); gemm_tflops = layer
+0's four GEMMs alone, the ceiling all strategies share. vs_nocomm, paid, gemm_tflops: GPU only (CPU
+timings mean nothing). Rows add min_ms, max_ms, per_layer_ms, split_source (tuned, tuned-unsplit, wave,
+naive, below-threshold), the CTA budgets that ran (ctas, ctas_attn, ctas_mlp) and sm_target_attn /
+sm_target_mlp. --emulate-tp: nccl is PROJECTED, nocomm + 2 x layers all-reduces from a named table:
+proj_vs_nccl, proj_paid (rows: projected_nccl_ms, projected_speedup_vs_nccl, projected_comm_paid,
+projected_nccl_source).
 """
 from __future__ import annotations
 
@@ -66,63 +51,53 @@ def parse_args(argv=None):
     common.add_model_flags(p)
     common.add_tokens_flag(p, gpu=[1024, 4096, 16384], cpu=[64, 200, 1500])
     p.add_argument("--paper", action="store_true",
-                   help="the paper's latency setting (Fig. 2/11): one prompt per batch, full depth, eager: sets "
-                        f"--seq-len all --layers all --no-graph --strategies {' '.join(PAPER['strategies'])} "
-                        f"--tokens {' '.join(map(str, PAPER['tokens']))} (on the CPU: its usual --tokens), "
-                        "each unless given explicitly (explicit flags win)")
+                   help="the paper's setting (Fig. 2/11) for each flag not given: --seq-len all --layers all "
+                        f"--no-graph --tokens {PAPER['tokens'][0]} ... {PAPER['tokens'][-1]} (CPU: its usual)"
+                        + ("" if PAPER["strategies"] == DEFAULT_STRATEGIES else
+                           f" --strategies {' '.join(PAPER['strategies'])}"))
     p.add_argument("--strategies", nargs="+", default=None, metavar="S",
-                   help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained<k>: k token chunks, bare "
-                        "finegrained = finegrained4); nccl is the baseline of the vs_nccl column "
-                        f"(default: {' '.join(DEFAULT_STRATEGIES)})")
+                   help=f"{', '.join(schedules.STRATEGIES)} (finegrained = finegrained4), finegrained<k> (default: "
+                        f"{' '.join(DEFAULT_STRATEGIES)})")
     # A string, checked in validate(): a bad value is then one `error:` line, as every user error is.
     p.add_argument("--seq-len", default=None, metavar="N|all",
-                   help="tokens per prefill sequence in a batch, or all: the whole batch is one sequence (one "
-                        f"prompt of --tokens tokens) (default: {DEFAULT_SEQ_LEN}; all with --paper)")
-    p.add_argument("--prefix", type=int, default=0, help="tokens of each sequence already in the KV cache")
-    p.add_argument("--decode", type=int, default=0,
-                   help="of each batch's tokens, this many are decode tokens (one per sequence, each with "
-                        "--decode-context tokens cached): a mixed chunked-prefill + decode batch")
-    p.add_argument("--decode-context", type=int, default=1024, help="cached tokens of each decode sequence")
-    common.add_timing_flags(p)
-    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay a CUDA graph of the whole forward (GPU only; --no-graph launches eagerly) "
-                        "(default: on; off with --paper and for MoE models, whose blocks wait on the host for "
-                        "their routed row counts)")
-    p.add_argument("--graph-priority", action=argparse.BooleanOptionalAction, default=True,
-                   help="instantiate graphs so each kernel keeps its stream's priority (tokenweave's comm stream "
-                        "is high priority); --no-graph-priority replays every kernel at one priority, as a "
-                        "plain cudaGraphInstantiate does (tw/runtime/graph.py)")
+                   help="new tokens per prefill sequence, or all: each batch is one prompt (default: "
+                        f"{DEFAULT_SEQ_LEN}; all with --paper)")
+    p.add_argument("--prefix", type=int, default=0, metavar="N",
+                   help="cached tokens of each prefill sequence")
+    p.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="decode tokens per batch, one per sequence")
+    p.add_argument("--decode-context", type=int, default=1024, metavar="N",
+                   help="cached tokens of each decode sequence")
     p.add_argument("--check", action="store_true",
-                   help="compare every strategy's output with the float64 reference (nocomm is skipped; with "
-                        "--shard-as-tp every strategy is compared with nccl instead)")
-    common.add_transport_flag(p)
-    p.add_argument("--ctas", type=int, default=None,
-                   help="CTAs of the fused P2P kernel. fused: default every SM (nothing to overlap). tokenweave: "
-                        "CTAs of the comm that overlaps attention; default the tuned choice, else 8")
-    p.add_argument("--ctas-mlp", type=int, default=None,
-                   help="tokenweave: CTAs for the comm that overlaps the MLP (default: the tuned choice, else --ctas)")
-    p.add_argument("--split", choices=("tuned", "wave", "naive"), default="tuned",
-                   help="tokenweave's split point: tuned = experiments/tune.py's end-to-end best where "
-                        "experiments/tuned/ has this exact setting and token count (else wave); wave = the "
-                        "wave-aware rule from a measured GEMM profile (on the CPU: naive); naive = T // 2. "
-                        "Where tune.py found splitting slower than the unsplit fused kernel, tuned runs unsplit")
-    p.add_argument("--tuned-file", default=None, metavar="JSON",
-                   help="take tokenweave's split and CTA budgets from this tuned file (experiments/tuned/*.json) "
-                        "whatever setting it was tuned for, e.g. a real 2-GPU file on an emulated rank to compare "
-                        "the two at the same choices; rows name it in split_source (default: the file of this "
-                        "exact setting, see --split)")
-    p.add_argument("--sm-target", choices=("tuned", "left", "off"), default="tuned",
-                   help="cuBLAS SM-count target of tokenweave's GEMMs that run beside a comm kernel: tuned = the "
-                        "tuned choice's (none where nothing is tuned); left = the SMs the comm leaves (SMs - CTAs); "
-                        "off = no target. Rows record sm_target_attn / sm_target_mlp")
-    p.add_argument("--min-split-tokens", type=int, default=None,
-                   help="tokenweave does not split smaller batches (runs fused alone) (default: the paper's "
-                        f"threshold, {splitting.MIN_SPLIT_TOKENS['dense']} for dense models, "
-                        f"{splitting.MIN_SPLIT_TOKENS['moe']} for MoE)")
+                   help="compare outputs (but nocomm's) with the float64 reference (--shard-as-tp: with nccl's)")
+    p.add_argument("--split", choices=("tuned", "wave", "naive"), default="tuned", metavar="RULE",
+                   help="tokenweave's split: tuned = tune.py's for this setting (may be unsplit), else wave "
+                        "= the wave-aware rule (CPU: naive); naive = T // 2")
+    p.add_argument("--min-split-tokens", type=int, default=None, metavar="N",
+                   help=f"smaller batches run unsplit (default: {splitting.MIN_SPLIT_TOKENS['dense']}; MoE "
+                        f"{splitting.MIN_SPLIT_TOKENS['moe']})")
     p.add_argument("--trace", default=None, metavar="DIR",
-                   help="after timing each point, trace one extra eager forward pass (per-op CUDA events on "
-                        "every rank) into DIR/trace-*.json (Perfetto) and .csv; timed numbers are unaffected")
+                   help="trace one more eager pass per point into DIR/trace-*.json (Perfetto) and .csv")
+    common.add_timing_flags(p)
     common.add_run_flags(p)
+    gpu = common.gpu_group(p)
+    gpu.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                     help="one CUDA graph per pass (default: on; off with --paper and for MoE: its row "
+                          "counts go through the host)")
+    gpu.add_argument("--graph-priority", action=argparse.BooleanOptionalAction, default=True,
+                     help="graph kernels keep their stream's priority (tokenweave's comm: high); off: one "
+                          "priority, as plain cudaGraphInstantiate (default: on)")
+    common.add_transport_flag(gpu)
+    gpu.add_argument("--ctas", type=int, default=None, metavar="N",
+                     help="comm kernel CTAs of fused (default: every SM) and of tokenweave beside attention "
+                          "(default: tuned, else 8)")
+    gpu.add_argument("--ctas-mlp", type=int, default=None, metavar="N",
+                     help="the same beside the MLP (default: tuned, else --ctas)")
+    gpu.add_argument("--sm-target", choices=("tuned", "left", "off"), default="tuned", metavar="T",
+                     help="cuBLAS SMs beside tokenweave's comm: tuned (else none), left (what it leaves), off")
+    gpu.add_argument("--tuned-file", default=None, metavar="JSON",
+                     help="tokenweave's split and CTAs from this tuned file (default: this setting's, see "
+                          "--split)")
     return paper_defaults(p.parse_args(argv))
 
 
@@ -145,7 +120,7 @@ def paper_defaults(args):
     return args
 
 
-def validate(args, world):
+def validate(args, world, cfg):
     """User errors, before anything is built (each names its flag)."""
     common.validate_strategies(args.strategies)
     args.seq_len = common.seq_len_value(args.seq_len)
@@ -157,10 +132,17 @@ def validate(args, world):
         raise dist.UsageError(f"--decode {args.decode} must be smaller than every --tokens value {args.tokens}")
     if args.decode and args.decode_context < 1:
         raise dist.UsageError(f"--decode-context must be >= 1, got {args.decode_context}")
-    for flag in ("ctas", "ctas_mlp"):
-        v = getattr(args, flag)
-        if v is not None and not 1 <= v <= (world.sm_count or 1 << 30):
-            raise dist.UsageError(f"--{flag.replace('_', '-')} {v} must be in 1..{world.sm_count} (the SM count)")
+    new = max(min(common.seq_len_of(args, t), t) for t in args.tokens)  # the longest prefill sequence's new tokens
+    if args.prefix + new > cfg.max_context:
+        raise dist.UsageError(f"a sequence of {args.prefix + new} tokens ({args.prefix} cached by --prefix + {new} new) "
+                              f"is more than {cfg.name}'s context of {cfg.max_context}; use a shorter --prefix or "
+                              "--seq-len, or fewer --tokens")
+    if args.decode and args.decode_context + 1 > cfg.max_context:
+        raise dist.UsageError(f"--decode-context {args.decode_context} + 1 new token is more than {cfg.name}'s context "
+                              f"of {cfg.max_context} tokens")
+    common.check_ctas(args, world)
+    if args.min_split_tokens is not None and args.min_split_tokens < 2:
+        raise dist.UsageError(f"--min-split-tokens must be >= 2 (two halves), got {args.min_split_tokens}")
     common.emulation_strategies(args)
     if args.trace:
         from pathlib import Path
@@ -254,7 +236,7 @@ def configure(args):
     tokens_given = args.tokens is not None
     world = common.init(args)
     cfg = common.model_config(args, world)
-    validate(args, world)
+    validate(args, world, cfg)
     if args.min_split_tokens is None:
         args.min_split_tokens = splitting.min_split_tokens(cfg)
     if cfg.num_experts and world.is_gpu and args.graph:

@@ -17,7 +17,8 @@ the chunk size, else the wave rule.
 Columns (table and rows, one row per chunk, workload and strategy): tok/s = total_tokens_per_s (prompt
 + output tokens / makespan); out_tok/s = output_tokens_per_s; requests_per_s; vs_nccl =
 speedup_vs_nccl, this tok/s / nccl's; paid = comm_paid, the share of the communication cost still paid
-in time per token, (1/tok/s - nocomm's) / (nccl's - nocomm's) (0%: all hidden); step_ms = step_ms_median (wall time of a step: scheduling,
+in time per token, (1/tok/s - nocomm's) / (nccl's - nocomm's) (0%: all hidden; the table shows it on a GPU
+only: CPU timings mean nothing); step_ms = step_ms_median (wall time of a step: scheduling,
 prepare, forward, LM head, token exchange), step_ms_p99; host% = host_ms_median / gpu_ms_median, where
 host_ms = Python time scheduling, preparing (metadata to the device) and committing a step
 (perf_counter) and gpu_ms = the forward + LM head on the stream (CUDA events; on the CPU perf_counter
@@ -53,54 +54,58 @@ def parse_args(argv=None):
     p = common.parser("throughput", __doc__)
     common.add_model_flags(p)
     p.add_argument("--strategies", nargs="+", default=None, metavar="S",
-                   help=f"strategies to compare, from {schedules.STRATEGIES} (finegrained<k>: k token chunks); "
-                        "nccl is the baseline of vs_nccl")
-    p.add_argument("--workload", nargs="+", choices=workloads.KINDS, default=["random"],
+                   help=f"strategies to compare, from {', '.join(schedules.STRATEGIES)} (finegrained<k>: k token "
+                        f"chunks); nccl is the baseline of vs_nccl (default: {' '.join(DEFAULT_STRATEGIES)})")
+    p.add_argument("--workload", nargs="+", choices=workloads.KINDS, default=["random"], metavar="W",
                    help="random: fixed --input-len / --output-len; sharegpt-like: the first --requests rows of "
-                        "experiments/workloads/sharegpt_like.csv (synthetic, see make_sharegpt_like.py)")
-    p.add_argument("--requests", type=int, default=None,
+                        "experiments/workloads/sharegpt_like.csv (synthetic, see make_sharegpt_like.py) "
+                        "(default: random)")
+    p.add_argument("--requests", type=int, default=None, metavar="N",
                    help=f"requests per workload, all submitted at t = 0 (default: {DEFAULTS['requests'][0]} on a "
                         f"GPU, {DEFAULTS['requests'][1]} on the CPU)")
-    p.add_argument("--input-len", type=int, nargs="+", default=None,
+    p.add_argument("--input-len", type=int, nargs="+", default=None, metavar="N",
                    help="random workload: prompt tokens per request, one workload per value (default: "
                         f"{' '.join(map(str, DEFAULTS['input_len'][0]))} on a GPU, "
                         f"{' '.join(map(str, DEFAULTS['input_len'][1]))} on the CPU)")
-    p.add_argument("--output-len", type=int, default=None,
+    p.add_argument("--output-len", type=int, default=None, metavar="N",
                    help=f"random workload: generated tokens per request, ignore_eos (default: "
                         f"{DEFAULTS['output_len'][0]} on a GPU, {DEFAULTS['output_len'][1]} on the CPU)")
-    p.add_argument("--chunk", type=int, nargs="+", default=None,
+    p.add_argument("--chunk", type=int, nargs="+", default=None, metavar="N",
                    help="token budget per step (chunked prefill), one run per value (default: "
                         f"{DEFAULTS['chunk'][0][0]} on a GPU, {DEFAULTS['chunk'][1][0]} on the CPU)")
-    p.add_argument("--kv-tokens", type=int, default=None,
+    p.add_argument("--kv-tokens", type=int, default=None, metavar="N",
                    help="KV-cache capacity in tokens (slots) (default: on a GPU what the free memory holds after "
                         "the model, capped at what the whole workload could use; on the CPU "
                         f"{CPU_KV_TOKENS})")
-    p.add_argument("--max-seqs", type=int, default=256,
-                   help="requests running at once, at most (vLLM's max_num_seqs default)")
-    p.add_argument("--max-steps", type=int, default=100000,
+    p.add_argument("--max-seqs", type=int, default=256, metavar="N",
+                   help="requests running at once, at most (as vLLM's max_num_seqs)")
+    p.add_argument("--max-steps", type=int, default=100000, metavar="N",
                    help="safety bound: a workload that would take more steps is refused before it runs")
-    p.add_argument("--warmup-steps", type=int, default=None,
+    p.add_argument("--warmup-steps", type=int, default=None, metavar="N",
                    help="untimed steps of each workload per strategy before its timed run (default: "
                         f"{DEFAULTS['warmup_steps'][0]} on a GPU, {DEFAULTS['warmup_steps'][1]} on the CPU)")
     p.add_argument("--check", action="store_true",
                    help="compare the generated tokens / logits of the first --check-requests requests with the "
                         "float64 reference (tw/reference.generate); nocomm is skipped")
-    p.add_argument("--check-requests", type=int, default=4, help="requests that --check compares")
-    common.add_transport_flag(p)
-    p.add_argument("--ctas", type=int, default=None,
-                   help="CTAs of the fused kernel (fused: default every SM; tokenweave: the comm beside "
-                        "attention, default the tuned choice, else the transport's own)")
-    p.add_argument("--ctas-mlp", type=int, default=None, help="tokenweave: CTAs of the comm beside the MLP")
+    p.add_argument("--check-requests", type=int, default=4, metavar="N",
+                   help="requests that --check compares (at least 1)")
     p.add_argument("--split", choices=("tuned", "wave", "naive"), default="tuned",
                    help="tokenweave's split: tuned = experiments/tuned/ for this exact setting (seq_len = the "
                         "chunk) and token count, else wave; wave = the wave-aware rule from the GEMM profile, "
                         "rows rounded up to 64 (the CPU: naive); naive = T // 2")
-    p.add_argument("--min-split-tokens", type=int, default=None,
+    p.add_argument("--min-split-tokens", type=int, default=None, metavar="N",
                    help="tokenweave splits only steps of at least this many tokens, smaller ones run unsplit "
-                        f"(fused) (default on a GPU: the paper's threshold, {splitting.MIN_SPLIT_TOKENS['dense']} for "
+                        f"(fused) (default: the paper's threshold on a GPU, {splitting.MIN_SPLIT_TOKENS['dense']} for "
                         f"dense models, {splitting.MIN_SPLIT_TOKENS['moe']} for MoE; "
                         f"{DEFAULTS['min_split_tokens'][1]} on the CPU, so that its small steps split)")
     common.add_run_flags(p)
+    gpu = common.gpu_group(p)
+    common.add_transport_flag(gpu)
+    gpu.add_argument("--ctas", type=int, default=None, metavar="N",
+                     help="comm kernel CTAs of fused (default: every SM) and of tokenweave beside attention "
+                          "(default: tuned, else the transport's own)")
+    gpu.add_argument("--ctas-mlp", type=int, default=None, metavar="N",
+                     help="the same beside the MLP (default: tuned, else --ctas)")
     return p.parse_args(argv)
 
 
@@ -124,10 +129,9 @@ def validate(args, world) -> None:
         v = getattr(args, flag)
         if v is not None and min(v if isinstance(v, list) else [v]) < least:
             raise dist.UsageError(f"--{flag.replace('_', '-')} must be >= {least}{why.get(flag, '')}, got {v}")
-    for flag in ("ctas", "ctas_mlp"):
-        v = getattr(args, flag)
-        if v is not None and not 1 <= v <= (world.sm_count or 1 << 30):
-            raise dist.UsageError(f"--{flag.replace('_', '-')} {v} must be in 1..{world.sm_count} (the SM count)")
+    common.check_ctas(args, world)
+    if args.check and args.check_requests == 0:
+        raise dist.UsageError("--check with --check-requests 0 would check nothing; give at least 1 (default: 4)")
     if args.check and args.shard_as_tp not in (None, world.tp_size):
         raise dist.UsageError(f"--check with --shard-as-tp {args.shard_as_tp}: emulated shards do not compute the "
                               "model, so there is no reference to check against; drop one of them")
@@ -320,14 +324,16 @@ def print_table(world, rows, cfg, shard_as_tp=None):
                  + (f", EMULATED shards of TP={shard_as_tp}" if shard_as_tp else "")
                  + ("" if world.is_gpu else " (CPU: timings mean nothing)")
                  + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
-    world.print0(f"{'chunk':>6} {'workload':<22} {'strategy':<12} {'tok/s':>10} {'out_tok/s':>10} {'vs_nccl':>8} "
-                 f"{'paid':>6} {'step_ms':>8} {'host%':>6} {'ttft_ms':>9} {'tpot_ms':>8} {'check':>6}")
+    load, strat = (max([w] + [len(r[k]) for r in rows]) for w, k in ((22, "workload"), (12, "strategy")))
+    world.print0(f"{'chunk':>6} {'workload':<{load}} {'strategy':<{strat}} {'tok/s':>10} {'out_tok/s':>10} "
+                 f"{'vs_nccl':>8} {'paid':>6} {'step_ms':>8} {'host%':>6} {'ttft_ms':>9} {'tpot_ms':>8} {'check':>6}")
     for r in rows:
         sp = f"{r['speedup_vs_nccl']:.3f}x" if r.get("speedup_vs_nccl") else "-"
         ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
         tpot = f"{r['tpot_ms_median']:.2f}" if "tpot_ms_median" in r else "-"
-        paid = f"{100 * r['comm_paid']:.0f}%" if r.get("comm_paid") is not None else "-"
-        world.print0(f"{r['chunk']:>6} {r['workload']:<22} {r['strategy']:<12} {r['total_tokens_per_s']:>10,.0f} "
+        # CPU timings mean nothing: a share of them would only mislead.
+        paid = f"{100 * r['comm_paid']:.0f}%" if r.get("comm_paid") is not None and world.is_gpu else "-"
+        world.print0(f"{r['chunk']:>6} {r['workload']:<{load}} {r['strategy']:<{strat}} {r['total_tokens_per_s']:>10,.0f} "
                      f"{r['output_tokens_per_s']:>10,.0f} {sp:>8} {paid:>6} {r['step_ms_median']:>8.2f} "
                      f"{100 * r['host_over_gpu']:>5.1f}% {r['ttft_ms_median']:>9.1f} {tpot:>8} {ok:>6}")
     world.print0("columns: see python -m experiments.throughput --help")

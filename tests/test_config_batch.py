@@ -16,6 +16,11 @@ def test_presets_match_public_configs():
     assert (q.hidden, q.num_heads, q.num_kv_heads, q.ffn, q.num_layers, q.rope_theta, q.eps, q.qkv_bias) == \
         (8192, 64, 8, 29568, 80, 1e6, 1e-6, True)
     assert config.get("llama3-70b", 4).num_layers == 4
+    # Context lengths: Llama 3.1/3.3 128K; Qwen2.5-72B's model card 128K (with YaRN); Mixtral-8x22B 64K;
+    # our CPU- and test-sized presets 8K.
+    assert {n: p.max_context for n, p in config.PRESETS.items()} == {
+        "llama3-70b": 131072, "qwen2.5-72b": 131072, "llama3-8b": 131072, "mixtral-8x22b": 65536, "tiny": 8192,
+        "small": 8192, "tiny-tp8": 8192, "tiny-qwen": 8192, "tiny-moe": 8192}
 
 
 def test_shard_shapes():

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, mpiexec, run_mpi
+from conftest import ROOT, mpiexec, printed_lines as _lines, run_mpi
 
 MSG = "--thing must be positive, got -1"
 LAUNCHER_NOISE = ("Traceback", "Abort(", "BAD TERMINATION")
@@ -21,19 +21,6 @@ def _timed_mpi(n, args, timeout, env=None):
     start = time.monotonic()
     proc = run_mpi(n, args, timeout=timeout, env=env)
     return proc, time.monotonic() - start
-
-
-def _lines(text: str) -> list[str]:
-    """What the job printed, without the launcher's own notes: Open MPI's boxed notices (between lines of
-    dashes: a rank exited nonzero, MPI_ABORT was invoked), which it prints itself and nothing can
-    silence, and MPICH's `[mpiexec@host]` lines."""
-    lines, boxed = [], False
-    for line in text.splitlines():
-        if set(line.strip()) == {"-"}:
-            boxed = not boxed
-        elif not boxed and line.strip() and not line.startswith("[mpiexec@"):
-            lines.append(line)
-    return lines
 
 
 # --- 1. errors speak once ---------------------------------------------------------------------------

@@ -23,22 +23,14 @@ def test_one_failing_rank_aborts_the_job():
     assert "[rank 1]" in proc.stderr and "deliberate failure on rank 1" in proc.stderr
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--tokens", "1"], "at least as many tokens as TP ranks"),
-    (["--tp", "3"], "--tp 3 needs 3 MPI ranks on one node"),
-    (["--strategies", "magic"], "--strategies: unknown"),
-    (["--model", "llama3-70b"], "too large for the CPU path"),
-])
-def test_bad_input_is_a_clear_error(args, msg):
-    proc = run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", *args], timeout=60)
-    assert proc.returncode != 0 and msg in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-
-
 def test_tp_larger_than_world_without_mpirun():
+    """The job's shape is checked by dist.init, which only a real job runs: one process, --tp 2."""
     import subprocess
     proc = subprocess.run([sys.executable, "-m", "experiments.latency", "--device", "cpu", "--tp", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "launch with mpirun -n 2" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: --tp 2 needs 2 MPI ranks on one node, but this node has 1: launch with mpirun -n 2 python -m ... "
+        "(one rank per GPU)"], proc.stderr
 
 
 @pytest.mark.parametrize("module", ["experiments.overhead", "experiments.split"])
@@ -47,12 +39,6 @@ def test_figure_experiments_run_on_cpu(module, tmp_path):
     proc = run_mpi(2, ["-m", module, "--device", "cpu", "--out", str(out)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NO GPU" in proc.stdout and len(out.read_text().splitlines()) >= 2
-
-
-def test_interference_needs_gpus():
-    proc = run_mpi(2, ["-m", "experiments.interference", "--device", "cpu"], timeout=60)
-    assert proc.returncode == 2 and "experiments.interference needs a GPU" in proc.stdout + proc.stderr, \
-        proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_tune_procedure_runs_on_cpu(tmp_path):

@@ -1,9 +1,11 @@
 """The MoE block (tw/model/moe.py): routing and permutation against plain per-token loops, the block against a
 per-token float64 loop, TP sharding and token splits, every strategy on CPU ranks, and the refusals."""
+import json
+
 import numpy as np
 import pytest
 
-from conftest import gpus, requires_gpu, run_mpi
+from conftest import ERR_OUT, requires_gpu, run_mpi, usage_error
 from tw.model import config, reference, weights
 from tw.model import moe as moe_mod
 from tw.runtime.arrays import to_host
@@ -151,23 +153,28 @@ def test_strategies_match_reference_on_cpu_ranks(ranks):
         assert out.count(f"PASS tiny-moe tp={ranks} {strat}") == 2, out   # both batches
 
 
-def test_latency_check_on_cpu():
+def test_latency_check_on_cpu(tmp_path):
+    """Every strategy against the reference that follows its routing, a split tokenweave batch among them."""
+    rows = tmp_path / "rows.jsonl"
     out = _ok(run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--model", "tiny-moe", "--check",
-                          "--out", "/tmp/tw-test-moe-latency.jsonl"]))
-    assert "NO GPU" in out and "FAIL" not in out and out.count(" ok") >= 4
+                          "--tokens", "64", "300", "--min-split-tokens", "256", "--out", str(rows)]))
+    assert "NO GPU" in out and "FAIL" not in out and out.count(" ok") >= 6
+    rows = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["split_at"] for r in rows if r["strategy"] == "tokenweave"] == [None, 150]
+    assert all(r["correct"] for r in rows if r["strategy"] != "nocomm")
 
 
 def test_throughput_check_on_cpu_follows_the_engines_routing():
     out = _ok(run_mpi(2, ["-m", "experiments.throughput", "--device", "cpu", "--model", "tiny-moe", "--check",
-                          "--requests", "6", "--output-len", "4", "--out", "/tmp/tw-test-moe-throughput.jsonl"]))
+                          "--requests", "4", "--check-requests", "2", "--output-len", "4",
+                          "--out", "/tmp/tw-test-moe-throughput.jsonl"]))
     assert "FAIL" not in out and out.count("check ok") == 3, out[-3000:]   # nccl, fused, tokenweave
 
 
-@pytest.mark.skipif(gpus() > 0, reason="checks the CPU path (a GPU is present)")
 def test_mixtral_is_too_large_for_the_cpu_path():
-    proc = run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--model", "mixtral-8x22b",
-                       "--out", "/tmp/tw-test-err.jsonl"], timeout=60)
-    assert proc.returncode == 2 and "--model mixtral-8x22b is too large for the CPU path" in proc.stdout + proc.stderr
+    from experiments import latency
+    assert usage_error(latency.main, ["--device", "cpu", "--model", "mixtral-8x22b", "--out", ERR_OUT]).startswith(
+        "--model mixtral-8x22b is too large for the CPU path (no GPU here); use one of")
 
 
 def test_reference_follows_the_model_only_at_near_ties():

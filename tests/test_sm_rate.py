@@ -1,23 +1,13 @@
-"""experiments/sm_rate.py: a clear exit without a GPU, its derived columns, and its kernel compiling.
+"""experiments/sm_rate.py: its derived columns and its kernel compiling (its clear exit without a GPU:
+tests/test_first_hour.py).
 
 (tests/test_compile.py compiles cuda/copy_rate.cu with every other kernel; the GPU run itself is
 `python -m experiments.sm_rate` on a GPU machine.)
 """
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT, gpus
+from conftest import usage_error
 from experiments import sm_rate
-
-
-@pytest.mark.skipif(gpus() > 0, reason="a GPU is present: the module would measure instead of exiting")
-def test_needs_a_gpu():
-    proc = subprocess.run([sys.executable, "-m", "experiments.sm_rate"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "experiments.sm_rate needs a GPU" in proc.stdout + proc.stderr
 
 
 def test_rates():
@@ -43,9 +33,9 @@ def test_help_names_the_columns():
 
 
 def test_held_pairs_need_even_counts():
+    from experiments import sm_share
     from tw.measure import bench
     with pytest.raises(ValueError, match="cluster must be 1 or 2 and divide k"):
         bench.hold_sms(None, 7, 10.0, cluster=2)
-    proc = subprocess.run([sys.executable, "-m", "experiments.sm_share", "--beside", "pairs", "--held", "8", "5"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "every --held must be even, got [8, 5]" in proc.stdout + proc.stderr
+    assert usage_error(sm_share.main, ["--beside", "pairs", "--held", "8", "5"]) == (
+        "--beside pairs holds SMs in pairs: every --held must be even, got [8, 5]")

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, gpus, run_mpi
+from conftest import ERR_OUT, ROOT, fake_world, gpus, help_text, run_mpi, usage_error
+from experiments import throughput
 from tw.serve import engine, lm_head
 from tw.serve.engine import FirstFit, Request, Scheduler
 
@@ -209,32 +210,48 @@ def test_cpu_serving_run_generates_the_reference_tokens(tmp_path):
     assert "mean nothing" in proc.stdout and "requests" in proc.stdout
 
 
-@CPU_ONLY
 @pytest.mark.parametrize("args,msg", [
-    (["--chunk", "0"], "--chunk must be >= 2 (the TP degree"),
-    (["--min-split-tokens", "1"], "--min-split-tokens must be >= 2"),
-    (["--input-len", "9000"], "more than the KV capacity of 8192 tokens"),
-    (["--kv-tokens", "40", "--input-len", "40"], "more than the KV capacity of 40 tokens"),
-    (["--requests", "0"], "--requests must be >= 1"),
-    (["--workload", "sharegpt-like", "--requests", "1001"], "the sharegpt-like table has 1000 rows"),
-    (["--max-steps", "3"], "takes more than --max-steps 3 steps"),
+    (["--chunk", "0"], "--chunk must be >= 2 (the TP degree: a step has at least one token per rank), got [0]"),
+    (["--min-split-tokens", "1"], "--min-split-tokens must be >= 2 (two halves), got 1"),
+    (["--input-len", "9000"], "--input-len 9000 + --output-len 8 = 9008 KV slots per request, more than the KV "
+                              "capacity of 8192 tokens (--kv-tokens): such a request could never be admitted"),
+    (["--kv-tokens", "40", "--input-len", "40"], "--input-len 40 + --output-len 8 = 48 KV slots per request, more "
+                                                 "than the KV capacity of 40 tokens (--kv-tokens): such a request "
+                                                 "could never be admitted"),
+    (["--requests", "0"], "--requests must be >= 1, got 0"),
+    (["--workload", "sharegpt-like", "--requests", "1001"], "--requests 1001: the sharegpt-like table has 1000 rows"),
+    (["--max-steps", "3"], "random-in48-out8 at --chunk 128 takes more than --max-steps 3 steps"),
+    (["--check", "--check-requests", "0"], "--check with --check-requests 0 would check nothing; give at least 1 "
+                                           "(default: 4)"),
+    (["--ctas", "0"], "--ctas must be >= 1, got 0"),
 ])
-def test_user_errors_speak_once(args, msg):
-    proc = run_mpi(2, ["-m", "experiments.throughput", *args, "--out", "/tmp/tw-test-throughput-err.jsonl"],
-                   timeout=60)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{text[-3000:]}"
-    assert text.count(msg) == 1 and text.count("error:") == 1, text[-3000:]
-    assert "Traceback" not in text
+def test_user_errors(args, msg):
+    """Each mistake is one UsageError naming its flag, before anything is built (in this process, on the
+    CPU world of `mpiexec -n 2`)."""
+    assert usage_error(throughput.main, [*args, "--out", ERR_OUT]) == msg
 
 
-def test_help_shows_defaults_and_columns():
-    proc = subprocess.run([sys.executable, "-m", "experiments.throughput", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "usage: python -m experiments.throughput" in proc.stdout and "(default:" in proc.stdout
+def test_help_shows_defaults_and_columns(monkeypatch, capsys):
+    out = help_text("throughput", monkeypatch, capsys)
+    assert "usage: python -m experiments.throughput" in out and "(default:" in out
     for col in ("tok/s", "vs_nccl", "step_ms", "host%", "ttft", "tpot", "check_tokens_equal"):
-        assert col in proc.stdout, col
+        assert col in out, col
+
+
+def test_the_cpu_table_shows_no_share_paid_and_fits_long_names(capsys):
+    from tw.model import config
+    rows = [{"chunk": 128, "workload": w, "strategy": s, "total_tokens_per_s": 4506.0, "output_tokens_per_s": 347.0,
+             "speedup_vs_nccl": 1.0, "comm_paid": 1.17, "step_ms_median": 7.17, "host_over_gpu": 0.017,
+             "ttft_ms_median": 48.1, "tpot_ms_median": 6.45, "correct": True}
+            for w, s in (("random-in48-out4", "nccl"), ("sharegpt-like-with-a-long-name", "finegrained16"))]
+    throughput.print_table(fake_world(), rows, config.get("tiny"))
+    head, *lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith((" chunk", "   128"))]
+    assert [line.split() for line in lines] == [
+        ["128", w, s, "4,506", "347", "1.000x", "-", "7.17", "1.7%", "48.1", "6.45", "ok"]
+        for w, s in (("random-in48-out4", "nccl"), ("sharegpt-like-with-a-long-name", "finegrained16"))]
+    for col in ("tok/s", "paid", "check"):   # right-aligned: each ends where its title ends
+        end = head.index(f" {col}") + len(col) + 1
+        assert all(line[end - 1] != " " and (len(line) == end or line[end] == " ") for line in lines), (col, lines)
 
 
 GPU_META = {"device": "gpu", "gpu": "NVIDIA H200", "model": "llama3-70b", "layers": 4, "tp": 2, "world_size": 2,

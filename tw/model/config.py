@@ -27,6 +27,7 @@ class ModelConfig:
     rope_scaling: tuple | None = None   # (factor, low_freq_factor, high_freq_factor, original_max_pos)
     num_experts: int = 0     # > 0: mixture of experts (tw/model/moe.py)
     top_k: int = 2           # experts per token (MoE models only)
+    max_context: int = 131072  # tokens one sequence may hold (cached + new): the public config's context
 
     def __post_init__(self):
         if self.num_experts < 0 or (self.num_experts and not 1 <= self.top_k <= self.num_experts):
@@ -96,6 +97,7 @@ PRESETS = {
     "llama3-70b": ModelConfig("llama3-70b", hidden=8192, num_heads=64, num_kv_heads=8, head_dim=128,
                               ffn=28672, num_layers=80, vocab=128256, rope_theta=500000.0, eps=1e-5,
                               rope_scaling=_LLAMA3_SCALING),
+    # Qwen2.5-72B's context: the model card's 131,072 tokens (with YaRN; its config.json says 32,768).
     "qwen2.5-72b": ModelConfig("qwen2.5-72b", hidden=8192, num_heads=64, num_kv_heads=8, head_dim=128,
                                ffn=29568, num_layers=80, vocab=152064, rope_theta=1e6, eps=1e-6,
                                qkv_bias=True),
@@ -104,22 +106,24 @@ PRESETS = {
                              rope_scaling=_LLAMA3_SCALING),
     "mixtral-8x22b": ModelConfig("mixtral-8x22b", hidden=6144, num_heads=48, num_kv_heads=8, head_dim=128,
                                  ffn=16384, num_layers=56, vocab=32768, rope_theta=1e6, eps=1e-5,
-                                 num_experts=8, top_k=2),
-    # CPU-sized: every code path of the big models (GQA, RoPE, TP up to 4), seconds on a laptop.
+                                 num_experts=8, top_k=2, max_context=65536),
+    # CPU-sized: every code path of the big models (GQA, RoPE, TP up to 4), seconds on a laptop. These and
+    # `small` are ours: their context, 8192 tokens, is what a CPU run covers in seconds.
     "tiny": ModelConfig("tiny", hidden=256, num_heads=8, num_kv_heads=4, head_dim=32, ffn=512,
-                        num_layers=2, vocab=1000, rope_theta=10000.0, eps=1e-5),
+                        num_layers=2, vocab=1000, rope_theta=10000.0, eps=1e-5, max_context=8192),
     # GPU-test-sized with the real head_dim (the attention kernel needs head_dim 128).
     "small": ModelConfig("small", hidden=2048, num_heads=16, num_kv_heads=8, head_dim=128, ffn=5632,
                          num_layers=2, vocab=4096, rope_theta=500000.0, eps=1e-5,
-                         rope_scaling=_LLAMA3_SCALING),
+                         rope_scaling=_LLAMA3_SCALING, max_context=8192),
     # CPU-sized with 8 KV heads, for TP=8 code paths on a laptop.
     "tiny-tp8": ModelConfig("tiny-tp8", hidden=256, num_heads=16, num_kv_heads=8, head_dim=16, ffn=512,
-                            num_layers=2, vocab=1000, rope_theta=10000.0, eps=1e-5),
+                            num_layers=2, vocab=1000, rope_theta=10000.0, eps=1e-5, max_context=8192),
     "tiny-qwen": ModelConfig("tiny-qwen", hidden=256, num_heads=8, num_kv_heads=4, head_dim=32, ffn=640,
-                             num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-6, qkv_bias=True),
+                             num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-6, qkv_bias=True, max_context=8192),
     # CPU-sized mixture of experts: router, top-2, 4 TP-sharded experts (TP up to 4).
     "tiny-moe": ModelConfig("tiny-moe", hidden=512, num_heads=8, num_kv_heads=8, head_dim=64, ffn=512,
-                            num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-5, num_experts=4, top_k=2),
+                            num_layers=2, vocab=1000, rope_theta=1e6, eps=1e-5, num_experts=4, top_k=2,
+                            max_context=8192),
 }
 
 
