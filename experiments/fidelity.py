@@ -90,8 +90,9 @@ def e2e_table() -> list[str]:
 HEADLINE = (  # (setting, model, file): the 2xH200 runs, then the EMULATED TP=8 rank on one H200
     ("2xH200, TP=2", "llama3-70b", "latency-llama3-70b-tp2-H200-e2e-tuned.jsonl"),
     ("2xH200, TP=2", "qwen2.5-72b", "latency-qwen2.5-72b-tp2-H200-tuned.jsonl"),
-    ("1xH200, EMULATED TP=8", "llama3-70b", "latency-llama3-70b-emulated-tp8-H200.jsonl"),
-    ("1xH200, EMULATED TP=8", "qwen2.5-72b", "latency-qwen2.5-72b-emulated-tp8-H200.jsonl"))
+    ("1xH200, EMULATED TP=8, pull kernel, 355 GB/s link floor", "llama3-70b",
+     "latency-llama3-70b-emulated-tp8-pull-link355-wave-left-H200.jsonl"),
+    ("1xH200, EMULATED TP=8, push kernel", "qwen2.5-72b", "latency-qwen2.5-72b-emulated-tp8-H200.jsonl"))
 HEADLINE_TOKENS = (4096, 16384, 32768)
 
 

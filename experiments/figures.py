@@ -20,6 +20,7 @@ from pathlib import Path
 
 from experiments.figures_moe import fig_moe
 from experiments.figures_sm_share import fig_sm_share
+from experiments.decomposition import FIGURE_FILES as DECOMPOSITION_FILES, fig_decomposition
 from tw.measure.results import RESULTS_DIR, read
 
 FIG_DIR = Path(__file__).resolve().parent / "figures"
@@ -342,6 +343,7 @@ FIGURE_FILES = {  # figure -> the committed result file(s) under experiments/res
     "moe": tuple(f"moe-block-mixtral-8x22b-{t}-H200.jsonl" for t in ("tp1", "tp2-shards", "tp8-shards",
                                                                        "tp8-shards-gather-timed")),
     "sm_share": ("sm_share-norm-llama-qwen-tp2-tp8-shards-H200.jsonl", "sm_share-pairs-llama-qwen-tp2-tp8-shards-H200.jsonl"),
+    "decomposition": DECOMPOSITION_FILES,
 }
 
 
@@ -364,6 +366,7 @@ DRAW = {  # figure -> fn(paths of its FIGURE_FILES, out_dir) -> the files writte
     "timeline": fig_timeline,
     "moe": fig_moe,
     "sm_share": fig_sm_share,
+    "decomposition": fig_decomposition,
 }
 
 

@@ -13,7 +13,7 @@ import argparse
 import re
 import sys
 
-from experiments import fidelity, record, record_parts, summary
+from experiments import decomposition, fidelity, record, record_parts, summary
 from experiments.index import ROOT
 
 DOCS = ("README.md", "docs/results.md")
@@ -40,6 +40,8 @@ BLOCKS = {
     "attention": record_parts.attention_table,
     "emulated": record.emulated_table,
     "emulated-ctas": record.emulated_ctas_table,
+    "decomposition": decomposition.decomposition_table,
+    "levers": decomposition.levers_table,
     "checks": record.checks_table,
 }
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)
