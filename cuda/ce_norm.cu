@@ -29,6 +29,7 @@
 // writes before the flag), and the "gathered" flags this rank sets after its last kernel of the call are
 // what every peer waits for before its next call can write into recv again.
 #include "common.cuh"
+#include "peer_layout.cuh"
 #include "row_norm.cuh"
 
 // TW_TP: the TP degree as a compile-time constant (tw/comm/ce.py compiles with -DTW_TP=<tp>, as
@@ -39,8 +40,8 @@
 
 namespace {
 
-constexpr int kThreads = 512;  // tw/comm/ce.py THREADS
-constexpr int kMaxTp = 8;      // tw/comm/ce.py MAX_TP
+using tw::p2p::kMaxTp;    // one source with the P2P kernels and tw/comm/layout.py (MAX_TP, THREADS)
+using tw::p2p::kThreads;
 constexpr int kStep = tw::rownorm::step_for_tp(TW_TP);  // as in cuda/ar_norm_p2p.cu: part of the arithmetic
 constexpr int kSources = TW_TP > 0 ? TW_TP : kMaxTp;  // compile-time bound on the sources
 

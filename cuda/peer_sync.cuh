@@ -1,11 +1,5 @@
 // Synchronization between the TP ranks' kernels, shared by cuda/ar_norm_p2p.cu and
-// cuda/ar_norm_multimem.cu, and the P2P transport's layout constants (the one place they are defined).
-//
-// P2P LAYOUT (namespace tw::p2p). The lines between TW_P2P_LAYOUT_BEGIN and TW_P2P_LAYOUT_END are
-// also read by tw/comm/p2p.py at import (MAX_TP, MAX_CTAS, NUM_SLOTS, THREADS, SLOT_NAMES), so the
-// host's allocation, pointer table and launch shape cannot drift from the kernel's. Keep each of those
-// lines in the form `constexpr int kName = <decimal>;` (a trailing // comment is fine); the parser
-// refuses anything else, and tests/test_compile.py checks that nvcc sees the values Python read.
+// cuda/ar_norm_multimem.cu; the P2P layout constants are in cuda/peer_layout.cuh (included here).
 //
 // THE SYNC HELPERS (namespace tw::sync) and the ordering argument they carry:
 //  - st_release_sys / ld_acquire_sys: a system-scope release store / acquire load of a 32-bit flag
@@ -33,21 +27,8 @@
 #pragma once
 #include "common.cuh"
 
-namespace tw::p2p {
-// TW_P2P_LAYOUT_BEGIN
-constexpr int kMaxTp = 8;       // TP ranks at most: flag and probe words per source rank
-constexpr int kMaxCtas = 256;   // CTAs per call at most: flag words per phase and rank
-constexpr int kSlots = 8;       // pointer-table entries per rank: table[r * kSlots + k]
-constexpr int kThreads = 512;   // threads per CTA: the kernels' __launch_bounds__ and p2p.py's launch
-constexpr int kSlotStaging = 0; // [max_tokens, H] row-parallel GEMM output
-constexpr int kSlotRecv = 1;    // [tp][chunk_max, H] peers' partials of my rows
-constexpr int kSlotOut = 2;     // [max_tokens, H] registered output
-constexpr int kSlotOsum = 3;    // [2][tp][oneshot_max, H] one-shot partials
-constexpr int kSlotOres = 4;    // [2][oneshot_max, H] one-shot residual rows
-constexpr int kSlotFlags = 5;   // [2 phases][kMaxCtas][kMaxTp] uint32 arrival epochs
-// TW_P2P_LAYOUT_END
-static_assert(kSlotFlags < kSlots, "the pointer table has room for every slot");
-}  // namespace tw::p2p
+#include "peer_layout.cuh"
+
 
 namespace tw::sync {
 

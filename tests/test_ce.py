@@ -303,8 +303,11 @@ def test_kernel_compiles_with_the_block_size_ce_launches(tp):
 
 def test_kernel_constants_match_the_host():
     src = kernels.source_path("ce_norm").read_text()
-    assert f"constexpr int kThreads = {ce.THREADS};" in src and f"constexpr int kMaxTp = {ce.MAX_TP};" in src
-    assert "cuda/peer_sync.cuh" not in re.findall(r'#include "(.*?)"', src)  # never talks to other GPUs
+    # kThreads and kMaxTp come from the one layout header the host reads too (tw/comm/layout.py)
+    assert "using tw::p2p::kThreads;" in src and "using tw::p2p::kMaxTp;" in src
+    includes = re.findall(r'#include "(.*?)"', src)
+    assert "peer_layout.cuh" in includes
+    assert "peer_sync.cuh" not in includes  # never waits on another GPU's flags: the copy engines do the sync
 
 
 # ----------------------------------------------------------------------------- GPU

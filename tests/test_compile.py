@@ -1,5 +1,5 @@
 """Every cuda/*.cu compiles for sm_90a without a GPU (CI has nvcc but no GPU), and the P2P layout
-constants of tw/comm/p2p.py are the ones the kernel compiles with (cuda/peer_sync.cuh)."""
+constants of tw/comm/layout.py are the ones the kernels compile with (cuda/peer_layout.cuh)."""
 import re
 import shutil
 import subprocess
@@ -38,11 +38,13 @@ def test_p2p_kernels_compile_with_tp_constant(tp):
     assert kernels.compile("ar_norm_p2p", "sm_90a", {"TW_TP": tp}).stat().st_size > 0
 
 
-# ---- the P2P layout: one definition (cuda/peer_sync.cuh), read by tw/comm/p2p.py ----
+# ---- the P2P layout: one definition (cuda/peer_layout.cuh), read by tw/comm/layout.py ----
 
 def test_p2p_constants_come_from_the_layout_header():
-    from tw.comm import p2p
-    layout = p2p.read_layout()
+    from tw.comm import ce, p2p
+    from tw.comm.layout import read_layout
+    layout = read_layout()
+    assert (ce.MAX_TP, ce.THREADS) == (layout["kMaxTp"], layout["kThreads"])   # the CE transport: the same source
     assert (p2p.MAX_TP, p2p.MAX_CTAS, p2p.NUM_SLOTS, p2p.THREADS) == (
         layout["kMaxTp"], layout["kMaxCtas"], layout["kSlots"], layout["kThreads"])
     # the buffers P2PComm lays out, in pointer-table order (staging = 0 ... flags = 5)
@@ -58,28 +60,28 @@ def test_p2p_constants_come_from_the_layout_header():
     ("#define kA 1\n", "only distinct"),
 ])
 def test_p2p_layout_parser_is_strict(tmp_path, block, error):
-    from tw.comm import p2p
+    from tw.comm import layout
     header = tmp_path / "h.cuh"
     header.write_text(f"// x\n// TW_P2P_LAYOUT_BEGIN\n{block}// TW_P2P_LAYOUT_END\n")
     if error is None:
-        assert p2p.read_layout(header) == {"kA": 1, "kB": 22}
+        assert layout.read_layout(header) == {"kA": 1, "kB": 22}
     else:
         with pytest.raises(RuntimeError, match=error):
-            p2p.read_layout(header)
+            layout.read_layout(header)
 
 
 def test_p2p_layout_parser_needs_the_markers(tmp_path):
-    from tw.comm import p2p
+    from tw.comm import layout
     header = tmp_path / "h.cuh"
     header.write_text("constexpr int kA = 1;\n")
     with pytest.raises(RuntimeError, match="TW_P2P_LAYOUT_BEGIN"):
-        p2p.read_layout(header)
+        layout.read_layout(header)
 
 
 def _nvcc_static_asserts(tmp_path, values: dict) -> subprocess.CompletedProcess:
-    """Compile a file that includes cuda/peer_sync.cuh and static_asserts tw::p2p::<name> == value."""
+    """Compile a file that includes cuda/peer_layout.cuh and static_asserts tw::p2p::<name> == value."""
     src = tmp_path / "layout_check.cu"
-    src.write_text('#include "peer_sync.cuh"\n' + "".join(
+    src.write_text('#include "peer_layout.cuh"\n' + "".join(
         f'static_assert(tw::p2p::{k} == {v}, "{k} != {v}");\n' for k, v in values.items()))
     cmd = [kernels.nvcc(), "-cubin", "-gencode=arch=compute_90a,code=sm_90a", *kernels.NVCC_FLAGS,
            f"-I{kernels.CUDA_DIR}", "-o", str(tmp_path / "layout_check.cubin"), str(src)]
@@ -88,10 +90,10 @@ def _nvcc_static_asserts(tmp_path, values: dict) -> subprocess.CompletedProcess:
 
 @needs_nvcc
 def test_p2p_layout_python_read_is_what_nvcc_compiles(tmp_path):
-    """nvcc sees the values tw/comm/p2p.py read from the header (the parser and the C++ agree), and
+    """nvcc sees the values tw/comm/layout.py read from the header (the parser and the C++ agree), and
     the check is real: a wrong value fails to compile."""
-    from tw.comm import p2p
-    layout = p2p.read_layout()
+    from tw.comm.layout import read_layout
+    layout = read_layout()
     ok = _nvcc_static_asserts(tmp_path, layout)
     assert ok.returncode == 0, ok.stderr
     wrong = _nvcc_static_asserts(tmp_path, {**layout, "kMaxCtas": layout["kMaxCtas"] + 1})

@@ -61,11 +61,11 @@ import numpy as np
 
 from tw.comm import check_range, owned_rows
 from tw.comm.ipc import SharedBuffer, check_norm, check_rows
+from tw.comm.layout import MAX_TP, THREADS
+from tw.comm.peer import PeerComm
 from tw.runtime import driver, kernels
 
-MAX_TP = 8        # cuda/ce_norm.cu kMaxTp
-MAX_CHUNKS = 16   # chunks per owner's block at most
-THREADS = 512     # cuda/ce_norm.cu kThreads (tests/test_ce.py checks the PTX's .maxntid)
+MAX_CHUNKS = 16   # chunks per owner's block at most (MAX_TP, THREADS: tw/comm/layout.py, as the kernel)
 DEFAULT_CTAS = 8
 # flag words: ready[src][chunk], gathered[src], probe[3][src]
 READY, GATHERED, PROBE = 0, MAX_TP * MAX_CHUNKS, MAX_TP * MAX_CHUNKS + MAX_TP
@@ -124,7 +124,7 @@ def plan(rank: int, tp: int, start: int, end: int, chunks: int, chunk_max: int, 
     return ops
 
 
-class CeComm:
+class CeComm(PeerComm):
     """Fused AllReduce + residual-add + RMSNorm over copy engines and stream memory operations.
 
     world: tw.runtime.dist.World on GPUs; hidden: row width (a multiple of 8); max_tokens: rows of the staging
@@ -142,12 +142,7 @@ class CeComm:
         if not sharded:
             raise ValueError("ce implements the sharded order only (sharded=True): use the p2p or nccl "
                              "transport for the baseline order")
-        if str(dtype) != "bfloat16":
-            raise ValueError(f"CeComm supports dtype='bfloat16' only, got {dtype!r}")
-        if hidden % 8 != 0 or hidden <= 0:
-            raise ValueError(f"hidden={hidden} must be a positive multiple of 8 (rows move as 16-byte vectors)")
-        if max_tokens <= 0:
-            raise ValueError(f"max_tokens={max_tokens} must be positive")
+        self.check_args(hidden, max_tokens, dtype)
         if not 1 <= int(chunks) <= MAX_CHUNKS:
             raise ValueError(f"chunks={chunks} must be in 1..{MAX_CHUNKS}")
         if not float(timeout_s) > 0:
@@ -226,22 +221,10 @@ class CeComm:
 
     def close(self) -> None:
         """Close the peers' IPC mappings (skipped after a CeTimeout: the stream that uses them is blocked)."""
-        if not self._broken and getattr(self, "buf", None) is not None:
-            self.buf.close()
+        if not getattr(self, "_broken", None):
+            super().close()
 
     # ------------------------------------------------------------------ buffers
-    def _view(self, name: str, num_tokens: int):
-        return self.buf.rows(name, num_tokens, self.hidden, self.dtype, self.max_tokens)
-
-    def staging(self, num_tokens: int):
-        """[num_tokens, hidden] bf16 view of this rank's registered staging buffer (GEMM output)."""
-        return self._view("staging", num_tokens)
-
-    def output(self, num_tokens: int):
-        """[num_tokens, hidden] bf16 view of the registered output; as `out` of ar_add_norm the owners copy
-        results straight into it (no final copy). Its rows are rewritten by every call."""
-        return self._view("out", num_tokens)
-
     def _addr(self, rank: int, buf: str, row: int) -> int:
         return self.buf.addr(rank, buf, row * self._row)
 

@@ -27,55 +27,11 @@ import numpy as np
 
 from tw.comm import check_range
 from tw.comm.ipc import SharedBuffer, check_norm, check_rows
+from tw.comm.layout import MAX_CTAS, MAX_TP, NUM_SLOTS, SLOT_NAMES, THREADS
+from tw.comm.peer import PeerComm
 from tw.comm.standin import StandInBuffer
 from tw.runtime import kernels
 from tw.runtime.dist import env_flag
-
-LAYOUT_HEADER = kernels.CUDA_DIR / "peer_sync.cuh"
-
-
-def read_layout(path=LAYOUT_HEADER) -> dict[str, int]:
-    """The P2P layout constants, {'kMaxTp': 8, ...}, from the TW_P2P_LAYOUT_BEGIN/END block of
-    cuda/peer_sync.cuh. Every line there must be `constexpr int kName = <decimal>;` (a // comment may
-    follow); anything else is an error, so an edit the parser does not understand fails at import
-    instead of silently diverging from what nvcc compiles."""
-    import re
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    begin, end = "// TW_P2P_LAYOUT_BEGIN", "// TW_P2P_LAYOUT_END"
-    if lines.count(begin) != 1 or lines.count(end) != 1 or lines.index(begin) > lines.index(end):
-        raise RuntimeError(f"{path}: expected one {begin!r} line, then one {end!r} line")
-    values: dict[str, int] = {}
-    for line in lines[lines.index(begin) + 1:lines.index(end)]:
-        code = line.split("//", 1)[0].strip()
-        if not code:
-            continue
-        m = re.fullmatch(r"constexpr int (k\w+) = (\d+);", code)
-        if m is None or m.group(1) in values:
-            raise RuntimeError(f"{path}: the layout block allows only distinct `constexpr int kName = N;` "
-                               f"lines, got {line.strip()!r}")
-        values[m.group(1)] = int(m.group(2))
-    return values
-
-
-# One source for the layout the host and the kernel share: cuda/peer_sync.cuh, read here at import.
-# A header rather than -D defines passed from Python: with defines, every compile of
-# cuda/ar_norm_p2p.cu (the compile test, experiments, a plain kernels.compile(name)) would have to pass
-# them or hit an #error, and a caller that passed its own defines would silently compile another
-# layout; with the header every compile gets the one layout with no arguments, kernels.cache_key
-# already hashes it, and the strict parser above makes a layout line it cannot read an import error.
-# tests/test_compile.py checks that nvcc sees the values read here.
-_LAYOUT = read_layout()
-MAX_TP = _LAYOUT["kMaxTp"]          # TP ranks at most (flag and probe words per rank)
-MAX_CTAS = _LAYOUT["kMaxCtas"]      # CTAs per call at most (flag words per phase and rank)
-NUM_SLOTS = _LAYOUT["kSlots"]       # pointer-table entries per rank
-THREADS = _LAYOUT["kThreads"]       # threads per CTA: 16 warps, one row each at a time
-# Pointer-table slots by index (kSlotStaging = 0 -> "staging", ...): table[r * NUM_SLOTS + k] points at
-# buffer SLOT_NAMES[k] of rank r.
-_SLOTS = sorted((v, n[len("kSlot"):].lower()) for n, v in _LAYOUT.items() if n.startswith("kSlot") and n != "kSlots")
-SLOT_NAMES = tuple(name for _, name in _SLOTS)
-if [v for v, _ in _SLOTS] != list(range(len(_SLOTS))) or len(_SLOTS) > NUM_SLOTS:
-    raise RuntimeError(f"{LAYOUT_HEADER}: the kSlot* indices must be 0..n-1 with n <= kSlots, got {_LAYOUT}")
-
 
 def options_from_env() -> dict:
     """P2PComm's build options as the environment switches them, {"cluster": ..., "runtime_tp": ...}: the one
@@ -92,7 +48,7 @@ def kernel_defines(tp: int, cluster: int = 1, runtime_tp: bool = False) -> dict 
     """The -D defines P2PComm compiles cuda/ar_norm_p2p.cu with for TP degree `tp`: TP as a
     compile-time constant (loops over ranks unroll), or none (TP read at run time) with runtime_tp;
     TW_CLUSTER for clusters of `cluster` CTAs. The layout constants are not defines: they come from
-    cuda/peer_sync.cuh."""
+    cuda/peer_layout.cuh."""
     defines = {} if runtime_tp else {"TW_TP": int(tp)}
     if cluster > 1:
         defines["TW_CLUSTER"] = cluster
@@ -114,7 +70,7 @@ class P2PTimeout(RuntimeError):
     """A peer did not arrive at a P2P kernel in time; the P2PComm is unusable afterwards."""
 
 
-class P2PComm:
+class P2PComm(PeerComm):
     """Fused AllReduce + residual-add + RMSNorm and plain collectives over CUDA-IPC peer pointers.
 
     world: tw.runtime.dist.World on GPUs; hidden: row width (a multiple of 8); max_tokens: rows of the
@@ -138,12 +94,7 @@ class P2PComm:
         import cupy as cp
         if not world.is_gpu:
             raise P2PUnavailable("P2PComm needs GPUs; this world runs on the CPU")
-        if str(dtype) != "bfloat16":
-            raise ValueError(f"P2PComm supports dtype='bfloat16' only, got {dtype!r}")
-        if hidden % 8 != 0 or hidden <= 0:
-            raise ValueError(f"hidden={hidden} must be a positive multiple of 8 (rows move as 16-byte vectors)")
-        if max_tokens <= 0:
-            raise ValueError(f"max_tokens={max_tokens} must be positive")
+        self.check_args(hidden, max_tokens, dtype)
         self.emulate, self.pull = emulate, bool(pull)
         if emulate is not None and world.tp_size != 1:
             raise ValueError(f"an emulated rank runs alone: the world has TP={world.tp_size}, expected 1")
@@ -241,19 +192,7 @@ class P2PComm:
                              f"{self.cluster}-CTA clusters (cluster={self.cluster}, TW_P2P_CLUSTER)")
         return ctas
 
-    def close(self) -> None:
-        """Close the peers' IPC mappings."""
-        if getattr(self, "buf", None) is not None:
-            self.buf.close()
-
     # ------------------------------------------------------------------ buffers
-    def _view(self, name: str, num_tokens: int):
-        return self.buf.rows(name, num_tokens, self.hidden, self.dtype, self.max_tokens)
-
-    def staging(self, num_tokens: int):
-        """[num_tokens, hidden] bf16 view of this rank's registered staging buffer (GEMM output)."""
-        return self._view("staging", num_tokens)
-
     def region(self, rank: int, name: str):
         """Rank `rank`'s region `name` as this process maps it: staging / out [max_tokens, hidden], recv
         [tp, chunk_max, hidden]. Under emulation, the stand-in peers' memory (tests fill and read it)."""
@@ -264,11 +203,6 @@ class P2PComm:
             raise ValueError("a real peer's memory is not exposed; only stand-ins (emulate=...) are")
         return cp.ndarray(shape, dtype=self.dtype, memptr=cp.cuda.MemoryPointer(
             self.buf.mem if rank == self.rank else self.buf._mems[rank], self.buf.offsets[name]))
-
-    def output(self, num_tokens: int):
-        """[num_tokens, hidden] bf16 view of the registered output buffer; as `out` of ar_add_norm
-        the owners push results straight into it (fastest). Its rows are rewritten by every call."""
-        return self._view("out", num_tokens)
 
     # ------------------------------------------------------------------ checks
     def _check_range(self, start: int, end: int) -> None:
