@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -33,10 +34,17 @@ def test_usage_error_on_every_rank_prints_one_line(mode):
     assert took < 10, took
 
 
+@pytest.fixture(scope="module")
+def lone_errors():
+    """Both one-rank error jobs, started together (each mostly waits GRACE_S for the other rank)."""
+    with ThreadPoolExecutor(2) as pool:
+        yield {mode: pool.submit(_timed_mpi, 2, ["-m", "tests.mpi_usage", mode], 30) for mode in ("one", "zero")}
+
+
 @pytest.mark.parametrize("mode", ["one", "zero"])
-def test_usage_error_on_one_rank_still_ends_the_job(mode):
+def test_usage_error_on_one_rank_still_ends_the_job(mode, lone_errors):
     """The other rank waits in a barrier: the job must end (not hang), with the message once."""
-    proc, took = _timed_mpi(2, ["-m", "tests.mpi_usage", mode], timeout=30)
+    proc, took = lone_errors[mode].result()
     assert proc.returncode == 2, proc.stdout + proc.stderr
     err = _lines(proc.stderr)
     assert len(err) == 1 and err[0].endswith(f"error: {MSG}"), proc.stderr
@@ -105,10 +113,19 @@ def _stall_job(mode: str, timeout: float, timeout_s: str = "3"):
         assert not left, f"ranks left running: {left}"
 
 
+@pytest.fixture(scope="module")
+def stall_jobs():
+    """The four stall jobs, started together on first use: each mostly waits (a rank asleep or stopped,
+    the watchdog counting down, a pause), so together they take as long as the longest (~8 s) instead
+    of the sum (~19 s). {mode: future of (proc, seconds)}."""
+    with ThreadPoolExecutor(4) as pool:
+        yield {mode: pool.submit(_stall_job, mode, timeout=40) for mode in ("ok", "stop", "sleep", "same")}
+
+
 @pytest.mark.parametrize("mode,where", [("stop", "last seen in step 'slow work on rank 1'"),
                                         ("sleep", "in step 'slow work on rank 1' for")])
-def test_watchdog_names_the_rank_that_did_not_arrive(mode, where):
-    proc, took = _stall_job(mode, timeout=40)
+def test_watchdog_names_the_rank_that_did_not_arrive(mode, where, stall_jobs):
+    proc, took = stall_jobs[mode].result()
     assert proc.returncode != 0, proc.stdout + proc.stderr
     err = proc.stderr
     assert "error: timed out after 3 s in step 'waiting for rank 1' on rank 0: rank(s) 1 did not arrive" in err, err
@@ -117,8 +134,8 @@ def test_watchdog_names_the_rank_that_did_not_arrive(mode, where):
     assert took < 20, took
 
 
-def test_watchdog_in_a_step_every_rank_is_in_says_where_each_rank_is():
-    proc, took = _stall_job("same", timeout=40)
+def test_watchdog_in_a_step_every_rank_is_in_says_where_each_rank_is(stall_jobs):
+    proc, took = stall_jobs["same"].result()
     err = proc.stderr
     assert proc.returncode != 0 and err.count("error:") == 1, err
     assert "in step 'exchange' on rank 0: every rank of this node is in this step" in err, err
@@ -126,9 +143,9 @@ def test_watchdog_in_a_step_every_rank_is_in_says_where_each_rank_is():
     assert took < 20, took
 
 
-def test_watchdog_spares_steps_within_the_bound():
+def test_watchdog_spares_steps_within_the_bound(stall_jobs):
     """Steps of 1.5 s (rank 0 waiting for rank 1) and 4 s outside any step, with TW_TIMEOUT_S=3."""
-    proc, took = _stall_job("ok", timeout=40)
+    proc, took = stall_jobs["ok"].result()
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stdout + proc.stderr
     assert "timed out" not in proc.stderr, proc.stderr
     assert took > 5  # the job did outlive TW_TIMEOUT_S

@@ -28,17 +28,17 @@ def _ok(proc):
 # ---------------------------------------------------------------- latency: one prompt, full depth
 
 def test_one_prompt_per_batch_is_split_by_tokenweave_and_passes_check(tmp_path):
-    """--seq-len all: each batch is one sequence; at 1100 tokens tokenweave cuts it at 550, so half B's
+    """--seq-len all: each batch is one sequence; at 700 tokens tokenweave cuts it at 350, so half B's
     attention reads half A's K/V from the cache; every strategy matches the float64 reference."""
     out = tmp_path / "rows.jsonl"
     stdout = _ok(run_mpi(2, ["-m", "experiments.latency", "--device", "cpu", "--check", "--seq-len", "all",
-                             "--tokens", "300", "1100", "--min-split-tokens", "512", "--out", str(out)], timeout=120))
+                             "--tokens", "300", "700", "--min-split-tokens", "512", "--out", str(out)], timeout=120))
     assert "one prompt per batch" in stdout
     rows = _rows(out)
-    assert {r["tokens"] for r in rows} == {300, 1100} and len(rows) == 8
+    assert {r["tokens"] for r in rows} == {300, 700} and len(rows) == 8
     assert all(r["seqs"] == 1 and r["seq_len"] == "all" for r in rows)
     tw = {r["tokens"]: r for r in rows if r["strategy"] == "tokenweave"}
-    assert tw[300]["split_at"] is None and tw[1100]["split_at"] == 550
+    assert tw[300]["split_at"] is None and tw[700]["split_at"] == 350
     checked = [r for r in rows if r["strategy"] != "nocomm"]
     assert checked and all(r["correct"] and r["rel_err"] <= 1e-5 for r in checked)
     ms = {(r["tokens"], r["strategy"]): r["median_ms"] for r in rows}
