@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common
+from experiments import common, emulated
 from tw.measure import bench
 from tw.runtime import dist
 from tw.schedule import strategies as schedules
@@ -74,8 +74,8 @@ def main(argv=None):
     out = cp.empty_like(residual) if args.private_out else comm.output(m_max)
     cp.cuda.Device().synchronize()
     writer = common.writer(args, world, "interference", cfg, out_kind="private" if args.private_out else "registered")
-    if common.emulation(args) is not None:
-        world.print0(common.emulation(args).banner)
+    if emulated.emulation(args) is not None:
+        world.print0(emulated.emulation(args).banner)
 
     world.print0(f"{'tokens':>7} {'ctas':>4} {'gemm_ms':>8} {'comm_ms':>8} {'gemm_ov':>8} {'comm_ov':>8} "
                  f"{'wall_ms':>8} {'steal':>7} {'exposed':>7} {'sm_bound':>8} {'hidden':>6}   (ms; see --help)")

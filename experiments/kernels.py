@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common
+from experiments import common, emulated
 from tw.measure import bench
 from tw.runtime import dist, graph
 from tw.runtime.arrays import bf16_from_f32, f32_from_bf16
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed graph replays")
     p.add_argument("--reps", type=int, default=10, help="ops captured back-to-back per graph")
     p.add_argument("--quick", action="store_true", help="a short run: fewer sizes, CTA counts, iterations")
-    common.add_emulation_flags(p)
+    emulated.add_emulation_flags(p)
     common.add_run_flags(p, tp=False)
     a = p.parse_args(argv)
     if a.quick:
@@ -240,7 +240,7 @@ def measure_all(world, a, todo, case, nc, pc, writer, tp=None) -> list:
 def main(argv=None):
     a = parse_args(argv)
     world = common.init(a, gpu_only="it times the P2P and NCCL kernels")
-    emu = common.emulation(a)
+    emu = emulated.emulation(a)
     if emu is not None:
         return main_emulated(a, world, emu)
     if world.tp_size < 2:

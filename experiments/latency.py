@@ -30,10 +30,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from experiments import common, tuned_choices
-from tw.model import config, reference
+from experiments import common, emulated, tuned_choices
+from experiments.latency_report import emulated_columns, print_table, write_trace
+from tw.model import reference
 from tw.model import batch as batching
-from tw.measure import bench, trace
+from tw.measure import bench
 from tw.runtime import dist, graph
 from tw.schedule import strategies as schedules
 from tw.schedule import split as splitting
@@ -143,7 +144,7 @@ def validate(args, world, cfg):
     common.check_ctas(args, world)
     if args.min_split_tokens is not None and args.min_split_tokens < 2:
         raise dist.UsageError(f"--min-split-tokens must be >= 2 (two halves), got {args.min_split_tokens}")
-    common.emulation_strategies(args)
+    emulated.emulation_strategies(args)
     if args.trace:
         from pathlib import Path
         try:
@@ -153,21 +154,6 @@ def validate(args, world, cfg):
             probe.unlink()
         except OSError as e:
             raise dist.UsageError(f"--trace {args.trace}: cannot write there ({e.strerror})") from None
-
-
-def emulated_columns(rows, emu, cfg, results_dir) -> None:
-    """projected_nccl_ms (NOT measured: nocomm + 2 x layers all-reduces from a named table) and what
-    follows from it, per row of an emulated run."""
-    from tw.comm import emulation
-    table = emulation.allreduce_table(emu.tp, results_dir)
-    bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
-    for r in rows:
-        proj = emulation.projected_nccl(bound.get(r["tokens"]), r["tokens"], cfg.hidden, cfg.num_layers, table)
-        r.update(proj)
-        p = proj["projected_nccl_ms"]
-        r["projected_speedup_vs_nccl"] = p / r["median_ms"] if p else None
-        r["projected_comm_paid"] = (common.comm_paid(r["median_ms"], p, bound.get(r["tokens"]))
-                                    if r["strategy"] != "nocomm" else None)
 
 
 def gemm_tflops(model, num_tokens, stream, iters):
@@ -386,7 +372,7 @@ def report(run, rows) -> int:
     args, world, cfg = run.args, run.world, run.cfg
     base = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nccl"}
     bound = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
-    emu = common.emulation(args)
+    emu = emulated.emulation(args)
     if emu is not None:
         from tw.measure.results import RESULTS_DIR
         emulated_columns(rows, emu, cfg, RESULTS_DIR)
@@ -417,58 +403,6 @@ def check_attention_grid(batches) -> None:
                                   f"sequences, one block per {DEFAULT_BLOCK_M} new tokens of each) but the attention "
                                   f"kernel's grid holds {MAX_WORK_ITEMS}; use a longer --seq-len (or all), fewer "
                                   "--tokens or fewer --decode tokens")
-
-
-def write_trace(args, world, cfg, strategy, tokens, forward, stream):
-    """One eager forward pass under the tracer; rank 0 writes every rank's spans."""
-    from pathlib import Path
-
-    from tw.measure import results
-    tracer = trace.Tracer(world.is_gpu, world.rank)
-    with trace.tracing(tracer, stream):
-        forward()
-    rows = world.comm.gather(tracer.rows(), root=0)
-    if world.rank == 0:
-        stem = str(Path(args.trace) / f"trace-{cfg.name}-tp{world.tp_size}-{strategy}-{tokens}")
-        meta = results.metadata(world, model=cfg.name, layers=cfg.num_layers, strategy=strategy, tokens=tokens)
-        trace.write([r for per_rank in rows for r in per_rank], stem, meta)
-
-
-def print_table(world, rows, cfg, args):
-    depth = " (full depth)" if cfg.num_layers == config.PRESETS[cfg.name].num_layers else ""
-    batch = ("one prompt per batch" if args.seq_len == "all" else f"prefill sequences of {args.seq_len} tokens")
-    launch = (", CUDA graphs" if args.graph else ", eager") if world.is_gpu else ""
-    tp = f"one rank of TP={common.emulation(args).tp} (emulated)" if common.emulation(args) else f"TP={world.tp_size}"
-    world.print0(f"\n{cfg.name}, {cfg.num_layers} layers{depth}, {tp}, {batch}, {world.device}"
-                 f"{launch}; median of {args.repeats} x "
-                 f"{args.iters} passes, slowest rank" + ("" if world.is_gpu else " (CPU: timings mean nothing)")
-                 + (" (TW_SHARE_GPU=1: ranks share one GPU, timings mean nothing)" if world.shared_gpu else ""))
-    emu = common.emulation(args)
-    if emu is not None:
-        world.print0(emu.banner + f" (rank {emu.rank}); proj_* columns are PROJECTED, not measured: nocomm + "
-                     f"2 x layers all-reduces from {rows[0].get('projected_nccl_source') if rows else '-'}")
-    width = max([12] + [len(r["strategy"]) for r in rows])
-    vs, paid_name, sp_key, paid_key = (("proj_vs_nccl", "proj_paid", "projected_speedup_vs_nccl", "projected_comm_paid")
-                                       if emu else ("vs_nccl", "paid", "speedup_vs_nccl", "comm_paid"))
-    head = (f"{'layers':>6} {'tokens':>7} {'strategy':<{width}} {'ms':>9} {'vs_nocomm':>9} {vs:>12} {paid_name:>9} "
-            f"{'rel_err':>9} {'check':>6} {'split_at':>8}")
-    if world.is_gpu:
-        head += f" {'gemm_tflops':>11}"
-    world.print0(head)
-    for r in rows:
-        sp = f"{r[sp_key]:.3f}x" if r.get(sp_key) else "-"
-        err = f"{r['rel_err']:.2e}" if "rel_err" in r else "-"
-        ok = ("ok" if r["correct"] else "FAIL") if "correct" in r else "-"
-        split = str(r["split_at"]) if r["split_at"] is not None else "-"
-        # CPU timings mean nothing: a share of them would only mislead (-694% was seen).
-        paid = f"{100 * r[paid_key]:.0f}%" if r.get(paid_key) is not None and world.is_gpu else "-"
-        vn = f"{r['vs_nocomm']:.3f}" if r.get("vs_nocomm") and world.is_gpu else "-"
-        line = (f"{cfg.num_layers:>6} {r['tokens']:>7} {r['strategy']:<{width}} {r['median_ms']:>9.3f} {vn:>9} "
-                f"{sp:>12} {paid:>9} {err:>9} {ok:>6} {split:>8}")
-        if world.is_gpu:
-            line += f" {r['gemm_tflops']:>11.0f}"
-        world.print0(line)
-    world.print0("columns: see python -m experiments.latency --help")
 
 
 if __name__ == "__main__":

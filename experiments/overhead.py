@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import common
+from experiments import common, emulated
 from tw.model import batch as batching
 from tw import ops
 from tw.measure import bench
@@ -228,7 +228,7 @@ def print_point(world, cfg, rows):
 def main(argv=None):
     args = parse_args(argv)
     world = common.init(args)
-    if common.emulation(args) is not None:
+    if emulated.emulation(args) is not None:
         raise dist.UsageError("experiments.overhead measures NCCL's all-reduce share, which an emulated rank cannot "
                               "run; its norm and GEMM shares on one rank come from latency --emulate-tp (nocomm, "
                               "fused) and experiments/NOTES.md's decomposition")

@@ -33,7 +33,7 @@ step); host and GPU medians are the slowest rank's.
 """
 from __future__ import annotations
 
-from experiments import common, tuned_choices, workloads
+from experiments import common, emulated, tuned_choices, workloads
 from experiments.throughput_check import check, check_refs
 from experiments.throughput_serve import serve, step_stats
 from tw.model import config
@@ -121,7 +121,7 @@ def validate(args, world) -> None:
     args._strategies_given = args.strategies is not None
     args.strategies = args.strategies or list(DEFAULT_STRATEGIES)
     common.validate_strategies(args.strategies)
-    common.emulation_strategies(args)
+    emulated.emulation_strategies(args)
     low = {"requests": 1, "input_len": 1, "output_len": 1, "chunk": world.tp_size, "kv_tokens": 1, "max_seqs": 1,
            "max_steps": 1, "warmup_steps": 0, "check_requests": 0, "min_split_tokens": 2}
     why = {"chunk": " (the TP degree: a step has at least one token per rank)", "min_split_tokens": " (two halves)"}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ERR_OUT, ROOT, fake_world, gpus, help_text, printed_lines, run_mpi, usage_error
-from experiments import latency, tune
+from experiments import latency, latency_report, tune
 
 CPU_ONLY = pytest.mark.skipif(gpus() > 0, reason="checks the CPU path (a GPU is present)")
 
@@ -165,7 +165,7 @@ def test_the_cpu_table_shows_no_share_paid_and_fits_long_names(capsys):
              "comm_paid": -6.94, "split_at": None, "rel_err": 1e-7, "correct": True}
             for s, ms in (("nccl", 12.5), ("finegrained16", 10.0))]
     args = SimpleNamespace(seq_len=1024, graph=True, repeats=1, iters=3, _emulation=None)
-    latency.print_table(fake_world(), rows, config.get("tiny"), args)
+    latency_report.print_table(fake_world(), rows, config.get("tiny"), args)
     head, *lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("layers", "     2"))]
     assert [line.split() for line in lines] == [
         ["2", "64", "nccl", "12.500", "-", "1.250x", "-", "1.00e-07", "ok", "-"],
