@@ -13,6 +13,7 @@ User mistakes raise tw.runtime.dist.UsageError: printed once by rank 0, no trace
 """
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -112,8 +113,9 @@ def add_run_flags(p, tp: bool = True) -> None:
         p.add_argument("--tp", type=int, default=None, metavar="N",
                        help="tensor-parallel degree (default: all ranks of a node)")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="result rows, JSON lines (default: experiments/results/<experiment>-<model>-tp<TP>-"
-                        "<gpu>-<time>.jsonl)")
+                   help="JSON-lines rows (default: under experiments/results/)")
+    p.add_argument("--tag", default=None, type=tag_value, metavar="WORD",
+                   help="a word in the file's name (without --out)")
 
 
 def init(args, gpu_only: str | None = None):
@@ -324,11 +326,35 @@ def tag(world, cfg, shard_as_tp=None, emu=None) -> str:
     return f"{cfg.name}-tp{world.tp_size}{shard}-{world.gpu_tag}"
 
 
+def tag_value(value: str) -> str:
+    """--tag: one word that is safe in a file name."""
+    import re
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,40}", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected 1-40 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def name_parts(args) -> list[str]:
+    """What the default result file's name says beyond model, TP and GPU: the pulled kernel, an emulated
+    rank's link floor and decomposition mode, then --tag."""
+    emu, parts = emulation(args), []
+    if getattr(args, "transport", None) == "p2p-pull":
+        parts.append("pull")
+    if emu is not None and emu.link_gbps:
+        parts.append(f"link{emu.link_gbps:g}")
+    if emu is not None and emu.comm != "full":
+        parts.append(f"comm-{emu.comm}")
+    if getattr(args, "tag", None):
+        parts.append(args.tag)
+    return parts
+
+
 def writer(args, world, experiment: str, cfg=None, **fields) -> results.Writer:
     """The result writer: --out or experiments/results/<experiment>-<tag>-<time>.jsonl, every row
     carrying the run's metadata, the flags' values and `fields`."""
     emu = emulation(args)
     name = tag(world, cfg, getattr(args, "shard_as_tp", None), emu) if cfg else f"tp{world.tp_size}-{world.gpu_tag}"
+    name = "-".join([name, *name_parts(args)])
     if emu is not None:
         fields = {**emu.row_fields(), **fields}
     p2p = p2p_options(args)

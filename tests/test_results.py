@@ -16,3 +16,26 @@ def test_metadata_records_the_debug_switches(monkeypatch):
     assert results.metadata(None)["build_env"] == {"TW_PRIVATE_X": "1"}
     monkeypatch.setenv("TW_P2P_CLUSTER", "2")   # a P2P build option: recorded by the run (p2p_cluster), not here
     assert results.metadata(None)["build_env"] == {"TW_PRIVATE_X": "1"}
+
+
+def test_default_result_name_says_what_differs_and_the_tag(tmp_path, monkeypatch):
+    """The writer names its file: the pulled kernel, an emulated rank's link floor and decomposition mode,
+    then --tag, between the setting and the time; a tag that is not one file-name-safe word is refused."""
+    import argparse
+
+    import pytest
+
+    from conftest import fake_world
+    from experiments import common, latency
+    from tw.comm.emulation import Emulation
+    from tw.measure import results
+    from tw.model import config
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    args = latency.parse_args(["--transport", "p2p-pull", "--tag", "trial-1"])
+    args._emulation = Emulation(8, 0, 355.0, "norm")
+    w = common.writer(args, fake_world(1), "latency", config.get("tiny"))
+    assert w.path.name.startswith("latency-tiny-emulated-tp8-cpu-pull-link355-comm-norm-trial-1-"), w.path.name
+    args = latency.parse_args([])
+    assert common.writer(args, fake_world(1), "latency", config.get("tiny")).path.name.startswith("latency-tiny-tp1-cpu-2")
+    with pytest.raises(argparse.ArgumentTypeError, match="letters, digits"):
+        common.tag_value("a/b")
