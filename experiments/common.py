@@ -106,6 +106,15 @@ def add_transport_flag(p) -> None:
                         "add-norm kernel), nccl (reduce-scatter, norm, all-gather)")
 
 
+def add_ctas_flags(p) -> None:
+    """--ctas / --ctas-mlp (p: the gpu_group), checked by check_ctas."""
+    p.add_argument("--ctas", type=int, default=None, metavar="N",
+                   help="comm CTAs of fused (default: every SM) and tokenweave beside attention "
+                        "(default: tuned, else 8)")
+    p.add_argument("--ctas-mlp", type=int, default=None, metavar="N",
+                   help="the same beside the MLP (default: tuned, else --ctas)")
+
+
 def add_run_flags(p, tp: bool = True) -> None:
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", metavar="D",
                    help="gpu, cpu, or auto: a GPU if usable")

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.index import RESULTS
-from tw.measure.results import read
+from experiments.record import rows, table
 
 TOKENS = (4096, 8192, 16384, 32768)
 MODE_FILES = {m: f"latency-llama3-70b-emulated-tp8-comm-{m}-H200.jsonl" for m in ("none", "norm", "full")}
@@ -36,10 +35,11 @@ LEVERS = (
 
 
 def ratios(name: str, strategy: str) -> dict[int, float]:
-    """{tokens: strategy's median_ms / nocomm's} of one latency file."""
-    rows = read(RESULTS / name)
-    nocomm = {r["tokens"]: r["median_ms"] for r in rows if r["strategy"] == "nocomm"}
-    return {r["tokens"]: r["median_ms"] / nocomm[r["tokens"]] for r in rows if r["strategy"] == strategy}
+    """{tokens: vs_nocomm} of a strategy in one latency file (its median_ms / nocomm's, same run)."""
+    return {r["tokens"]: r["vs_nocomm"] for r in rows(name) if r["strategy"] == strategy}
+
+
+POINTS = ("split", "norm in tokenweave", "norm in fused (exposed)", "bytes, push", "bytes, pull")  # not ratios
 
 
 def terms() -> dict[str, dict[int, float]]:
@@ -55,20 +55,14 @@ def terms() -> dict[str, dict[int, float]]:
             "tokenweave, pull kernel": tp, "bytes, pull": pts(tp, tn)}
 
 
-def _cell(name: str, v: float) -> str:
-    return f"{v:+.1f}" if name in ("split", "bytes, push", "bytes, pull") or name.startswith("norm in") else f"{v:.3f}"
-
-
 def decomposition_table() -> str:
-    from experiments.record import table
-    body = [[name + (" (points)" if _cell(name, 0).startswith("+") else ""), *(_cell(name, v[t]) for t in TOKENS)]
-            for name, v in terms().items()]
+    body = [[name + " (points)", *(f"{v[t]:+.1f}" for t in TOKENS)] if name in POINTS else
+            [name, *(f"{v[t]:.3f}" for t in TOKENS)] for name, v in terms().items()]
     files = ", ".join(f"`{f}`" for f in (*MODE_FILES.values(), PULL_FILE))
     return table(["EMULATED TP=8, llama3-70b, ms / nocomm", "4K", "8K", "16K", "32K"], body) + f"\n\nFiles: {files}."
 
 
 def levers_table() -> str:
-    from experiments.record import table
     body = []
     for what, name in LEVERS:
         tw = ratios(name, "tokenweave")

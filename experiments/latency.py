@@ -89,11 +89,7 @@ def parse_args(argv=None):
                      help="graph kernels keep their stream's priority (tokenweave's comm: high); off: one "
                           "priority, as plain cudaGraphInstantiate (default: on)")
     common.add_transport_flag(gpu)
-    gpu.add_argument("--ctas", type=int, default=None, metavar="N",
-                     help="comm kernel CTAs of fused (default: every SM) and of tokenweave beside attention "
-                          "(default: tuned, else 8)")
-    gpu.add_argument("--ctas-mlp", type=int, default=None, metavar="N",
-                     help="the same beside the MLP (default: tuned, else --ctas)")
+    common.add_ctas_flags(gpu)
     gpu.add_argument("--sm-target", choices=("tuned", "left", "off"), default="tuned", metavar="T",
                      help="cuBLAS SMs beside tokenweave's comm: tuned (else none), left (what it leaves), off")
     gpu.add_argument("--tuned-file", default=None, metavar="JSON",

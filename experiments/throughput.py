@@ -101,11 +101,7 @@ def parse_args(argv=None):
     common.add_run_flags(p)
     gpu = common.gpu_group(p)
     common.add_transport_flag(gpu)
-    gpu.add_argument("--ctas", type=int, default=None, metavar="N",
-                     help="comm kernel CTAs of fused (default: every SM) and of tokenweave beside attention "
-                          "(default: tuned, else the transport's own)")
-    gpu.add_argument("--ctas-mlp", type=int, default=None, metavar="N",
-                     help="the same beside the MLP (default: tuned, else --ctas)")
+    common.add_ctas_flags(gpu)
     return p.parse_args(argv)
 
 

@@ -33,6 +33,7 @@ from tw.comm.standin import StandInBuffer
 from tw.runtime import kernels
 from tw.runtime.dist import env_flag
 
+
 def options_from_env() -> dict:
     """P2PComm's build options as the environment switches them, {"cluster": ..., "runtime_tp": ...}: the one
     place that reads them (a run reads them once and passes them on). TW_P2P_CLUSTER: CTAs per thread-block

@@ -50,7 +50,7 @@ class Graph:
         try:
             flags = (drv.CUgraphInstantiate_flags.CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
                      if node_priority else 0)
-            self._exec = driver.check(drv.cuGraphInstantiate(graph, int(flags)), "cuGraphInstantiate")  # with flags
+            self._exec = driver.check(drv.cuGraphInstantiate(graph, int(flags)), "cuGraphInstantiate")
         finally:
             drv.cuGraphDestroy(graph)  # the executable graph does not need it
         driver.check(drv.cuGraphUpload(self._exec, s), "cuGraphUpload")
