@@ -9,6 +9,8 @@ So, per call, rank r's SMs
     them (there: filled once with stand-in data; distinct memory, so no L2 hit a real run would miss),
   - add the residual and norm only its own 1/N of the rows (ceil(T/N); the last ranks may own fewer),
   - write the normed rows locally and push them into the N-1 stand-in outputs (phase 2).
+With the pulled kernel (--transport p2p-pull) phase 1 moves nothing and the owner reads its rows' partials
+from the stand-ins' staging instead of its own receive area.
 Peer arrival is satisfied locally: this rank's arrival flags are preset to "every peer arrived", so
 each wait is one acquire load that succeeds at once. With link_gbps (--emulate-link-gbps G) each phase
 also ends no earlier than the time a G GB/s link needs for its bytes (cuda/ar_norm_p2p.cu link_floor):
